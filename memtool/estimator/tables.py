@@ -1,0 +1,187 @@
+"""Score tables: trials -> scores.parquet and influence.parquet, plus the run summary.
+
+Both tables carry their settings and summary as JSON in the parquet key-value metadata
+(key ``memtool``), so a table explains itself; :func:`read_table` puts it in ``df.attrs``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import scores as S
+from .store import Trials, load_labels, load_trials, read_run_json, update_run_json
+
+META_KEY = b"memtool"
+
+
+def write_table(df: pd.DataFrame, path: str | Path, metadata: dict) -> Path:
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[META_KEY] = json.dumps(metadata, default=str).encode()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table.replace_schema_metadata(meta), tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    table = pq.read_table(path)
+    df = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    df.attrs["memtool"] = json.loads(raw) if raw else {}
+    return df
+
+
+def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
+    """One row per sample (train rows, then test rows); see docs/ARCHITECTURE.md for columns."""
+    y_tr, y_te = labels["train_label"], labels["test_label"]
+    never = np.zeros((len(trials), len(y_te)), dtype=bool)  # test samples are never trained on
+    parts = []
+    for split, member, y, extra in (
+        ("train", trials.member, y_tr, {"label_corrupted": y_tr != labels["original_label"],
+                                        "original_label": labels["original_label"]}),
+        ("test", never, y_te, {"label_corrupted": np.zeros(len(y_te), bool), "original_label": y_te}),
+    ):
+        stats = S.memorization(member, getattr(trials, f"{split}_correct"))
+        stats["cscore"] = stats["acc_out"]
+        stats.update(S.margin_memorization(member, getattr(trials, f"{split}_margin")))
+        if trials.train_rob_correct is not None:
+            rob = S.memorization(member, getattr(trials, f"{split}_rob_correct"))
+            rob.update(S.margin_memorization(member, getattr(trials, f"{split}_rob_margin")))
+            stats.update({f"rob_{k}": v for k, v in rob.items() if not k.startswith("n_")})
+        parts.append(pd.DataFrame({"sample_id": np.arange(len(y)), "split": split, "label": y, **stats, **extra}))
+    df = pd.concat(parts, ignore_index=True)
+    df["split"] = pd.Categorical(df["split"], categories=["train", "test"])
+    return df
+
+
+def _pairs(trials: Trials, labels: dict, mem: np.ndarray, kind: str, **thr) -> pd.DataFrame:
+    correct = trials.test_correct if kind == "clean" else trials.test_rob_correct
+    p = S.influence_pairs(trials.member, correct, labels["train_label"], labels["test_label"], mem, **thr)
+    return pd.DataFrame(p)
+
+
+def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.ndarray | None = None,
+                    mem_threshold=0.25, infl_threshold=0.15, top_k=10) -> pd.DataFrame:
+    """High-influence pairs and top-k pairs; robust influence (``rob_*``) where recorded."""
+    thr = dict(mem_threshold=mem_threshold, infl_threshold=infl_threshold, top_k=top_k)
+    df = _pairs(trials, labels, mem, "clean", **thr)
+    if rob_mem is not None:
+        rob = _pairs(trials, labels, rob_mem, "robust", **thr).add_prefix("rob_")
+        rob = rob.rename(columns={"rob_train_id": "train_id", "rob_test_id": "test_id"})
+        df = df.merge(rob, on=["train_id", "test_id"], how="outer")
+        for prefix, correct in (("", trials.test_correct), ("rob_", trials.test_rob_correct)):
+            miss = df[f"{prefix}infl"].isna().to_numpy()
+            if miss.any():
+                i, j = df.loc[miss, "train_id"].to_numpy(), df.loc[miss, "test_id"].to_numpy()
+                infl, se = influence_at(trials.member, correct, i, j)
+                df.loc[miss, f"{prefix}infl"], df.loc[miss, f"{prefix}infl_se"] = infl, se
+                df.loc[miss, f"{prefix}high"], df.loc[miss, f"{prefix}rank"] = False, -1
+        df = df.astype({"high": bool, "rank": np.int64, "rob_high": bool, "rob_rank": np.int64})
+    df.insert(2, "train_label", labels["train_label"][df["train_id"]])
+    df.insert(3, "test_label", labels["test_label"][df["test_id"]])
+    df.insert(4, "mem", mem[df["train_id"]])
+    return df.sort_values(["test_id", "train_id"], ignore_index=True)
+
+
+def influence_at(member, correct, i, j, chunk=4096):
+    """infl(i, j) and its standard error for explicit pairs (arrays i, j)."""
+    out_i, out_s = [], []
+    n_in_all = member.sum(0)
+    for s in range(0, len(i), chunk):
+        ii, jj = i[s : s + chunk], j[s : s + chunk]
+        m, c = member[:, ii], correct[:, jj]
+        k_in, n_in = (m & c).sum(0), n_in_all[ii]
+        k_out, n_out = c.sum(0) - k_in, len(member) - n_in
+        out_i.append(S._div(k_in, n_in) - S._div(k_out, n_out))
+        out_s.append(S.agresti_caffo_se(k_in, n_in, k_out, n_out))
+    return np.concatenate(out_i), np.concatenate(out_s)
+
+
+def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=0.25, infl_threshold=0.15) -> dict:
+    """Agreement of scores from even- and odd-numbered trials (PAPER.md section 1)."""
+    halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
+    correct = f"train_{prefix}correct"
+    mems = [S.memorization(h.member, getattr(h, correct))["mem"] for h in halves]
+    margins = [S.margin_memorization(h.member, getattr(h, f"train_{prefix}margin"))["margin_mem"] for h in halves]
+    pair_sets = []
+    for h, mem in zip(halves, mems):
+        p = S.influence_pairs(h.member, getattr(h, f"test_{prefix}correct"), labels["train_label"],
+                              labels["test_label"], mem, mem_threshold, infl_threshold, top_k=0)
+        pair_sets.append(set(zip(p["train_id"].tolist(), p["test_id"].tolist())))
+    high = [set(np.flatnonzero(m >= mem_threshold).tolist()) for m in mems]
+    return {f"{prefix}spearman_mem": S.spearman(*mems), f"{prefix}spearman_margin_mem": S.spearman(*margins),
+            f"{prefix}jaccard_high_mem": S.jaccard(*high), f"{prefix}jaccard_high_pairs": S.jaccard(*pair_sets)}
+
+
+def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: dict,
+              mem_threshold=0.25, infl_threshold=0.15) -> dict:
+    tr = scores[scores["split"] == "train"]
+    te = scores[scores["split"] == "test"]
+    high = infl[infl["high"]]
+    member = trials.member
+    out = {
+        "n_trials": len(trials), "n_train": len(tr), "n_test": len(te),
+        "train_acc_in_subset": float(trials.train_correct[member].mean()),
+        "test_acc": float(trials.test_correct.mean()),
+        "mem_threshold": mem_threshold, "infl_threshold": infl_threshold,
+        "n_no_estimate": int(tr["mem"].isna().sum()),
+        "n_high_mem": int((tr["mem"] >= mem_threshold).sum()),
+        "frac_high_mem": float((tr["mem"] >= mem_threshold).mean()),
+        "n_high_pairs": len(high), "n_test_in_high_pairs": int(high["test_id"].nunique()),
+        "median_mem_se": float(tr["mem_se"].median()),
+    }
+    corrupted = tr["label_corrupted"].to_numpy()
+    if corrupted.any():
+        out["n_label_corrupted"] = int(corrupted.sum())
+        out["noise_auroc_mem"] = S.auroc(tr["mem"].to_numpy(), corrupted)
+        out["noise_auroc_margin_mem"] = S.auroc(tr["margin_mem"].to_numpy(), corrupted)
+    if len(trials) >= 4:
+        out["split_half"] = split_half(trials, labels, "", mem_threshold, infl_threshold)
+    if trials.train_rob_correct is not None:
+        out["rob_train_acc_in_subset"] = float(trials.train_rob_correct[member].mean())
+        out["rob_test_acc"] = float(trials.test_rob_correct.mean())
+        out["n_high_rob_mem"] = int((tr["rob_mem"] >= mem_threshold).sum())
+        if len(trials) >= 4:
+            out["split_half"].update(split_half(trials, labels, "rob_", mem_threshold, infl_threshold))
+    return out
+
+
+def compute_tables(run: str | Path, mem_threshold=0.25, infl_threshold=0.15, top_k=10) -> dict:
+    """Recompute scores.parquet and influence.parquet from ``run``'s trials; return the summary."""
+    run = Path(run)
+    meta = read_run_json(run)
+    trials, labels = load_trials(run), load_labels(run)
+    scores = score_table(trials, labels)
+    tr = scores[scores["split"] == "train"]
+    rob_mem = tr["rob_mem"].to_numpy() if "rob_mem" in tr else None
+    infl = influence_table(trials, labels, tr["mem"].to_numpy(), rob_mem, mem_threshold, infl_threshold, top_k)
+    summary = summarize(scores, infl, trials, labels, mem_threshold, infl_threshold)
+    table_meta = {"config": meta["config"], "dataset": meta["dataset"], "summary": summary,
+                  "thresholds": {"mem": mem_threshold, "infl": infl_threshold, "top_k": top_k}}
+    write_table(scores, run / "scores.parquet", table_meta)
+    write_table(infl, run / "influence.parquet", table_meta)
+    update_run_json(run, summary=summary)
+    return summary
+
+
+def load_scores(run: str | Path) -> pd.DataFrame:
+    """The per-sample score table of ``run`` (computed from its trials if not there yet)."""
+    path = Path(run) / "scores.parquet"
+    if not path.exists():
+        compute_tables(run)
+    return read_table(path)
+
+
+def load_influence(run: str | Path) -> pd.DataFrame:
+    path = Path(run) / "influence.parquet"
+    if not path.exists():
+        compute_tables(run)
+    return read_table(path)

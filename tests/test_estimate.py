@@ -1,0 +1,157 @@
+"""The estimator end to end on the 8x8 digits: resumable, reproducible, self-describing."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import memtool
+from memtool.cli import main
+from memtool.estimator import run as run_mod
+from memtool.estimator.store import RunMismatchError, load_trials
+from memtool.estimator.tables import read_table, write_table
+
+from conftest import DIGITS_FAST
+
+
+def test_planted_label_noise_is_recovered(digits_run):
+    out, summary = digits_run
+    assert summary["status"] == "complete" and summary["n_trials"] == 16
+    assert summary["n_label_corrupted"] == round(0.05 * 1437)
+    assert summary["noise_auroc_mem"] >= 0.9
+    assert summary["noise_auroc_margin_mem"] >= 0.9
+    scores = memtool.load_scores(out)
+    train = scores[scores["split"] == "train"]
+    # flipped labels are memorized: high mem, and correctly predicted only when trained on
+    assert train.loc[train.label_corrupted, "mem"].median() > 0.5
+    assert train.loc[~train.label_corrupted, "mem"].median() < 0.1
+
+
+def test_score_table_columns_and_run_files(digits_run):
+    out, summary = digits_run
+    scores = memtool.load_scores(out)
+    for col in ["sample_id", "split", "label", "n_in", "n_out", "acc_in", "acc_out", "mem", "mem_se", "cscore",
+                "margin_mem", "margin_mem_se", "label_corrupted", "original_label"]:
+        assert col in scores.columns
+    train, test = scores[scores.split == "train"], scores[scores.split == "test"]
+    assert len(train) == 1437 and len(test) == 360
+    assert (train.n_in + train.n_out == 16).all() and (test.n_out == 16).all() and test.mem.isna().all()
+    # samples with no held-out trial have no estimate (NaN), never 0
+    assert train.loc[train.n_out == 0, "mem"].isna().all()
+    assert scores.attrs["memtool"]["config"]["recipe"]["hidden"] == 256
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["dataset"]["fingerprint"] == memtool.load_dataset("digits", label_noise=0.05).fingerprint
+    assert {"spearman_mem", "jaccard_high_mem", "jaccard_high_pairs"} <= set(meta["summary"]["split_half"])
+    infl = memtool.load_influence(out)
+    high = infl[infl.high]
+    assert (high.train_label == high.test_label).all() and (high.mem >= 0.25).all() and (high.infl >= 0.15).all()
+    assert infl.groupby("test_id")["rank"].max().eq(9).all()  # top-10 of every test sample
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_load_trials_gives_masks_and_records(digits_run):
+    out, _ = digits_run
+    t = memtool.load_trials(out)
+    assert t.member.shape == (16, 1437) and t.member.dtype == bool
+    assert (t.member.sum(1) == round(0.7 * 1437)).all()
+    assert t.test_margin.shape == (16, 360)
+    np.testing.assert_array_equal(t.train_correct, t.train_margin > 0)
+
+
+def test_parquet_round_trip_keeps_dtypes_and_metadata(tmp_path):
+    df = pd.DataFrame({"sample_id": np.arange(3, dtype=np.int64), "mem": [0.1, np.nan, 0.5],
+                       "label_corrupted": [True, False, True], "n_in": np.array([1, 2, 3], dtype=np.int64)})
+    df["split"] = pd.Categorical(["train", "train", "test"], categories=["train", "test"])
+    write_table(df, tmp_path / "t.parquet", {"config": {"lr": 0.1}})
+    back = read_table(tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(back, df)
+    assert back.attrs["memtool"] == {"config": {"lr": 0.1}}
+
+
+def test_interrupted_run_resumes_to_identical_scores(tmp_path, monkeypatch):
+    kw = dict(trials=12, ensemble_size=4, progress=False, label_noise=0.05, **{**DIGITS_FAST, "epochs": 5})
+    full = memtool.estimate(tmp_path / "full", **kw)
+    calls = {"n": 0}
+    real = run_mod._run_batch
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "_run_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        memtool.estimate(tmp_path / "cut", **kw)
+    (tmp_path / "cut" / "trials" / ".trials_000004-000007.npz.99.tmp").write_bytes(b"half a file")
+    assert len(list((tmp_path / "cut" / "trials").glob("trials_*.npz"))) == 1
+    monkeypatch.setattr(run_mod, "_run_batch", real)
+    resumed = memtool.estimate(tmp_path / "cut", **kw)
+    assert resumed["n_trials"] == 12
+    pd.testing.assert_frame_equal(memtool.load_scores(tmp_path / "cut"), memtool.load_scores(tmp_path / "full"))
+    assert resumed["split_half"] == full["split_half"]
+
+
+def test_more_trials_and_other_ensemble_size_extend_a_run(tmp_path):
+    kw = dict(progress=False, **{**DIGITS_FAST, "epochs": 3})
+    memtool.estimate(tmp_path / "a", trials=4, ensemble_size=4, **kw)
+    memtool.estimate(tmp_path / "a", trials=6, ensemble_size=2, **kw)  # adds trials 4, 5
+    memtool.estimate(tmp_path / "b", trials=6, ensemble_size=3, **kw)
+    ta, tb = load_trials(tmp_path / "a"), load_trials(tmp_path / "b")
+    np.testing.assert_array_equal(ta.member, tb.member)
+    np.testing.assert_allclose(ta.train_margin, tb.train_margin, atol=2e-2)  # float16 storage
+
+
+def test_reopen_with_other_config_names_the_field(tmp_path):
+    memtool.estimate(tmp_path / "r", trials=2, progress=False, **{**DIGITS_FAST, "epochs": 1})
+    with pytest.raises(RunMismatchError, match=r"recipe\.lr: run has 0\.2, this call asks for 0\.05"):
+        memtool.estimate(tmp_path / "r", trials=2, progress=False, **{**DIGITS_FAST, "epochs": 1, "lr": 0.05})
+    with pytest.raises(RunMismatchError, match="limit"):
+        memtool.estimate(tmp_path / "r", trials=2, progress=False, limit=1000, **{**DIGITS_FAST, "epochs": 1})
+
+
+def test_shards_fill_one_run(tmp_path):
+    kw = dict(trials=8, ensemble_size=2, progress=False, **{**DIGITS_FAST, "epochs": 1})
+    first = memtool.estimate(tmp_path / "s", shard="0/2", **kw)
+    assert first["status"] == "partial" and first["missing_trials"] == 4
+    done = memtool.estimate(tmp_path / "s", shard="1/2", **kw)
+    assert done["status"] == "complete" and done["n_trials"] == 8
+
+
+def test_joblib_workers_give_the_same_trials(tmp_path):
+    kw = dict(trials=4, ensemble_size=2, progress=False, **{**DIGITS_FAST, "epochs": 2})
+    memtool.estimate(tmp_path / "seq", **kw)
+    memtool.estimate(tmp_path / "par", n_jobs=2, **kw)
+    a, b = load_trials(tmp_path / "seq"), load_trials(tmp_path / "par")
+    np.testing.assert_allclose(a.test_margin, b.test_margin, atol=2e-2)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(TypeError, match="learning_rate"):
+        memtool.estimate("unused", learning_rate=0.1)
+    with pytest.raises(ValueError, match="ratio"):
+        memtool.estimate("unused", dataset="digits", ratio=1.5, trials=2, progress=False)
+    with pytest.raises(ValueError, match="shard"):
+        run_mod.parse_shard("3/2")
+
+
+def test_cli_estimate_scores_and_errors(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["estimate", "--dataset", "digits", "--label-noise", "0.05", "--trials", "4", "--epochs", "2",
+               "--hidden", "32", "--batch-size", "64", "--lr", "0.1", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "high-memorization samples" in text and "AUROC of mem" in text
+    assert f"wrote {out / 'scores.parquet'}" in text
+    assert main(["scores", str(out), "--mem-threshold", "0.5"]) == 0
+    assert "mem >= 0.5" in capsys.readouterr().out
+    rc = main(["estimate", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "cifar-10-binary.tar.gz" in capsys.readouterr().err
+
+
+def test_cli_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: digits\ntrials: 2\nepochs: 1\nhidden: 16\nbatch-size: 64\n")
+    assert main(["estimate", "--config", str(cfg), "--lr", "0.3", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    meta = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert meta["config"]["recipe"]["lr"] == 0.3 and meta["config"]["recipe"]["batch_size"] == 64
