@@ -1,20 +1,21 @@
 """Train K models at once, each on its own subset with its own minibatches.
 
-The K models share one architecture; their parameters are stacked along a leading axis
-(``torch.func.stack_module_state``) and one ``vmap``-ed step computes all K gradients, so a
-K-model step is a handful of batched matmuls / grouped convolutions instead of K Python
-loops. SGD is elementwise, so one optimizer over the stacked tensors is exactly K separate
-optimizers. Model k is initialised and shuffled from ``seeds[k]`` alone, which makes the
-result of a trial independent of which other trials share its ensemble (tested against
-K sequential runs of :func:`train_single`).
+The K models share one architecture (a ``nn.Sequential`` of Linear, Conv2d, ReLU, MaxPool2d,
+Flatten and Normalize layers). Their parameters are stacked along a leading model axis and
+one forward pass serves all of them: linear layers are batched matmuls (``baddbmm``), conv
+layers run per model (measured faster than one grouped convolution on CPUs), and a batch
+that all models share (evaluation) goes through the first layer as one wide matmul/conv.
+Plain autograd then gives all K gradients in one backward pass, and since SGD is elementwise
+one optimizer over the stacked tensors is exactly K separate optimizers. Model k is
+initialised and shuffled from ``seeds[k]`` alone, so a trial's result does not depend on
+which other trials share its ensemble (tested against K runs of :func:`train_single`).
 
-Models with BatchNorm are not supported here (running statistics would mix under vmap);
-the estimator trains those one at a time with :func:`train_single`.
+Models with other layers (BatchNorm in particular: its running statistics are per model)
+are trained one at a time by :func:`train_single`; :func:`stackable` tells which is which.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import nullcontext
 from typing import Callable
@@ -22,9 +23,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, grad_and_value, stack_module_state, vmap
+from torch import nn
 
+from .models import Normalize
 from .recipe import TrainRecipe, epoch_orders, init_model
+
+_STACKABLE = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, Normalize)
 
 
 def _autocast(recipe: TrainRecipe, device: torch.device):
@@ -42,33 +46,82 @@ def margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - other
 
 
-class Ensemble:
-    """K stacked copies of one architecture, as a pure function of stacked parameters."""
+def _layers(model: nn.Module) -> list[nn.Module]:
+    if isinstance(model, nn.Sequential):
+        return [leaf for m in model for leaf in _layers(m)]
+    return [model]
 
-    def __init__(self, build: Callable[[], torch.nn.Module], seeds, device="cpu"):
+
+def stackable(model: nn.Module) -> bool:
+    """Whether :class:`Ensemble` can stack copies of ``model``."""
+    return all(isinstance(m, _STACKABLE) for m in _layers(model))
+
+
+class Ensemble:
+    """K copies of one architecture with stacked parameters (leading axis = model)."""
+
+    def __init__(self, build: Callable[[], nn.Module], seeds, device="cpu"):
         self.device = torch.device(device)
         models = [init_model(build, int(s)).to(self.device) for s in seeds]
         self.k = len(models)
-        self.params, self.buffers = stack_module_state(models)
-        self.base = copy.deepcopy(models[0]).to("meta")
+        per_model = [_layers(m) for m in models]
+        if not stackable(models[0]):
+            raise ValueError(f"cannot stack {type(models[0]).__name__}: supported layers are "
+                             f"{[t.__name__ for t in _STACKABLE]}; train it with train_single")
+        self.layers, self.params = [], {}
+        for i, layer in enumerate(per_model[0]):
+            p = {}
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                w = torch.stack([m[i].weight.detach() for m in per_model])
+                p["weight"] = w.transpose(1, 2).contiguous() if isinstance(layer, nn.Linear) else w
+                p["bias"] = torch.stack([m[i].bias.detach() for m in per_model])
+                for name, t in p.items():
+                    self.params[f"{i}.{name}"] = t.requires_grad_(True)
+            self.layers.append((layer, p))
 
-    def _logits(self, p, b, x):
-        return functional_call(self.base, (p, b), (x,))
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
 
     def logits(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
-        """(K, batch, classes). ``shared``: x is one batch for all models, else (K, batch, ...)."""
-        return vmap(self._logits, in_dims=(0, 0, None if shared else 0))(self.params, self.buffers, x)
+        """(K, batch, classes). ``shared``: x (batch, ...) goes to every model; else x is
+        (K, batch, ...), one batch per model."""
+        k = self.k
+        for layer, p in self.layers:
+            if isinstance(layer, nn.Linear):
+                if shared:  # one wide matmul: (B, D) @ (D, K*out)
+                    w = p["weight"].permute(1, 0, 2).reshape(x.shape[-1], -1)
+                    x = (x @ w).view(len(x), k, -1).transpose(0, 1) + p["bias"][:, None]
+                else:
+                    x = torch.baddbmm(p["bias"][:, None], x, p["weight"])
+                shared = False
+            elif isinstance(layer, nn.Conv2d):
+                kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+                if shared:  # one conv with K * out channels
+                    w, b = p["weight"].flatten(0, 1), p["bias"].flatten()
+                    x = F.conv2d(x, w, b, **kw)
+                    x = x.view(len(x), k, -1, *x.shape[2:]).transpose(0, 1)
+                else:
+                    x = torch.stack([F.conv2d(x[j], p["weight"][j], p["bias"][j], **kw) for j in range(k)])
+                shared = False
+            elif isinstance(layer, nn.MaxPool2d) and not shared:
+                y = layer(x.flatten(0, 1))
+                x = y.view(k, -1, *y.shape[1:])
+            elif isinstance(layer, nn.Flatten):
+                x = x.flatten(1 if shared else 2)
+            else:  # ReLU, Normalize, shared MaxPool2d: elementwise or per image
+                x = layer(x)
+        return x
 
     def input_grad(self, x: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
-        """d loss / d x for each model's own batch: x (K, batch, ...), y (K, batch)."""
-
-        def f(p, b, xx, yy):
-            out = self._logits(p, b, xx)
+        """d loss / d x of each model on its own batch: x (K, batch, ...), y (K, batch)."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.logits(x, shared=False)
             if loss == "ce":
-                return F.cross_entropy(out, yy, reduction="sum")
-            return -margins_from_logits(out, yy).sum()  # CW-style margin loss
-
-        return vmap(grad(f, argnums=2))(self.params, self.buffers, x, y)
+                total = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum")
+            else:  # CW-style margin loss
+                total = -margins_from_logits(out, y).sum()
+            return torch.autograd.grad(total, x)[0]
 
     def pgd(self, x, y, eps, step_size, steps, gens=None, loss="ce") -> torch.Tensor:
         """L-inf PGD with random start against each model; x (K, batch, ...) in [0, 1]."""
@@ -81,9 +134,6 @@ class Ensemble:
             g = self.input_grad(x_adv, y, loss)
             x_adv = torch.min(torch.max(x_adv + step_size * g.sign(), x - eps), x + eps).clamp(0, 1)
         return x_adv.detach()
-
-    def state_dicts(self) -> list[dict]:
-        return [{n: t[k].detach().cpu().clone() for n, t in {**self.params, **self.buffers}.items()} for k in range(self.k)]
 
 
 def train_ensemble(
@@ -105,15 +155,8 @@ def train_ensemble(
     members_t = torch.as_tensor(members, device=ens.device)
     gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]  # PGD random starts
     orders = torch.stack([epoch_orders(m, int(s), recipe.epochs) for s in seeds]).to(ens.device)  # (K, E, m)
-    opt = torch.optim.SGD(ens.params.values(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
+    opt = recipe.make_optimizer(ens.parameters())
     ac = _autocast(recipe, ens.device)
-
-    def loss_fn(p, b, xb, yb):
-        with ac:
-            return F.cross_entropy(ens._logits(p, b, xb).float(), yb)
-
-    step_fn = vmap(grad_and_value(loss_fn))
     per_epoch, total, step = math.ceil(m / recipe.batch_size), recipe.steps(m), 0
     for epoch in range(recipe.epochs):
         batches = members_t.gather(1, orders[:, epoch])
@@ -122,9 +165,12 @@ def train_ensemble(
             xb, yb = x[idx], y[idx]
             if recipe.train == "pgd-at":
                 xb = ens.pgd(xb, yb, recipe.eps, recipe.step_size, recipe.pgd_steps, gens)
-            grads, _ = step_fn(ens.params, ens.buffers, xb, yb)
-            for name, p in ens.params.items():
-                p.grad = grads[name]
+            with ac:
+                out = ens.logits(xb, shared=False)
+            # sum over models of each model's mean loss: model k's gradient is its own
+            loss = F.cross_entropy(out.float().flatten(0, 1), yb.flatten(), reduction="sum") / idx.shape[1]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             for group in opt.param_groups:
                 group["lr"] = recipe.lr_at(step, total)
             opt.step()
@@ -168,8 +214,7 @@ def train_single(build, x, y, member_idx: np.ndarray, seed: int, recipe: TrainRe
     idx_all = torch.as_tensor(member_idx, device=device)
     m = len(idx_all)
     orders = epoch_orders(m, seed, recipe.epochs).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
+    opt = recipe.make_optimizer(model.parameters())
     gen = torch.Generator().manual_seed(seed + 1)
     total, step = recipe.steps(m), 0
     for epoch in range(recipe.epochs):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 SCHEDULES = ("constant", "linear", "onecycle")
+OPTIMIZERS = ("sgd", "adam")
 TRAIN_METHODS = ("standard", "pgd-at")
 
 
@@ -18,8 +19,9 @@ class TrainRecipe:
     hidden: int = 256  # hidden width of the MLP / the CNN's fully connected layer
     epochs: int = 20  # passes over the model's own training subset
     batch_size: int = 128  # samples per SGD step, per model
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam
     lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9  # SGD (Nesterov) momentum
+    momentum: float = 0.9  # SGD (Nesterov) momentum; ignored by adam
     weight_decay: float = 0.0  # L2 coefficient; 0 lets rare samples be memorized
     schedule: str = "constant"  # constant | linear (decay to 0) | onecycle (20 % warm-up, then decay)
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
@@ -36,6 +38,8 @@ class TrainRecipe:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.train not in TRAIN_METHODS:
@@ -56,6 +60,14 @@ class TrainRecipe:
         if self.schedule == "onecycle":
             return self.lr * (frac / 0.2 if frac < 0.2 else (1.0 - frac) / 0.8)
         return self.lr
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The optimizer over ``params``; elementwise, so over stacked tensors it is exactly
+        one optimizer per model."""
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               nesterov=self.momentum > 0, fused=True)
 
     def steps(self, n_train: int) -> int:
         return self.epochs * math.ceil(n_train / self.batch_size)

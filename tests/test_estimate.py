@@ -127,11 +127,14 @@ def test_joblib_workers_give_the_same_trials(tmp_path):
     np.testing.assert_allclose(a.test_margin, b.test_margin, atol=2e-2)
 
 
-def test_bad_settings_are_named():
+def test_bad_settings_are_named_before_anything_is_written(tmp_path):
     with pytest.raises(TypeError, match="learning_rate"):
-        memtool.estimate("unused", learning_rate=0.1)
-    with pytest.raises(ValueError, match="ratio"):
-        memtool.estimate("unused", dataset="digits", ratio=1.5, trials=2, progress=False)
+        memtool.estimate(tmp_path / "r", learning_rate=0.1)
+    with pytest.raises(ValueError, match="ratio must be strictly between 0 and 1, got 1.5"):
+        memtool.estimate(tmp_path / "r", dataset="digits", ratio=1.5, trials=2, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        memtool.estimate(tmp_path / "r", dataset="digits", schedule="cosine", trials=2, progress=False)
+    assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="shard"):
         run_mod.parse_shard("3/2")
 

@@ -7,7 +7,7 @@ on another machine with another ensemble size, and each trial's result stays the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..recipe import TrainRecipe
@@ -26,18 +26,25 @@ class EstimateConfig:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
 
     def __post_init__(self):
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"ratio must be strictly between 0 and 1, got {self.ratio}")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be a positive number of samples, got {self.limit}")
         if self.robust is None:
             object.__setattr__(self, "robust", self.recipe.train == "pgd-at")
 
     @classmethod
     def from_kwargs(cls, **kw) -> "EstimateConfig":
         """Build from flat keyword arguments (the command line's names, with underscores)."""
-        own = {f.name for f in fields(cls)} - {"recipe"}
+        own = {f.name for f in fields(cls)}
         unknown = set(kw) - own - RECIPE_FIELDS
         if unknown:
             raise TypeError(f"unknown estimate setting(s) {sorted(unknown)}; valid: {sorted(own | RECIPE_FIELDS)}")
-        recipe = kw.pop("recipe", None) or TrainRecipe(**{k: kw.pop(k) for k in list(kw) if k in RECIPE_FIELDS})
-        return cls(recipe=recipe, **kw)
+        recipe_kw = {k: kw.pop(k) for k in list(kw) if k in RECIPE_FIELDS}
+        recipe = kw.pop("recipe", None) or TrainRecipe()
+        return cls(recipe=replace(recipe, **recipe_kw), **kw)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EstimateConfig":

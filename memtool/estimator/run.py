@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..datasets import load_dataset
-from ..ensemble import ensemble_margins, margins_from_logits, train_ensemble, train_single
-from ..models import build_model, has_batchnorm
+from ..ensemble import ensemble_margins, margins_from_logits, stackable, train_ensemble, train_single
+from ..models import build_model
 from ..recipe import trial_seed
 from . import plan
 from .config import EstimateConfig
@@ -74,7 +74,7 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
     dev = torch.device(device)
     x_tr, y_tr = data["x_train"].to(dev), data["y_train"].to(dev)
     x_te, y_te = data["x_test"].to(dev), data["y_test"].to(dev)
-    if has_batchnorm(build()):  # one model at a time (BatchNorm statistics are per model)
+    if not stackable(build()):  # one model at a time (e.g. BatchNorm statistics are per model)
         rec = {k: [] for k in ("train_margin", "test_margin")}
         for idx, s in zip(members, seeds):
             model = train_single(build, x_tr, y_tr, idx, s, r, dev)
@@ -121,8 +121,8 @@ def _run_batch(run, cfg, data, ids, device, eval_batch, threads=None, on_step=No
 def estimate(out: str | Path, trials: int = 64, *, data_root=None, ensemble_size: int | None = None,
              device: str = "cpu", n_jobs: int = 1, scheduler: str | None = None, shard=None,
              eval_batch: int = 1024, progress: bool = True, mem_threshold: float = 0.25,
-             infl_threshold: float = 0.15, top_k: int = 10, config: EstimateConfig | None = None,
-             **settings) -> dict:
+             infl_threshold: float = 0.15, top_k: int = 10, tables: bool = True,
+             config: EstimateConfig | None = None, **settings) -> dict:
     """Run (or resume) the subsampling estimator into run directory ``out``.
 
     ``settings`` are the config's fields by their command-line names (``dataset``, ``limit``,
@@ -131,7 +131,9 @@ def estimate(out: str | Path, trials: int = 64, *, data_root=None, ensemble_size
     Execution arguments (``trials``, ``ensemble_size``, ``device``, ``n_jobs``, ``scheduler``:
     a Dask address, ``shard``: 'i/N') do not change any trial's result.
 
-    Returns the run summary (with ``status`` 'complete' or 'partial')."""
+    With ``tables`` (default) the score tables are written once every trial is finished.
+    Returns the run summary, with ``status`` 'complete', or 'partial' while trials are missing
+    (other shards) or the tables were not asked for."""
     cfg = config or EstimateConfig.from_kwargs(**settings)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
@@ -155,7 +157,7 @@ def estimate(out: str | Path, trials: int = 64, *, data_root=None, ensemble_size
         else:
             _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress)
     missing = set(range(trials)) - finished_trials(out)
-    if missing:
+    if missing or not tables:
         return {"status": "partial", "missing_trials": len(missing), "out": str(out)}
     summary = compute_tables(out, mem_threshold, infl_threshold, top_k)
     return {"status": "complete", "out": str(out), **summary}

@@ -63,22 +63,26 @@ def margin_memorization(member: np.ndarray, margin: np.ndarray) -> dict[str, np.
 
 def influence_chunks(member: np.ndarray, test_correct: np.ndarray, chunk: int | None = None,
                      max_bytes: int = 256 << 20):
-    """Yield (test column slice, infl (n_train, c), infl_se (n_train, c)) chunk by chunk.
-
-    Two matrix products of the (t, n_train) mask with (t, c) test columns; the dense
-    n_train x n_test matrix is never held at once (each chunk stays under ``max_bytes``)."""
+    """Yield (test column slice, k_in (n_train, c)) chunk by chunk: k_in[i, j] counts the
+    trials that contain i and classify j correctly. One matrix product of the (t, n_train)
+    mask with (t, c) test columns; the dense n_train x n_test matrix is never held at once
+    (each chunk stays under ``max_bytes``). :func:`influence_from_counts` turns it into infl."""
     m = member.astype(np.float32)
-    n_in = m.sum(0)[:, None].astype(np.float64)
-    n_out = len(m) - n_in
     n_test = test_correct.shape[1]
-    chunk = chunk or max(1, min(n_test, max_bytes // (8 * 4 * max(member.shape[1], 1))))
+    chunk = chunk or max(1, min(n_test, max_bytes // (4 * 4 * max(member.shape[1], 1))))
     for start in range(0, n_test, chunk):
         sl = slice(start, min(start + chunk, n_test))
-        c = test_correct[:, sl].astype(np.float32)
-        k_in = (m.T @ c).astype(np.float64)
-        k_out = c.sum(0)[None, :].astype(np.float64) - k_in
-        infl = _div(k_in, n_in) - _div(k_out, n_out)
-        yield sl, infl, agresti_caffo_se(k_in, n_in, k_out, n_out)
+        yield sl, m.T @ test_correct[:, sl].astype(np.float32)
+
+
+def influence_from_counts(k_in, n_in, col_correct, n_trials, with_se=False):
+    """infl (and its Agresti-Caffo se) from k_in and the column totals of correct test samples.
+
+    Broadcasts: k_in (..., c) with n_in (...,1 or matching) and col_correct (c or matching)."""
+    n_out = n_trials - n_in
+    k_out = col_correct - k_in
+    infl = _div(k_in, n_in) - _div(k_out, n_out)
+    return (infl, agresti_caffo_se(k_in, n_in, k_out, n_out)) if with_se else infl
 
 
 def influence_pairs(member, test_correct, train_label, test_label, mem, mem_threshold=0.25,
@@ -90,23 +94,28 @@ def influence_pairs(member, test_correct, train_label, test_label, mem, mem_thre
     - ``rank`` in 0..top_k-1: position among test sample j's top-k by influence (-1: not in it).
     """
     cols = {k: [] for k in ("train_id", "test_id", "infl", "infl_se", "high", "rank")}
-    high_mem = mem >= mem_threshold
-    for sl, infl, se in influence_chunks(member, test_correct, chunk):
+    high_mem = np.nan_to_num(mem, nan=-np.inf) >= mem_threshold
+    n_in = member.sum(0).astype(np.float32)[:, None]
+    col_correct = test_correct.sum(0).astype(np.float32)
+    t = np.float32(len(member))
+    for sl, k_in in influence_chunks(member, test_correct, chunk):
         test_ids = np.arange(sl.start, sl.stop)
+        score = np.nan_to_num(influence_from_counts(k_in, n_in, col_correct[sl], t), nan=-np.inf)
         same = train_label[:, None] == test_label[None, sl]
-        high = same & high_mem[:, None] & (np.nan_to_num(infl, nan=-np.inf) >= infl_threshold)
-        rank = np.full(infl.shape, -1, dtype=np.int64)
+        high = same & high_mem[:, None] & (score >= infl_threshold)
+        rank = np.full(score.shape, -1, dtype=np.int64)
         if top_k:
-            k = min(top_k, infl.shape[0])
-            score = np.nan_to_num(infl, nan=-np.inf)
+            k = min(top_k, score.shape[0])
             top = np.argpartition(-score, k - 1, axis=0)[:k]
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(score, top, 0), axis=0, kind="stable"), 0)
             np.put_along_axis(rank, top, np.arange(k)[:, None].repeat(len(test_ids), 1), axis=0)
         i, j = np.nonzero(high | (rank >= 0))
+        infl, se = influence_from_counts(k_in[i, j].astype(np.float64), n_in[i, 0].astype(np.float64),
+                                         col_correct[sl][j].astype(np.float64), len(member), with_se=True)
         cols["train_id"].append(i)
         cols["test_id"].append(test_ids[j])
-        cols["infl"].append(infl[i, j])
-        cols["infl_se"].append(se[i, j])
+        cols["infl"].append(infl)
+        cols["infl_se"].append(se)
         cols["high"].append(high[i, j])
         cols["rank"].append(rank[i, j])
     return {k: np.concatenate(v) for k, v in cols.items()}

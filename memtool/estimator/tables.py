@@ -93,16 +93,11 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
 
 def influence_at(member, correct, i, j, chunk=4096):
     """infl(i, j) and its standard error for explicit pairs (arrays i, j)."""
-    out_i, out_s = [], []
-    n_in_all = member.sum(0)
-    for s in range(0, len(i), chunk):
-        ii, jj = i[s : s + chunk], j[s : s + chunk]
-        m, c = member[:, ii], correct[:, jj]
-        k_in, n_in = (m & c).sum(0), n_in_all[ii]
-        k_out, n_out = c.sum(0) - k_in, len(member) - n_in
-        out_i.append(S._div(k_in, n_in) - S._div(k_out, n_out))
-        out_s.append(S.agresti_caffo_se(k_in, n_in, k_out, n_out))
-    return np.concatenate(out_i), np.concatenate(out_s)
+    n_in, col = member.sum(0), correct.sum(0)
+    parts = [S.influence_from_counts((member[:, i[s:s + chunk]] & correct[:, j[s:s + chunk]]).sum(0),
+                                     n_in[i[s:s + chunk]], col[j[s:s + chunk]], len(member), with_se=True)
+             for s in range(0, len(i), chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=0.25, infl_threshold=0.15) -> dict:

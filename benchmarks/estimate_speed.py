@@ -1,0 +1,73 @@
+"""Throughput of `memtool estimate` against the naive one-model-at-a-time loop.
+
+    python benchmarks/estimate_speed.py            # all three settings, about 4 minutes
+    python benchmarks/estimate_speed.py --only digits-mlp
+
+Same data, model, recipe and number of SGD steps for both; both evaluate every train and
+test sample after training. memtool's time is the whole `estimate` call (training,
+evaluation, trial files, score tables). Prints models per minute, their ratio, and
+memtool's achieved GFLOP/s against the fp32 matmul peak measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import matmul_peak, model_flops, naive_trial  # noqa: E402
+
+import memtool  # noqa: E402
+from memtool.estimator import plan  # noqa: E402
+from memtool.recipe import TrainRecipe  # noqa: E402
+
+SETTINGS = {
+    # name: dataset kwargs, recipe, naive trials, memtool trials
+    "digits-mlp": (dict(name="digits"), TrainRecipe(model="mlp", hidden=128, epochs=20, batch_size=32, lr=0.1), 32, 128),
+    "mnist-mlp": (dict(name="mnist", limit=5000), TrainRecipe(model="mlp", hidden=256, epochs=20, batch_size=128, lr=0.1), 8, 32),
+    "mnist-cnn": (dict(name="mnist", limit=5000), TrainRecipe(model="cnn", hidden=128, epochs=2, batch_size=128, lr=0.05), 4, 16),
+}
+
+
+def run(name: str, peak: float) -> dict:
+    dkw, recipe, t_naive, t_mem = SETTINGS[name]
+    ds = memtool.load_dataset(**dkw)
+    n = len(ds.y_train)
+    m = plan.subset_size(n, 0.7)
+    t0 = time.perf_counter()
+    for t, idx in enumerate(plan.subset_indices(n, 0.7, 0, range(t_naive))):
+        naive_trial(ds, idx, recipe, seed=t)
+    naive_s = (time.perf_counter() - t0) / t_naive
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        memtool.estimate(Path(tmp) / "run", trials=t_mem, dataset=ds.name, limit=dkw.get("limit"),
+                         progress=False, recipe=recipe)
+        mem_s = (time.perf_counter() - t0) / t_mem
+    flops = model_flops(ds, recipe, m)
+    return {"setting": name, "naive_models_per_min": 60 / naive_s, "memtool_models_per_min": 60 / mem_s,
+            "ratio": naive_s / mem_s, "memtool_gflops": flops / mem_s / 1e9, "naive_gflops": flops / naive_s / 1e9,
+            "peak_gflops": peak, "memtool_pct_peak": 100 * flops / mem_s / 1e9 / peak}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=list(SETTINGS), action="append")
+    a = p.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    peak = matmul_peak()
+    print(f"fp32 matmul peak (2048^3, this process): {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads")
+    print(f"{'setting':<12} {'naive/min':>10} {'memtool/min':>12} {'ratio':>6} {'naive GF/s':>11} "
+          f"{'memtool GF/s':>13} {'% of peak':>9}")
+    for name in a.only or SETTINGS:
+        r = run(name, peak)
+        print(f"{name:<12} {r['naive_models_per_min']:>10.1f} {r['memtool_models_per_min']:>12.1f} "
+              f"{r['ratio']:>6.2f} {r['naive_gflops']:>11.1f} {r['memtool_gflops']:>13.1f} {r['memtool_pct_peak']:>8.0f}%")
+
+
+if __name__ == "__main__":
+    main()
