@@ -235,7 +235,20 @@ def train_single(build, x, y, member_idx: np.ndarray, seed: int, recipe: TrainRe
     return model.eval()
 
 
-def _pgd_single(model, x, y, recipe: TrainRecipe, gen) -> torch.Tensor:
+def single_margins(model, x, y, recipe: TrainRecipe, batch: int = 1024, robust: bool = False) -> torch.Tensor:
+    """(n,) margins of one model (in eval mode) on every sample, optionally under PGD."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        xb, yb = x[i : i + batch], y[i : i + batch]
+        if robust:
+            xb = _pgd_single(model, xb, yb, recipe)
+        with torch.no_grad(), _autocast(recipe, xb.device):
+            out.append(margins_from_logits(model(xb), yb))
+    return torch.cat(out).cpu()
+
+
+def _pgd_single(model, x, y, recipe: TrainRecipe, gen=None) -> torch.Tensor:
     eps, alpha = recipe.eps, recipe.step_size
     x_adv = (x + ((torch.rand(x.shape, generator=gen) * 2 - 1) * eps).to(x.device)).clamp(0, 1)
     for _ in range(recipe.pgd_steps):

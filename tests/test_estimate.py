@@ -158,3 +158,53 @@ def test_cli_config_file(tmp_path, capsys):
     assert main(["estimate", "--config", str(cfg), "--lr", "0.3", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     meta = json.loads((tmp_path / "r" / "run.json").read_text())
     assert meta["config"]["recipe"]["lr"] == 0.3 and meta["config"]["recipe"]["batch_size"] == 64
+
+
+def test_robust_estimation_records_robust_scores(tmp_path):
+    """--train pgd-at: every trial is adversarially trained and scored clean and under PGD."""
+    s = memtool.estimate(tmp_path / "rob", trials=4, progress=False, train="pgd-at", eps=0.1, pgd_steps=2,
+                         **{**DIGITS_FAST, "epochs": 4, "hidden": 64})
+    assert s["status"] == "complete" and 0.1 < s["rob_test_acc"] < s["test_acc"]
+    scores = memtool.load_scores(tmp_path / "rob")
+    for col in ["rob_acc_in", "rob_acc_out", "rob_mem", "rob_mem_se", "rob_margin_mem"]:
+        assert col in scores.columns
+    train = scores[scores.split == "train"]
+    np.testing.assert_allclose(train.rob_mem, train.rob_acc_in - train.rob_acc_out)
+    assert (train.rob_acc_in <= train.acc_in + 1e-9).mean() > 0.95  # PGD rarely helps
+    infl = memtool.load_influence(tmp_path / "rob")
+    assert {"rob_infl", "rob_infl_se", "rob_high", "rob_rank"} <= set(infl.columns)
+    assert infl[["infl", "rob_infl"]].notna().all().all()
+    t = memtool.load_trials(tmp_path / "rob")
+    assert t.test_rob_margin.shape == t.test_margin.shape
+
+
+def test_batchnorm_models_train_one_at_a_time(tmp_path):
+    """A BatchNorm model (a WideResNet-10-1) goes through train_single, robust records too."""
+    s = memtool.estimate(tmp_path / "bn", trials=2, progress=False, dataset="digits", model="wrn-10-1",
+                         epochs=4, batch_size=32, lr=0.05, robust=True, eps=0.05, pgd_steps=1)
+    assert s["status"] == "complete" and s["test_acc"] > 0.5
+    assert "rob_test_acc" in s
+
+
+def test_bf16_scores_agree_with_fp32_within_standard_error(tmp_path):
+    """The GPU path's mixed precision, run on the CPU: same mem within the estimator's error."""
+    kw = dict(trials=8, progress=False, label_noise=0.05, **{**DIGITS_FAST, "epochs": 10, "hidden": 64})
+    memtool.estimate(tmp_path / "fp32", **kw)
+    memtool.estimate(tmp_path / "bf16", precision="bf16", **kw)
+    a, b = (memtool.load_scores(tmp_path / r).query("split == 'train'") for r in ("fp32", "bf16"))
+    ok = a.mem.notna() & b.mem.notna()
+    diff = (a.mem - b.mem)[ok].abs()
+    tol = 2 * np.sqrt(a.mem_se**2 + b.mem_se**2)[ok]
+    assert (diff <= tol).mean() > 0.95
+    assert abs(a.mem[ok].mean() - b.mem[ok].mean()) < 0.02
+
+
+def test_dask_scheduler_runs_trial_batches(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    kw = dict(trials=4, ensemble_size=2, progress=False, **{**DIGITS_FAST, "epochs": 2})
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c:
+        s = memtool.estimate(tmp_path / "dask", scheduler=c.scheduler_address, **kw)
+    memtool.estimate(tmp_path / "local", **kw)
+    assert s["status"] == "complete" and s["n_trials"] == 4
+    a, b = load_trials(tmp_path / "dask"), load_trials(tmp_path / "local")
+    np.testing.assert_allclose(a.test_margin, b.test_margin, atol=2e-2)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..datasets import load_dataset
-from ..ensemble import ensemble_margins, margins_from_logits, stackable, train_ensemble, train_single
+from ..ensemble import ensemble_margins, single_margins, stackable, train_ensemble, train_single
 from ..models import build_model
 from ..recipe import trial_seed
 from . import plan
@@ -71,33 +71,30 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
     members = plan.subset_indices(n, cfg.ratio, cfg.seed, trial_ids)
     seeds = [trial_seed(cfg.seed, int(t)) for t in trial_ids]
     build = partial(build_model, r.model, data["shape"], data["num_classes"], r.hidden)
-    dev = torch.device(device)
-    x_tr, y_tr = data["x_train"].to(dev), data["y_train"].to(dev)
-    x_te, y_te = data["x_test"].to(dev), data["y_test"].to(dev)
-    if not stackable(build()):  # one model at a time (e.g. BatchNorm statistics are per model)
-        rec = {k: [] for k in ("train_margin", "test_margin")}
-        for idx, s in zip(members, seeds):
-            model = train_single(build, x_tr, y_tr, idx, s, r, dev)
-            with torch.no_grad():
-                rec["train_margin"].append(torch.cat([margins_from_logits(model(x_tr[i:i + eval_batch]), y_tr[i:i + eval_batch]) for i in range(0, n, eval_batch)]).cpu())
-                rec["test_margin"].append(torch.cat([margins_from_logits(model(x_te[i:i + eval_batch]), y_te[i:i + eval_batch]) for i in range(0, len(y_te), eval_batch)]).cpu())
-            if on_step:
-                on_step(r.steps(members.shape[1]))
-        if cfg.robust:
-            raise NotImplementedError("robust records for BatchNorm models are not implemented yet")
-        return {k: torch.stack(v).numpy() for k, v in rec.items()}
-    ens = train_ensemble(build, x_tr, y_tr, members, seeds, r, dev, on_step=on_step)
-    rec = {"train_margin": ensemble_margins(ens, x_tr, y_tr, r, eval_batch),
-           "test_margin": ensemble_margins(ens, x_te, y_te, r, eval_batch)}
-    if cfg.robust:
-        rec["train_rob_margin"] = ensemble_margins(ens, x_tr, y_tr, r, eval_batch, robust=True)
-        rec["test_rob_margin"] = ensemble_margins(ens, x_te, y_te, r, eval_batch, robust=True)
-    return {k: v.numpy() for k, v in rec.items()}
+    dev = torch.device(device)  # a no-op when the data already lives there (estimate moves it once)
+    xy = {split: (data[f"x_{split}"].to(dev), data[f"y_{split}"].to(dev)) for split in ("train", "test")}
+    names = ["train_margin", "test_margin"] + (["train_rob_margin", "test_rob_margin"] if cfg.robust else [])
+    if stackable(build()):
+        ens = train_ensemble(build, *xy["train"], members, seeds, r, dev, on_step=on_step)
+        return {name: ensemble_margins(ens, *xy[name.split("_")[0]], r, eval_batch, robust="rob" in name).numpy()
+                for name in names}
+    rec = {name: [] for name in names}  # one model at a time (e.g. BatchNorm statistics are per model)
+    for idx, s in zip(members, seeds):
+        model = train_single(build, *xy["train"], idx, s, r, dev)
+        for name in names:
+            rec[name].append(single_margins(model, *xy[name.split("_")[0]], r, eval_batch, robust="rob" in name))
+        if on_step:
+            on_step(r.steps(members.shape[1]))
+    return {name: torch.stack(v).numpy() for name, v in rec.items()}
 
 
-def _tensors(ds) -> dict:
-    return {"x_train": torch.from_numpy(ds.x_train).float().div_(255), "y_train": torch.from_numpy(ds.y_train),
-            "x_test": torch.from_numpy(ds.x_test).float().div_(255), "y_test": torch.from_numpy(ds.y_test),
+def _tensors(ds, device="cpu") -> dict:
+    """The whole dataset as tensors on ``device``, pixels in [0, 1]."""
+    def img(a):
+        return torch.from_numpy(a).to(device).float().div_(255)
+
+    return {"x_train": img(ds.x_train), "y_train": torch.from_numpy(ds.y_train).to(device),
+            "x_test": img(ds.x_test), "y_test": torch.from_numpy(ds.y_test).to(device),
             "shape": ds.image_shape, "num_classes": ds.num_classes}
 
 
@@ -141,7 +138,7 @@ def estimate(out: str | Path, trials: int = 64, *, data_root=None, ensemble_size
     init_run(out, cfg.to_dict(), ds, command=sys.argv if Path(sys.argv[0]).name == "memtool" else None)
     k = ensemble_size or default_ensemble_size(cfg.recipe, device)
     batches = pending_batches(finished_trials(out), trials, k, parse_shard(shard))
-    data = _tensors(ds)
+    data = _tensors(ds, device if n_jobs == 1 and scheduler is None else "cpu")
     m = plan.subset_size(len(ds.y_train), cfg.ratio)
     total_steps = sum(len(b) for b in batches) * cfg.recipe.steps(m)
     if batches:
