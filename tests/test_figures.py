@@ -1,0 +1,14 @@
+import matplotlib.image as mpimg
+
+from memtool.figures import run_figures
+
+
+def test_run_figures_writes_readable_pngs(digits_run, tmp_path):
+    run, summary = digits_run
+    paths = run_figures(run, tmp_path / "figs", top=8)
+    names = [p.name for p in paths]
+    assert names[:2] == ["mem_hist.png", "most_memorized.png"]
+    assert ("high_influence_pairs.png" in names) == (summary["n_high_pairs"] > 0)
+    for p in paths:
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 150 and img.std() > 0.01  # a real picture, not blank
