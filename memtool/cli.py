@@ -25,6 +25,7 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--hidden", type=int, default=DEFAULT, help="hidden width (256)")
     r.add_argument("--epochs", type=int, default=DEFAULT, help="epochs per model (20)")
     r.add_argument("--batch-size", type=int, default=DEFAULT, help="minibatch size per model (128)")
+    r.add_argument("--optimizer", default=DEFAULT, help="sgd | adam (sgd)")
     r.add_argument("--lr", type=float, default=DEFAULT, help="peak learning rate (0.1)")
     r.add_argument("--momentum", type=float, default=DEFAULT, help="SGD Nesterov momentum (0.9)")
     r.add_argument("--weight-decay", type=float, default=DEFAULT, help="L2 coefficient (0)")
@@ -113,6 +114,14 @@ def cmd_import_fz(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures(a: argparse.Namespace) -> int:
+    from .figures import run_figures
+
+    for p in run_figures(a.run, a.out):
+        print(f"wrote {p}")
+    return 0
+
+
 def cmd_datasets(a: argparse.Namespace) -> int:
     from .datasets import dataset_status
 
@@ -125,6 +134,50 @@ def cmd_datasets(a: argparse.Namespace) -> int:
         print(f"{r['name']:<14} {mark}  {r['classes']:>3} classes  {r['shape']:<8} {r['description']}")
         if not r["available"]:
             print(f"{'':<19}{r['how_to_get']}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    kw = {k: v for k, v in vars(a).items() if k not in ("cmd", "func", "out", "device", "quiet")}
+    try:
+        train(TrainConfig(**kw), a.out, progress=not a.quiet, device=getattr(a, "device", "cpu"))
+    except KeyboardInterrupt:
+        print(f"\nmemtool train: interrupted; finished epochs are in {Path(a.out) / 'checkpoint.pt'}, "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"load it with memtool.load_model({str(a.out)!r}); log in {Path(a.out) / 'log.jsonl'}")
+    return 0
+
+
+def print_evaluation(s: dict, out: str | Path, file=None) -> None:
+    lines = [f"{s['dataset']} test samples: {s['n_samples']}   eps {s['eps']:g}"]
+    for name, r in s["attacks"].items():
+        step = r.get("step_size", "")
+        step = f"{step:.4g}" if isinstance(step, float) else str(step)
+        lines.append(f"  {name:<12} {r['n_correct']:>6}/{r['n']:<6} = {100 * r['accuracy']:6.2f} %   "
+                     f"norm {r.get('norm', '-')}, steps {r.get('steps', '-')}, step size {step}, "
+                     f"{r['time_s']:.0f} s")
+    w = s["worst_case"]
+    lines += [f"  {'worst case':<12} {w['n_correct']:>6}/{w['n']:<6} = {100 * w['accuracy']:6.2f} %",
+              f"wrote {Path(out) / 'per_sample.parquet'}", f"wrote {Path(out) / 'summary.json'}"]
+    print("\n".join(lines), file=file or sys.stdout)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    kw = {k: v for k, v in vars(a).items() if k not in ("cmd", "func", "checkpoint", "quiet", "backend")}
+    if getattr(a, "backend", None):
+        kw["attack_options"] = {"autoattack": {"backend": a.backend}}
+    try:
+        summary = evaluate(a.checkpoint, progress=not a.quiet, **kw)
+    except KeyboardInterrupt:
+        print(f"\nmemtool evaluate: interrupted; finished batches are saved in {Path(a.out) / 'state'}, "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
+    print_evaluation(summary, a.out)
     return 0
 
 
@@ -150,6 +203,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     _score_args(p)
     p.set_defaults(func=cmd_import_fz)
+
+    p = sub.add_parser("train", help="train one model: standard, PGD-AT, TRADES or MART (resumable)")
+    p.add_argument("--out", required=True, help="output directory (created, or resumed)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--device", default=DEFAULT, help="cpu | cuda | cuda:N (cpu)")
+    p.add_argument("--method", default=DEFAULT, help="standard | pgd-at | trades | mart (standard)")
+    p.add_argument("--dataset", default=DEFAULT, help="dataset name (`memtool datasets` lists them); default mnist")
+    p.add_argument("--model", default=DEFAULT, help="mlp | cnn | preact-resnet18 | wrn-D-W (cnn)")
+    p.add_argument("--hidden", type=int, default=DEFAULT, help="hidden width (256)")
+    p.add_argument("--eps", type=float, default=DEFAULT, help="L-inf radius on the [0,1] scale (0.3)")
+    p.add_argument("--eps-warmup", type=float, default=DEFAULT, help="epochs over which eps ramps up from 0 (0)")
+    p.add_argument("--epochs", type=int, default=DEFAULT, help="epochs (10)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT, help="minibatch size (128)")
+    p.add_argument("--lr", type=float, default=DEFAULT, help="peak learning rate, SGD (0.05)")
+    p.add_argument("--momentum", type=float, default=DEFAULT, help="SGD momentum (0.9)")
+    p.add_argument("--weight-decay", type=float, default=DEFAULT, help="L2 coefficient (0)")
+    p.add_argument("--schedule", default=DEFAULT, help="constant | linear | onecycle | multistep (onecycle)")
+    p.add_argument("--pgd-steps", type=int, default=DEFAULT, help="steps of the training attack (10)")
+    p.add_argument("--step-size", type=float, default=DEFAULT, help="its step size (2.5 * eps / pgd-steps)")
+    p.add_argument("--beta", type=float, default=DEFAULT, help="TRADES / MART trade-off (6)")
+    p.add_argument("--seed", type=int, default=DEFAULT, help="seed of init, order, attack noise (0)")
+    p.add_argument("--limit", type=int, default=DEFAULT, help="keep the first N training samples")
+    p.add_argument("--label-noise", type=float, default=DEFAULT, help="fraction of training labels to flip")
+    p.add_argument("--data-root", default=DEFAULT, help="folder with CIFAR / Tiny ImageNet ($MEMTOOL_DATA_ROOT)")
+    p.add_argument("--eval-samples", type=int, default=DEFAULT, help="test samples checked every epoch (1000)")
+    p.add_argument("--eval-steps", type=int, default=DEFAULT, help="PGD steps of that check (20)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="per-sample robustness of a trained model under attacks (resumable)")
+    p.add_argument("checkpoint", help="a `memtool train` output directory or its checkpoint.pt")
+    p.add_argument("--out", required=True, help="output directory (created, or resumed)")
+    p.add_argument("--dataset", default=DEFAULT, help="dataset (default: the one trained on)")
+    p.add_argument("--attacks", default=DEFAULT,
+                   help="comma-separated: clean,fgsm,pgdK[-l2][-rR],cwK,autoattack (clean,pgd20)")
+    p.add_argument("--eps", type=float, default=DEFAULT, help="radius on the [0,1] scale (default: the training eps)")
+    p.add_argument("--n-samples", type=int, default=DEFAULT, help="first N test samples only (all)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT,
+                   help="samples per attack batch; flags are saved after each (200)")
+    p.add_argument("--seed", type=int, default=DEFAULT, help="seed of the attacks' random starts (0)")
+    p.add_argument("--backend", default=None, help="AutoAttack package: pyautoattack | torchattacks (pyautoattack)")
+    p.add_argument("--device", default=DEFAULT, help="cpu | cuda | cuda:N (cpu)")
+    p.add_argument("--data-root", default=DEFAULT)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("figures", help="plot a run: mem histogram, most memorized images, high-influence pairs")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("datasets", help="list the datasets and whether each is on disk")
     p.add_argument("--data-root", default=DEFAULT)

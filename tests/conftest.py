@@ -21,3 +21,30 @@ def digits_run(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# A small PGD-AT model (MLP, eps 0.1) on 2000 MNIST samples: about 2 s of CPU time.
+MNIST_AT = dict(method="pgd-at", dataset="mnist", model="mlp", limit=2000, epochs=5, batch_size=64, lr=0.1,
+                eps=0.1, pgd_steps=5, eval_samples=500, eval_steps=10)
+# The same on the 8x8 digits, in about a second.
+DIGITS_AT = dict(method="pgd-at", dataset="digits", model="mlp", hidden=64, epochs=4, batch_size=32, lr=0.1,
+                 eps=0.1, pgd_steps=3, eval_samples=360, eval_steps=5)
+
+
+@pytest.fixture(scope="session")
+def mnist_at(tmp_path_factory):
+    """(output directory, model) of MNIST_AT, trained once per session."""
+    import memtool
+
+    out = tmp_path_factory.mktemp("train") / "mnist-at"
+    model = memtool.train(memtool.TrainConfig(**MNIST_AT), out, progress=False)
+    return out, model
+
+
+@pytest.fixture(scope="session")
+def digits_at(tmp_path_factory):
+    import memtool
+
+    out = tmp_path_factory.mktemp("train") / "digits-at"
+    model = memtool.train(memtool.TrainConfig(**DIGITS_AT), out, progress=False)
+    return out, model

@@ -1,0 +1,184 @@
+"""Robustness evaluation of a trained model: per-sample correctness under each attack.
+
+    evaluate("runs/at", attacks=("clean", "pgd20", "cw20", "autoattack"), eps=0.3, out="runs/at/eval")
+
+writes ::
+
+    OUT/per_sample.parquet   sample_id, label, clean, one bool column per attack, worst_case
+                             (correct under every attack); the summary in its metadata
+    OUT/summary.json         per attack: its settings (eps, steps, step size, norm, ...) and
+                             n, n_correct, accuracy, time
+    OUT/evaluation.json      the settings of this evaluation (checked when reopened)
+    OUT/state/ATTACK.npz     per-sample flags done so far (written atomically after every batch)
+
+A sample misclassified without attack counts as not robust and is not attacked. Evaluation
+resumes per batch after an interruption (the same batch seeds, so the same flags as an
+uninterrupted run for the seeded attacks), may be extended to more samples (``n_samples``),
+and refuses to mix settings: another checkpoint, dataset, eps or attack set is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .attacks import build_attack
+from .datasets import load_dataset
+from .estimator.config import diff_configs
+from .estimator.store import RunMismatchError, write_json
+from .estimator.tables import write_table
+from .checkpoints import checkpoint_path, load_checkpoint, model_from_checkpoint
+
+
+def parse_attacks(attacks) -> list[str]:
+    """'clean,pgd20' or a list -> names, 'clean' first, without duplicates."""
+    names = [a.strip().lower() for a in (attacks.split(",") if isinstance(attacks, str) else attacks)]
+    names = [a for a in names if a]
+    return ["clean"] + [a for i, a in enumerate(names) if a != "clean" and a not in names[:i]]
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _batch_seed(seed: int, attack: str, first_id: int) -> int:
+    key = int.from_bytes(hashlib.sha256(attack.encode()).digest()[:4], "little")
+    return int(np.random.SeedSequence([seed, key, first_id]).generate_state(1)[0])
+
+
+class _State:
+    """Per-sample flags of one attack, saved atomically as OUT/state/NAME.npz."""
+
+    def __init__(self, path: Path, n: int, settings: dict):
+        self.path, self.settings = path, json.dumps(settings, sort_keys=True)
+        self.done, self.correct = np.zeros(n, bool), np.zeros(n, bool)
+        self.time_s = self.cpu_s = 0.0  # wall and CPU seconds spent on this attack, over all sessions
+        if path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["settings"]) != self.settings:
+                    raise RunMismatchError(f"{path} was written with other attack settings: {z['settings']}")
+                self.done, self.correct, self.time_s = z["done"], z["correct"], float(z["time_s"])
+                self.cpu_s = float(z["cpu_s"]) if "cpu_s" in z.files else float("nan")
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, done=self.done, correct=self.correct, time_s=np.array(self.time_s),
+                 cpu_s=np.array(self.cpu_s), settings=np.array(self.settings))
+        os.replace(tmp, self.path)
+
+
+def _norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = delta.flatten(1)
+    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(1)
+
+
+def _run_attack(name, attack, model, x_u8, y, ids, state: _State, seed, batch_size, device, progress):
+    """Attack the samples ``ids`` not done yet, batch by batch, saving flags after each batch."""
+    todo = ids[~state.done[ids]]
+    desc = attack.describe()
+    bar = tqdm(total=len(todo), desc=name, unit="sample", disable=not progress or len(todo) == 0, leave=False)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    for s in range(0, len(todo), batch_size):
+        b = todo[s : s + batch_size]
+        t0, cpu0 = time.time(), time.process_time()
+        xb = torch.from_numpy(x_u8[b]).to(device).float().div_(255)
+        yb = torch.from_numpy(y[b]).to(device)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(_batch_seed(seed, name, int(b[0])))
+            x_adv = attack(model, xb, yb)
+        excess = float((_norm_of(x_adv - xb, desc.get("norm", "linf")) - desc["eps"]).max())
+        if excess > 1e-4 or x_adv.min() < 0 or x_adv.max() > 1:
+            raise RuntimeError(f"attack {name} left the eps-ball or [0, 1] (by {excess:.2g}); not recording it")
+        with torch.no_grad():
+            state.correct[b] = (model(x_adv).argmax(1) == yb).cpu().numpy()
+        state.done[b] = True
+        state.time_s += time.time() - t0
+        state.cpu_s += time.process_time() - cpu0
+        state.save()
+        bar.update(len(b))
+    bar.close()
+
+
+def evaluate(checkpoint, dataset: str | None = None, attacks=("clean", "pgd20"), eps: float | None = None,
+             out=None, n_samples: int | None = None, batch_size: int = 200, data_root=None, device="cpu",
+             seed: int = 0, progress: bool = True, attack_options: dict | None = None) -> dict:
+    """Evaluate the model in ``checkpoint`` on the first ``n_samples`` test samples of
+    ``dataset`` (default: the training dataset) under ``attacks`` at radius ``eps`` (default:
+    the training eps); write the per-sample table and summary into ``out``; return the summary.
+
+    ``attack_options``: per-attack field overrides, e.g. ``{"autoattack": {"backend": "torchattacks"}}``."""
+    if out is None:
+        raise ValueError("out must name the evaluation's output directory, got None")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    ck = load_checkpoint(checkpoint, device)
+    model = model_from_checkpoint(ck, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dataset = dataset or ck["config"]["dataset"]
+    eps = float(ck["config"]["eps"] if eps is None else eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    ds = load_dataset(dataset, data_root)
+    n_test = len(ds.y_test)
+    if n_samples is not None and not 1 <= n_samples <= n_test:
+        raise ValueError(f"n_samples must be in 1..{n_test} (the {dataset} test set), got {n_samples}")
+    n = n_samples or n_test
+    names = parse_attacks(attacks)
+    opts = attack_options or {}
+    built = {a: build_attack(a, eps, **opts.get(a, {})) for a in names}
+
+    out = Path(out)
+    _open(out, {"checkpoint_sha": _sha(checkpoint_path(checkpoint)), "dataset": dataset,
+                "dataset_fingerprint": ds.fingerprint, "eps": eps, "seed": seed,
+                "attacks": {a: built[a].describe() for a in names}}, checkpoint)
+    ids = np.arange(n)
+    x_u8, y = ds.x_test, ds.y_test
+    states = {a: _State(out / "state" / f"{a}.npz", n_test, built[a].describe()) for a in names}
+    _run_attack("clean", built["clean"], model, x_u8, y, ids, states["clean"], seed, batch_size, device, progress)
+    clean_ok = states["clean"].correct
+    for a in names[1:]:
+        st = states[a]
+        wrong = ids[~clean_ok[ids] & ~st.done[ids]]  # not robust without attack: nothing to run
+        st.done[wrong], st.correct[wrong] = True, False
+        _run_attack(a, built[a], model, x_u8, y, ids[clean_ok[ids]], st, seed, batch_size, device, progress)
+
+    cols = {a: states[a].correct[:n].copy() for a in names}
+    df = pd.DataFrame({"sample_id": ids, "label": y[:n], **cols})
+    df["worst_case"] = np.logical_and.reduce([cols[a] for a in names])
+    summary = {"checkpoint": str(checkpoint_path(checkpoint)), "dataset": dataset, "eps": eps, "n_samples": n,
+               "seed": seed, "train_config": ck["config"], "attacks": {}}
+    for a in names:
+        k, cpu = int(cols[a].sum()), states[a].cpu_s
+        summary["attacks"][a] = {**built[a].describe(), "n": n, "n_correct": k, "accuracy": k / n,
+                                 "time_s": round(states[a].time_s, 2), "cpu_s": None if cpu != cpu else round(cpu, 2)}
+    k = int(df["worst_case"].sum())
+    summary["worst_case"] = {"attacks": names, "eps": eps, "n": n, "n_correct": k, "accuracy": k / n}
+    write_json(out / "summary.json", summary)
+    write_table(df, out / "per_sample.parquet", summary)
+    return summary
+
+
+def _open(out: Path, settings: dict, checkpoint) -> None:
+    """Create ``out`` or check that it holds an evaluation with the same ``settings``."""
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    if (out / "evaluation.json").exists():
+        old = json.loads((out / "evaluation.json").read_text())
+        diffs = diff_configs({k: old.get(k) for k in settings}, settings)
+        if diffs:
+            raise RunMismatchError(f"{out} holds an evaluation with other settings:\n  " + "\n  ".join(diffs)
+                                   + "\nUse a new --out directory, or repeat its settings to resume or extend it.")
+    write_json(out / "evaluation.json", {**settings, "checkpoint": str(checkpoint_path(checkpoint).resolve())})
