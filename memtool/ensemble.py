@@ -136,6 +136,14 @@ class Ensemble:
         return x_adv.detach()
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+
+
 def train_ensemble(
     build: Callable[[], torch.nn.Module],
     x: torch.Tensor,
@@ -169,11 +177,7 @@ def train_ensemble(
                 out = ens.logits(xb, shared=False)
             # sum over models of each model's mean loss: model k's gradient is its own
             loss = F.cross_entropy(out.float().flatten(0, 1), yb.flatten(), reduction="sum") / idx.shape[1]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in opt.param_groups:
-                group["lr"] = recipe.lr_at(step, total)
-            opt.step()
+            _step(opt, loss, recipe.lr_at(step, total))
             step += 1
             if on_step is not None:
                 on_step(1)
@@ -226,11 +230,7 @@ def train_single(build, x, y, member_idx: np.ndarray, seed: int, recipe: TrainRe
                 xb = _pgd_single(model, xb, yb, recipe, gen)
             with _autocast(recipe, device):
                 loss = F.cross_entropy(model(xb).float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in opt.param_groups:
-                group["lr"] = recipe.lr_at(step, total)
-            opt.step()
+            _step(opt, loss, recipe.lr_at(step, total))
             step += 1
     return model.eval()
 
