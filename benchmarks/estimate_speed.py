@@ -1,7 +1,7 @@
 """Throughput of `memtool estimate` against the naive one-model-at-a-time loop.
 
     python benchmarks/estimate_speed.py            # all three settings, about 4 minutes
-    python benchmarks/estimate_speed.py --only digits-mlp
+    python benchmarks/estimate_speed.py --only digits-mlp --repeat 3
 
 Same data, model, recipe and number of SGD steps for both; both evaluate every train and
 test sample after training. memtool's time is the whole `estimate` call (training,
@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,21 +35,29 @@ SETTINGS = {
 }
 
 
-def run(name: str, peak: float) -> dict:
-    dkw, recipe, t_naive, t_mem = SETTINGS[name]
-    ds = memtool.load_dataset(**dkw)
+def _naive_s(ds, recipe, trials) -> float:
     n = len(ds.y_train)
-    m = plan.subset_size(n, 0.7)
     t0 = time.perf_counter()
-    for t, idx in enumerate(plan.subset_indices(n, 0.7, 0, range(t_naive))):
+    for t, idx in enumerate(plan.subset_indices(n, 0.7, 0, range(trials))):
         naive_trial(ds, idx, recipe, seed=t)
-    naive_s = (time.perf_counter() - t0) / t_naive
+    return (time.perf_counter() - t0) / trials
+
+
+def _memtool_s(ds, dkw, recipe, trials) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        memtool.estimate(Path(tmp) / "run", trials=t_mem, dataset=ds.name, limit=dkw.get("limit"),
+        memtool.estimate(Path(tmp) / "run", trials=trials, dataset=ds.name, limit=dkw.get("limit"),
                          progress=False, recipe=recipe)
-        mem_s = (time.perf_counter() - t0) / t_mem
-    flops = model_flops(ds, recipe, m)
+        return (time.perf_counter() - t0) / trials
+
+
+def run(name: str, peak: float, repeat: int = 1) -> dict:
+    """Seconds per model of each method: the median of ``repeat`` alternating measurements."""
+    dkw, recipe, t_naive, t_mem = SETTINGS[name]
+    ds = memtool.load_dataset(**dkw)
+    times = [(_naive_s(ds, recipe, t_naive), _memtool_s(ds, dkw, recipe, t_mem)) for _ in range(repeat)]
+    naive_s, mem_s = np.median(times, axis=0)
+    flops = model_flops(ds, recipe, plan.subset_size(len(ds.y_train), 0.7))
     return {"setting": name, "naive_models_per_min": 60 / naive_s, "memtool_models_per_min": 60 / mem_s,
             "ratio": naive_s / mem_s, "memtool_gflops": flops / mem_s / 1e9, "naive_gflops": flops / naive_s / 1e9,
             "peak_gflops": peak, "memtool_pct_peak": 100 * flops / mem_s / 1e9 / peak}
@@ -57,6 +66,7 @@ def run(name: str, peak: float) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=list(SETTINGS), action="append")
+    p.add_argument("--repeat", type=int, default=1, help="median of this many alternating measurements")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -65,7 +75,7 @@ def main(argv=None):
     print(f"{'setting':<12} {'naive/min':>10} {'memtool/min':>12} {'ratio':>6} {'naive GF/s':>11} "
           f"{'memtool GF/s':>13} {'% of peak':>9}")
     for name in a.only or SETTINGS:
-        r = run(name, peak)
+        r = run(name, peak, a.repeat)
         print(f"{name:<12} {r['naive_models_per_min']:>10.1f} {r['memtool_models_per_min']:>12.1f} "
               f"{r['ratio']:>6.2f} {r['naive_gflops']:>11.1f} {r['memtool_gflops']:>13.1f} {r['memtool_pct_peak']:>8.0f}%")
 

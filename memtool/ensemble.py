@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attacks.base import margins_from_logits
+from .attacks.pgd import ce_loss, pgd, project, random_start
 from .models import Normalize
 from .recipe import TrainRecipe, epoch_orders, init_model
 
@@ -35,15 +37,6 @@ def _autocast(recipe: TrainRecipe, device: torch.device):
     if recipe.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """True-class logit minus the largest other logit (> 0 iff correctly classified)."""
-    logits = logits.float()
-    y = y.expand(logits.shape[:-1])
-    true = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    other = logits.scatter(-1, y.unsqueeze(-1), float("-inf")).amax(-1)
-    return true - other
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
@@ -124,15 +117,16 @@ class Ensemble:
             return torch.autograd.grad(total, x)[0]
 
     def pgd(self, x, y, eps, step_size, steps, gens=None, loss="ce") -> torch.Tensor:
-        """L-inf PGD with random start against each model; x (K, batch, ...) in [0, 1]."""
+        """L-inf PGD with random start against each model; x (K, batch, ...) in [0, 1]. The
+        same update as :func:`memtool.attacks.pgd.pgd`, with the K input gradients from one
+        stacked backward pass."""
         if gens is None:
-            delta = (torch.rand(x.shape, device=x.device) * 2 - 1) * eps
+            x_adv = random_start(x, eps, "linf")
         else:  # one generator per model keeps the trial reproducible whatever K is
-            delta = torch.stack([(torch.rand(x.shape[1:], generator=g) * 2 - 1) * eps for g in gens]).to(x.device)
-        x_adv = (x + delta).clamp(0, 1)
+            x_adv = torch.stack([random_start(x[j], eps, "linf", g) for j, g in enumerate(gens)])
         for _ in range(steps):
             g = self.input_grad(x_adv, y, loss)
-            x_adv = torch.min(torch.max(x_adv + step_size * g.sign(), x - eps), x + eps).clamp(0, 1)
+            x_adv = project(x_adv + step_size * g.sign(), x, eps, "linf")
         return x_adv.detach()
 
 
@@ -249,10 +243,5 @@ def single_margins(model, x, y, recipe: TrainRecipe, batch: int = 1024, robust: 
 
 
 def _pgd_single(model, x, y, recipe: TrainRecipe, gen=None) -> torch.Tensor:
-    eps, alpha = recipe.eps, recipe.step_size
-    x_adv = (x + ((torch.rand(x.shape, generator=gen) * 2 - 1) * eps).to(x.device)).clamp(0, 1)
-    for _ in range(recipe.pgd_steps):
-        x_adv.requires_grad_(True)
-        g, = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
+    x0 = random_start(x, recipe.eps, "linf", gen)
+    return pgd(model, x, y, ce_loss, recipe.eps, recipe.step_size, recipe.pgd_steps, "linf", x0)

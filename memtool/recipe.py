@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-SCHEDULES = ("constant", "linear", "onecycle")
+from .attacks.pgd import default_step_size
+
+SCHEDULES = ("constant", "linear", "onecycle", "multistep")
 OPTIMIZERS = ("sgd", "adam")
 TRAIN_METHODS = ("standard", "pgd-at")
 
@@ -23,7 +25,7 @@ class TrainRecipe:
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9  # SGD (Nesterov) momentum; ignored by adam
     weight_decay: float = 0.0  # L2 coefficient; 0 lets rare samples be memorized
-    schedule: str = "constant"  # constant | linear (decay to 0) | onecycle (20 % warm-up, then decay)
+    schedule: str = "constant"  # one of SCHEDULES; see lr_at
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
     train: str = "standard"  # standard | pgd-at (every model trained adversarially)
     eps: float = 0.3  # L-inf radius for pgd-at and for robust correctness, on the [0, 1] scale
@@ -47,19 +49,13 @@ class TrainRecipe:
 
     @property
     def step_size(self) -> float:
-        return self.pgd_step_size if self.pgd_step_size is not None else 2.5 * self.eps / self.pgd_steps
+        return self.pgd_step_size if self.pgd_step_size is not None else default_step_size(self.eps, self.pgd_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def lr_at(self, step: int, total: int) -> float:
-        """Learning rate at optimizer step ``step`` (0-based) of ``total``."""
-        frac = step / max(total, 1)
-        if self.schedule == "linear":
-            return self.lr * (1.0 - frac)
-        if self.schedule == "onecycle":
-            return self.lr * (frac / 0.2 if frac < 0.2 else (1.0 - frac) / 0.8)
-        return self.lr
+        return lr_at(self.schedule, self.lr, step, total)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """The optimizer over ``params``; elementwise, so over stacked tensors it is exactly
@@ -71,6 +67,20 @@ class TrainRecipe:
 
     def steps(self, n_train: int) -> int:
         return self.epochs * math.ceil(n_train / self.batch_size)
+
+
+def lr_at(schedule: str, lr: float, step: int, total: int) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) of ``total``: constant; linear decay
+    to 0; onecycle (linear warm-up over the first 20 %, then linear decay to 0); multistep
+    (x0.1 at 50 % and again at 75 %)."""
+    frac = step / max(total, 1)
+    if schedule == "linear":
+        return lr * (1.0 - frac)
+    if schedule == "onecycle":
+        return lr * (frac / 0.2 if frac < 0.2 else (1.0 - frac) / 0.8)
+    if schedule == "multistep":
+        return lr * (0.01 if frac >= 0.75 else 0.1 if frac >= 0.5 else 1.0)
+    return lr
 
 
 def trial_seed(seed: int, trial_id: int) -> int:

@@ -37,15 +37,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attacks import PGD
+from .attacks.pgd import default_step_size
 from .checkpoints import CHECKPOINT, load_checkpoint, load_model, save_checkpoint, write_log  # noqa: F401
 from .datasets import load_dataset
 from .estimator.config import diff_configs
 from .estimator.store import RunMismatchError, write_json
 from .losses import LOSSES, Step, weighted_mean
 from .models import build_model
-from .recipe import init_model
+from .recipe import SCHEDULES, init_model, lr_at
 
-SCHEDULES = ("constant", "linear", "onecycle", "multistep")
 DEFAULT_BETA = 6.0  # TRADES and MART (PAPER.md section 4; MART's official default)
 _NOT_COMPARED = ("data_root",)  # where the files are does not change the results
 
@@ -98,7 +98,7 @@ class TrainConfig:
     @property
     def alpha(self) -> float:
         """The training attack's step size."""
-        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.pgd_steps
+        return self.step_size if self.step_size is not None else default_step_size(self.eps, self.pgd_steps)
 
     def eps_at(self, epoch_frac: float) -> float:
         """The training attack's radius after ``epoch_frac`` epochs (the eps warm-up)."""
@@ -116,18 +116,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train setting(s) {sorted(unknown)}; valid: {sorted(known)}")
         return cls(**d)
-
-
-def lr_at(schedule: str, lr: float, step: int, total: int) -> float:
-    """Learning rate at optimizer step ``step`` (0-based) of ``total``."""
-    frac = step / max(total, 1)
-    if schedule == "linear":
-        return lr * (1.0 - frac)
-    if schedule == "onecycle":
-        return lr * (frac / 0.2 if frac < 0.2 else (1.0 - frac) / 0.8)
-    if schedule == "multistep":
-        return lr * (0.01 if frac >= 0.75 else 0.1 if frac >= 0.5 else 1.0)
-    return lr
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -8,7 +8,7 @@ from torch import nn
 
 from memtool.attacks import CW, FGSM, PGD, AutoAttack, build_attack, eval_mode, margin_loss
 from memtool.datasets import load_dataset
-from memtool.ensemble import margins_from_logits
+from memtool.attacks.base import margins_from_logits
 from memtool.models import build_model
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from memtool.ensemble import ensemble_margins, margins_from_logits, train_ensemble, train_single
+from memtool.attacks.base import margins_from_logits
+from memtool.ensemble import ensemble_margins, train_ensemble, train_single
 from memtool.models import build_model
 from memtool.recipe import TrainRecipe
 

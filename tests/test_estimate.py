@@ -11,6 +11,7 @@ from memtool.cli import main
 from memtool.estimator import run as run_mod
 from memtool.estimator.store import RunMismatchError, load_trials
 from memtool.estimator.tables import read_table, write_table
+from memtool.recipe import TrainRecipe
 
 from conftest import DIGITS_FAST
 
@@ -208,3 +209,12 @@ def test_dask_scheduler_runs_trial_batches(tmp_path):
     assert s["status"] == "complete" and s["n_trials"] == 4
     a, b = load_trials(tmp_path / "dask"), load_trials(tmp_path / "local")
     np.testing.assert_allclose(a.test_margin, b.test_margin, atol=2e-2)
+
+
+def test_default_ensemble_size_stacks_more_small_models():
+    small = TrainRecipe(model="mlp", hidden=128, batch_size=32)  # digits: 0.26 M multiply-adds per step
+    mnist = TrainRecipe(model="mlp", hidden=256, batch_size=128)  # MNIST: 25.7 M
+    assert run_mod.default_ensemble_size(small, "cpu", 64) == 64
+    assert run_mod.default_ensemble_size(mnist, "cpu", 784) == 16
+    assert run_mod.default_ensemble_size(TrainRecipe(model="cnn"), "cpu", 784) == 1
+    assert run_mod.default_ensemble_size(TrainRecipe(model="cnn"), "cuda", 784) == 64

@@ -13,7 +13,8 @@ from memtool.attacks import PGD
 from memtool.cli import main
 from memtool.estimator.store import RunMismatchError
 from memtool.checkpoints import load_model
-from memtool.training import TrainConfig, lr_at, train
+from memtool.recipe import lr_at
+from memtool.training import TrainConfig, train
 
 from conftest import DIGITS_AT, MNIST_AT
 

@@ -15,6 +15,15 @@ import torch
 from torch import nn
 
 
+def margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """True-class logit minus the largest other logit (> 0 iff correctly classified)."""
+    logits = logits.float()
+    y = y.expand(logits.shape[:-1])
+    true = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    other = logits.scatter(-1, y.unsqueeze(-1), float("-inf")).amax(-1)
+    return true - other
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     """Run the block with ``model`` (and every submodule) in eval mode, then restore each mode."""

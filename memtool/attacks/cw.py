@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ensemble import margins_from_logits
+from .base import margins_from_logits
 from .pgd import PGD
 
 
