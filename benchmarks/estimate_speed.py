@@ -43,19 +43,19 @@ def _naive_s(ds, recipe, trials) -> float:
     return (time.perf_counter() - t0) / trials
 
 
-def _memtool_s(ds, dkw, recipe, trials) -> float:
+def _memtool_s(ds, dkw, recipe, trials, k=None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         memtool.estimate(Path(tmp) / "run", trials=trials, dataset=ds.name, limit=dkw.get("limit"),
-                         progress=False, recipe=recipe)
+                         progress=False, recipe=recipe, ensemble_size=k)
         return (time.perf_counter() - t0) / trials
 
 
-def run(name: str, peak: float, repeat: int = 1) -> dict:
+def run(name: str, peak: float, repeat: int = 1, k: int | None = None) -> dict:
     """Seconds per model of each method: the median of ``repeat`` alternating measurements."""
     dkw, recipe, t_naive, t_mem = SETTINGS[name]
     ds = memtool.load_dataset(**dkw)
-    times = [(_naive_s(ds, recipe, t_naive), _memtool_s(ds, dkw, recipe, t_mem)) for _ in range(repeat)]
+    times = [(_naive_s(ds, recipe, t_naive), _memtool_s(ds, dkw, recipe, t_mem, k)) for _ in range(repeat)]
     naive_s, mem_s = np.median(times, axis=0)
     flops = model_flops(ds, recipe, plan.subset_size(len(ds.y_train), 0.7))
     return {"setting": name, "naive_models_per_min": 60 / naive_s, "memtool_models_per_min": 60 / mem_s,
@@ -67,6 +67,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=list(SETTINGS), action="append")
     p.add_argument("--repeat", type=int, default=1, help="median of this many alternating measurements")
+    p.add_argument("--ensemble-size", type=int, help="models per step (default: memtool's choice)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -75,7 +76,7 @@ def main(argv=None):
     print(f"{'setting':<12} {'naive/min':>10} {'memtool/min':>12} {'ratio':>6} {'naive GF/s':>11} "
           f"{'memtool GF/s':>13} {'% of peak':>9}")
     for name in a.only or SETTINGS:
-        r = run(name, peak, a.repeat)
+        r = run(name, peak, a.repeat, a.ensemble_size)
         print(f"{name:<12} {r['naive_models_per_min']:>10.1f} {r['memtool_models_per_min']:>12.1f} "
               f"{r['ratio']:>6.2f} {r['naive_gflops']:>11.1f} {r['memtool_gflops']:>13.1f} {r['memtool_pct_peak']:>8.0f}%")
 
