@@ -29,7 +29,7 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--lr", type=float, default=DEFAULT, help="peak learning rate (0.1)")
     r.add_argument("--momentum", type=float, default=DEFAULT, help="SGD Nesterov momentum (0.9)")
     r.add_argument("--weight-decay", type=float, default=DEFAULT, help="L2 coefficient (0)")
-    r.add_argument("--schedule", default=DEFAULT, help="constant | linear | onecycle (constant)")
+    r.add_argument("--schedule", default=DEFAULT, help="constant | linear | onecycle | multistep (constant)")
     r.add_argument("--precision", default=DEFAULT, help="fp32 | bf16 (fp32)")
     r.add_argument("--train", default=DEFAULT, help="standard | pgd-at (standard)")
     r.add_argument("--eps", type=float, default=DEFAULT, help="L-inf radius on the [0,1] scale (0.3)")
