@@ -4,7 +4,8 @@
     atypical = atypical_test(scores, infl)                 # bool Series over test sample ids
     accuracy_by_group(pd.read_parquet("eval/per_sample.parquet"), atypical)
 
-- Atypical training sample: mem >= ``mem_threshold`` (0.25). No estimate (NaN) is typical.
+- Atypical training sample: mem >= ``mem_threshold`` (0.25; ties up to rounding count, see
+  ``at_least``). No estimate (NaN) is typical.
 - Atypical test sample: in a high-influence pair with an atypical training sample of its
   class (infl >= ``infl_threshold``, 0.15). The influence table keeps only pairs above the
   thresholds the run's tables were computed with, so stricter thresholds filter it and looser
@@ -17,6 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .estimator.scores import at_least
+
 
 def _split(scores: pd.DataFrame, split: str) -> pd.DataFrame:
     return scores[scores["split"] == split].set_index("sample_id")
@@ -25,7 +28,7 @@ def _split(scores: pd.DataFrame, split: str) -> pd.DataFrame:
 def atypical_train(scores: pd.DataFrame, mem_threshold: float = 0.25) -> pd.Series:
     """Whether each training sample is atypical (mem >= ``mem_threshold``), by sample_id."""
     mem = _split(scores, "train")["mem"]
-    return (mem >= mem_threshold).rename("atypical")  # NaN compares False: no estimate, typical
+    return pd.Series(at_least(mem, mem_threshold), index=mem.index, name="atypical")  # NaN: typical
 
 
 def atypical_test(scores: pd.DataFrame, influence: pd.DataFrame, mem_threshold: float = 0.25,
@@ -38,7 +41,7 @@ def atypical_test(scores: pd.DataFrame, influence: pd.DataFrame, mem_threshold: 
             f"the influence table holds the pairs with mem >= {stored['mem']} and infl >= {stored['infl']}; "
             f"for mem_threshold={mem_threshold}, infl_threshold={infl_threshold} recompute it: "
             f"memtool scores RUN --mem-threshold {mem_threshold} --infl-threshold {infl_threshold}")
-    pairs = influence[(influence["mem"] >= mem_threshold) & (influence["infl"] >= infl_threshold)
+    pairs = influence[at_least(influence["mem"], mem_threshold) & at_least(influence["infl"], infl_threshold)
                       & (influence["train_label"] == influence["test_label"])]
     test_ids = _split(scores, "test").index
     return pd.Series(test_ids.isin(pairs["test_id"].unique()), index=test_ids, name="atypical")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .estimator.scores import at_least
 from .estimator.store import write_json
 from .estimator.tables import write_table
 
@@ -46,7 +47,7 @@ def _matrix_pairs(z: dict, mem_threshold: float, infl_threshold: float, top_k: i
     while f"infl_matrix_class{k}" in z:
         infl = z[f"infl_matrix_class{k}"].astype(np.float64)
         tr, tt = z[f"tr_classidx_{k}"].astype(np.int64), z[f"tt_classidx_{k}"].astype(np.int64)
-        high = (z["tr_mem"][tr][:, None] >= mem_threshold) & (infl >= infl_threshold)
+        high = at_least(z["tr_mem"][tr][:, None], mem_threshold) & at_least(infl, infl_threshold)
         rank = np.full(infl.shape, -1, dtype=np.int64)
         kk = min(top_k, len(tr))
         if kk:
@@ -85,7 +86,7 @@ def import_fz(files, out, mem_threshold: float = 0.25, infl_threshold: float = 0
         infl = pd.DataFrame({"train_id": p["tr_idx"].astype(np.int64), "test_id": p["tt_idx"].astype(np.int64),
                              "infl": p["infl"].astype(np.float64), "high": True, "rank": -1,
                              "train_label": -1, "test_label": -1, "mem": p["mem"].astype(np.float64)})
-        infl = infl[(infl["mem"] >= mem_threshold) & (infl["infl"] >= infl_threshold)]
+        infl = infl[at_least(infl["mem"], mem_threshold) & at_least(infl["infl"], infl_threshold)]
     scores["split"] = pd.Categorical(scores["split"], categories=["train", "test"])
     infl["infl_se"] = np.nan
     infl = infl[["train_id", "test_id", "train_label", "test_label", "mem", "infl", "infl_se", "high", "rank"]]
@@ -94,8 +95,8 @@ def import_fz(files, out, mem_threshold: float = 0.25, infl_threshold: float = 0
     high = infl[infl["high"]]
     summary = {"n_train": len(tr), "n_test": int((scores["split"] == "test").sum()),
                "mem_threshold": mem_threshold, "infl_threshold": infl_threshold,
-               "n_high_mem": int((tr["mem"] >= mem_threshold).sum()),
-               "frac_high_mem": float((tr["mem"] >= mem_threshold).mean()),
+               "n_high_mem": int(at_least(tr["mem"], mem_threshold).sum()),
+               "frac_high_mem": float(at_least(tr["mem"], mem_threshold).mean()),
                "n_high_pairs": len(high), "n_test_in_high_pairs": int(high["test_id"].nunique())}
     meta = {"config": {"source": "feldman-zhang", "files": sorted(data)},
             "dataset": {"name": "cifar100", "num_classes": 100, "fingerprint": None},

@@ -39,18 +39,17 @@ def test_margin_memorization_hand_computed():
     assert r["margin_mem_se"][0] == pytest.approx(np.sqrt(2.0))
 
 
-def test_influence_chunks_equal_dense_formula(rng):
+def test_influence_at_equals_dense_formula(rng):
     member = rng.random((40, 30)) < 0.7
     test_correct = rng.random((40, 25)) < 0.6
     dense = np.empty((30, 25))
     for i in range(30):
         for j in range(25):
             dense[i, j] = test_correct[member[:, i], j].mean() - test_correct[~member[:, i], j].mean()
-    got = np.empty_like(dense)
-    n_in = member.sum(0)[:, None]
-    for sl, k_in in S.influence_chunks(member, test_correct, chunk=7):
-        got[:, sl] = S.influence_from_counts(k_in, n_in, test_correct[:, sl].sum(0), 40)
-    np.testing.assert_allclose(got, dense, atol=1e-6)
+    i, j = np.meshgrid(np.arange(30), np.arange(25), indexing="ij")
+    infl, se = S.influence_at(member, test_correct, i.ravel(), j.ravel(), chunk=7)
+    np.testing.assert_allclose(infl.reshape(30, 25), dense, atol=1e-12)
+    assert np.all(se > 0)
 
 
 def test_influence_pairs_thresholds_and_topk():
@@ -72,3 +71,34 @@ def test_auroc_and_agreement_helpers():
     assert S.auroc(np.array([0.1, np.nan, 0.8]), np.array([1, 0, 0])) == 0.0
     assert S.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
     assert S.spearman(np.array([1.0, 2, 3, np.nan]), np.array([3.0, 2, 1, 0])) == pytest.approx(-1.0)
+
+
+def test_thresholds_hold_for_values_equal_up_to_rounding():
+    assert 3 / 5 - 9 / 20 < 0.15 and 7 / 10 - 11 / 20 < 0.15  # both are exactly 3/20
+    assert S.at_least(np.array([3 / 5 - 9 / 20, 7 / 10 - 11 / 20, 0.1499, np.nan]), 0.15).tolist() == [
+        True, True, False, False]
+
+
+def test_influence_pairs_equal_a_dense_reference(rng):
+    """Random trials: the high pairs are exactly the dense formula's, and each test sample's
+    top-k are its k largest influences, ties broken by the lower train id."""
+    t, n_train, n_test, k = 30, 40, 25, 5
+    member = rng.random((t, n_train)) < 0.7
+    test_correct = rng.random((t, n_test)) < 0.6
+    train_label, test_label = rng.integers(0, 3, n_train), rng.integers(0, 3, n_test)
+    mem = rng.random(n_train) * 0.5
+    dense = np.array([[test_correct[member[:, i], j].mean() - test_correct[~member[:, i], j].mean()
+                       for j in range(n_test)] for i in range(n_train)])
+    p = S.influence_pairs(member, test_correct, train_label, test_label, mem, 0.25, 0.1, top_k=k, chunk=7)
+    got_high = set(zip(p["train_id"][p["high"]].tolist(), p["test_id"][p["high"]].tolist()))
+    want_high = {(i, j) for i in range(n_train) for j in range(n_test)
+                 if mem[i] >= 0.25 and train_label[i] == test_label[j] and dense[i, j] >= 0.1 - 1e-9}
+    assert got_high == want_high and len(want_high) > 0
+    np.testing.assert_allclose(p["infl"], dense[p["train_id"], p["test_id"]], atol=1e-12)
+    for j in range(n_test):
+        want = sorted(range(n_train), key=lambda i: (-round(dense[i, j], 9), i))[:k]
+        sel = (p["test_id"] == j) & (p["rank"] >= 0)
+        got = p["train_id"][sel][np.argsort(p["rank"][sel])].tolist()
+        assert got == want
+    top0 = S.influence_pairs(member, test_correct, train_label, test_label, mem, 0.25, 0.1, top_k=0)
+    assert set(zip(top0["train_id"].tolist(), top0["test_id"].tolist())) == want_high

@@ -12,6 +12,8 @@ Standard errors of a difference of two proportions use the Agresti-Caffo adjustm
 (one success and one failure added to each side), so a sample that is always right still
 gets a non-zero error:  se = sqrt(p1(1-p1)/(n1+2) + p2(1-p2)/(n2+2)),  p = (k+1)/(n+2).
 Margin-based memorization is the same difference of mean margins, with the Welch error.
+Influence is never held as a dense n_train x n_test matrix: :func:`influence_pairs` works on
+blocks of test samples and keeps the pairs it reports.
 """
 
 from __future__ import annotations
@@ -21,9 +23,25 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 
+def at_least(x, threshold: float):
+    """``x >= threshold`` that also holds for values equal to it up to rounding (the infl
+    1/4 - 1/10 computes as 0.15, but 3/5 - 9/20 as 0.14999999999999997 and 7/10 - 11/20 as
+    0.1499999999999999); NaN is False. Every threshold on mem and infl goes through it."""
+    return np.nan_to_num(np.asarray(x, dtype=np.float64), nan=-np.inf) >= threshold - 1e-9
+
+
 def _div(a, b):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(b > 0, a / np.maximum(b, 1), np.nan)
+
+
+def rate_difference(k_in, n_in, k_out, n_out):
+    """k_in / n_in - k_out / n_out as one division of exact integers, so that equal rationals
+    are equal floats (ties stay ties); NaN where a side has no trials."""
+    k_in, n_in, k_out, n_out = (np.asarray(v, dtype=np.float64) for v in (k_in, n_in, k_out, n_out))
+    den = n_in * n_out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, (k_in * n_out - k_out * n_in) / np.where(den > 0, den, 1), np.nan)
 
 
 def agresti_caffo_se(k_in, n_in, k_out, n_out):
@@ -42,7 +60,7 @@ def memorization(member: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarra
     k_out = c.sum(0) - k_in
     acc_in, acc_out = _div(k_in, n_in), _div(k_out, n_out)
     return {"n_in": n_in.astype(np.int64), "n_out": n_out.astype(np.int64), "acc_in": acc_in,
-            "acc_out": acc_out, "mem": acc_in - acc_out, "mem_se": agresti_caffo_se(k_in, n_in, k_out, n_out)}
+            "acc_out": acc_out, "mem": rate_difference(k_in, n_in, k_out, n_out), "mem_se": agresti_caffo_se(k_in, n_in, k_out, n_out)}
 
 
 def margin_memorization(member: np.ndarray, margin: np.ndarray) -> dict[str, np.ndarray]:
@@ -61,64 +79,95 @@ def margin_memorization(member: np.ndarray, margin: np.ndarray) -> dict[str, np.
             "margin_mem_se": np.where((n_in > 1) & (n_out > 1), se, np.nan)}
 
 
-def influence_chunks(member: np.ndarray, test_correct: np.ndarray, chunk: int | None = None,
-                     max_bytes: int = 256 << 20):
-    """Yield (test column slice, k_in (n_train, c)) chunk by chunk: k_in[i, j] counts the
-    trials that contain i and classify j correctly. One matrix product of the (t, n_train)
-    mask with (t, c) test columns; the dense n_train x n_test matrix is never held at once
-    (each chunk stays under ``max_bytes``). :func:`influence_from_counts` turns it into infl."""
-    m = member.astype(np.float32)
-    n_test = test_correct.shape[1]
-    chunk = chunk or max(1, min(n_test, max_bytes // (4 * 4 * max(member.shape[1], 1))))
-    for start in range(0, n_test, chunk):
-        sl = slice(start, min(start + chunk, n_test))
-        yield sl, m.T @ test_correct[:, sl].astype(np.float32)
-
-
 def influence_from_counts(k_in, n_in, col_correct, n_trials, with_se=False):
     """infl (and its Agresti-Caffo se) from k_in and the column totals of correct test samples.
 
     Broadcasts: k_in (..., c) with n_in (...,1 or matching) and col_correct (c or matching)."""
     n_out = n_trials - n_in
     k_out = col_correct - k_in
-    infl = _div(k_in, n_in) - _div(k_out, n_out)
+    infl = rate_difference(k_in, n_in, k_out, n_out)
     return (infl, agresti_caffo_se(k_in, n_in, k_out, n_out)) if with_se else infl
 
 
+def influence_at(member, correct, i, j, chunk=4096):
+    """infl(i, j) and its standard error for explicit pairs (arrays i, j)."""
+    if len(i) == 0:
+        return np.zeros(0), np.zeros(0)
+    n_in, col = member.sum(0), correct.sum(0)
+    parts = [influence_from_counts((member[:, i[s:s + chunk]] & correct[:, j[s:s + chunk]]).sum(0),
+                                     n_in[i[s:s + chunk]], col[j[s:s + chunk]], len(member), with_se=True)
+             for s in range(0, len(i), chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """(rows, k) column indices of each row's k largest scores, largest first; ties go to the
+    lower index, so the result does not depend on the sort algorithm."""
+    n = score.shape[1]
+    kth = np.partition(score, n - k, axis=1)[:, n - k, None]
+    above, tied = score > kth, score == kth
+    need = k - above.sum(1, keepdims=True)
+    chosen = above | (tied & (np.cumsum(tied, axis=1) <= need))
+    cols = np.nonzero(chosen)[1].reshape(len(score), k)  # row-major: ascending index per row
+    order = np.argsort(-np.take_along_axis(score, cols, 1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, 1)
+
+
 def influence_pairs(member, test_correct, train_label, test_label, mem, mem_threshold=0.25,
-                    infl_threshold=0.15, top_k=10, chunk=None):
+                    infl_threshold=0.15, top_k=10, chunk=None, max_bytes: int = 256 << 20):
     """High-influence pairs and each test sample's top-k most influential training samples.
 
-    Returns a dict of 1-d arrays (one entry per pair), the union of
+    Returns a dict of 1-d arrays (one entry per pair, ordered by test_id, then train_id), the
+    union of
     - ``high``: same class, mem(i) >= mem_threshold and infl(i, j) >= infl_threshold;
-    - ``rank`` in 0..top_k-1: position among test sample j's top-k by influence (-1: not in it).
-    """
-    cols = {k: [] for k in ("train_id", "test_id", "infl", "infl_se", "high", "rank")}
-    high_mem = np.nan_to_num(mem, nan=-np.inf) >= mem_threshold
-    n_in = member.sum(0).astype(np.float32)[:, None]
-    col_correct = test_correct.sum(0).astype(np.float32)
-    t = np.float32(len(member))
-    for sl, k_in in influence_chunks(member, test_correct, chunk):
-        test_ids = np.arange(sl.start, sl.stop)
-        score = np.nan_to_num(influence_from_counts(k_in, n_in, col_correct[sl], t), nan=-np.inf)
-        same = train_label[:, None] == test_label[None, sl]
-        high = same & high_mem[:, None] & (score >= infl_threshold)
-        rank = np.full(score.shape, -1, dtype=np.int64)
+    - ``rank`` in 0..top_k-1: position among test sample j's top-k by influence (-1: not in it;
+      ties go to the lower train_id).
+    Works on blocks of test samples; with ``top_k = 0`` only the high-mem training samples'
+    columns are computed."""
+    t, n_train = member.shape
+    m = member.astype(np.float32)
+    n_in = m.sum(0)
+    high_mem = np.flatnonzero(at_least(mem, mem_threshold))
+    cand = np.arange(n_train) if top_k else high_mem  # training samples that need scores
+    m_cand = np.ascontiguousarray(m[:, cand])
+    n_in_c = n_in[cand].astype(np.float64)
+    n_out_c = t - n_in_c
+    den = n_in_c * n_out_c
+    invalid = np.flatnonzero(den == 0)  # never held out or never included: no estimate
+    den[invalid] = 1
+    high_cols = np.flatnonzero(np.isin(cand, high_mem))  # positions in cand
+    n_test = test_correct.shape[1]
+    chunk = chunk or max(1, min(n_test, max_bytes // (8 * 4 * max(len(cand), 1))))
+    keys, high_flags, ranks = [], [], []
+    for start in range(0, n_test, chunk):
+        tc = test_correct[:, start:start + chunk].astype(np.float32)
+        k_in = (tc.T @ m_cand).astype(np.float64)  # (tests, candidates); exact counts
+        # rate_difference(k_in, n_in, k_out, n_out) without its NaN handling (done by `invalid`)
+        score = (k_in * n_out_c - (tc.sum(0)[:, None] - k_in) * n_in_c) / den
+        score[:, invalid] = -np.inf
+        same = test_label[start:start + chunk, None] == train_label[cand[high_cols]][None, :]
+        hj, hh = np.nonzero(same & (score[:, high_cols] >= infl_threshold - 1e-9))  # = at_least
+        hi = high_cols[hh]
+        parts = [(hj, hi, np.ones(len(hj), bool), np.full(len(hj), -1))]
         if top_k:
-            k = min(top_k, score.shape[0])
-            top = np.argpartition(-score, k - 1, axis=0)[:k]
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(score, top, 0), axis=0, kind="stable"), 0)
-            np.put_along_axis(rank, top, np.arange(k)[:, None].repeat(len(test_ids), 1), axis=0)
-        i, j = np.nonzero(high | (rank >= 0))
-        infl, se = influence_from_counts(k_in[i, j].astype(np.float64), n_in[i, 0].astype(np.float64),
-                                         col_correct[sl][j].astype(np.float64), len(member), with_se=True)
-        cols["train_id"].append(i)
-        cols["test_id"].append(test_ids[j])
-        cols["infl"].append(infl)
-        cols["infl_se"].append(se)
-        cols["high"].append(high[i, j])
-        cols["rank"].append(rank[i, j])
-    return {k: np.concatenate(v) for k, v in cols.items()}
+            k = min(top_k, len(cand))
+            top = _top_k(score, k)
+            parts.append((np.repeat(np.arange(len(top)), k), top.ravel(), np.zeros(top.size, bool),
+                          np.tile(np.arange(k), len(top))))
+        j = np.concatenate([p[0] for p in parts]) + start
+        i = cand[np.concatenate([p[1] for p in parts])]
+        keys.append(j.astype(np.int64) * n_train + i)
+        high_flags.append(np.concatenate([p[2] for p in parts]))
+        ranks.append(np.concatenate([p[3] for p in parts]))
+    keys, high_flags, ranks = map(np.concatenate, (keys, high_flags, ranks))
+    uniq, inv = np.unique(keys, return_inverse=True)
+    high = np.zeros(len(uniq), bool)
+    np.logical_or.at(high, inv, high_flags)
+    rank = np.full(len(uniq), -1, np.int64)
+    np.maximum.at(rank, inv, ranks)
+    test_id, train_id = np.divmod(uniq, n_train)
+    infl, se = influence_at(member, test_correct, train_id, test_id)
+    return {"train_id": train_id, "test_id": test_id, "infl": infl, "infl_se": se, "high": high, "rank": rank}
 
 
 def jaccard(a: set, b: set) -> float:

@@ -81,7 +81,7 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
             miss = df[f"{prefix}infl"].isna().to_numpy()
             if miss.any():
                 i, j = df.loc[miss, "train_id"].to_numpy(), df.loc[miss, "test_id"].to_numpy()
-                infl, se = influence_at(trials.member, correct, i, j)
+                infl, se = S.influence_at(trials.member, correct, i, j)
                 df.loc[miss, f"{prefix}infl"], df.loc[miss, f"{prefix}infl_se"] = infl, se
                 df.loc[miss, f"{prefix}high"], df.loc[miss, f"{prefix}rank"] = False, -1
         df = df.astype({"high": bool, "rank": np.int64, "rob_high": bool, "rob_rank": np.int64})
@@ -89,15 +89,6 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
     df.insert(3, "test_label", labels["test_label"][df["test_id"]])
     df.insert(4, "mem", mem[df["train_id"]])
     return df.sort_values(["test_id", "train_id"], ignore_index=True)
-
-
-def influence_at(member, correct, i, j, chunk=4096):
-    """infl(i, j) and its standard error for explicit pairs (arrays i, j)."""
-    n_in, col = member.sum(0), correct.sum(0)
-    parts = [S.influence_from_counts((member[:, i[s:s + chunk]] & correct[:, j[s:s + chunk]]).sum(0),
-                                     n_in[i[s:s + chunk]], col[j[s:s + chunk]], len(member), with_se=True)
-             for s in range(0, len(i), chunk)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=0.25, infl_threshold=0.15) -> dict:
@@ -111,7 +102,7 @@ def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=0.2
         p = S.influence_pairs(h.member, getattr(h, f"test_{prefix}correct"), labels["train_label"],
                               labels["test_label"], mem, mem_threshold, infl_threshold, top_k=0)
         pair_sets.append(set(zip(p["train_id"].tolist(), p["test_id"].tolist())))
-    high = [set(np.flatnonzero(m >= mem_threshold).tolist()) for m in mems]
+    high = [set(np.flatnonzero(S.at_least(m, mem_threshold)).tolist()) for m in mems]
     return {f"{prefix}spearman_mem": S.spearman(*mems), f"{prefix}spearman_margin_mem": S.spearman(*margins),
             f"{prefix}jaccard_high_mem": S.jaccard(*high), f"{prefix}jaccard_high_pairs": S.jaccard(*pair_sets)}
 
@@ -128,8 +119,8 @@ def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: 
         "test_acc": float(trials.test_correct.mean()),
         "mem_threshold": mem_threshold, "infl_threshold": infl_threshold,
         "n_no_estimate": int(tr["mem"].isna().sum()),
-        "n_high_mem": int((tr["mem"] >= mem_threshold).sum()),
-        "frac_high_mem": float((tr["mem"] >= mem_threshold).mean()),
+        "n_high_mem": int(S.at_least(tr["mem"], mem_threshold).sum()),
+        "frac_high_mem": float(S.at_least(tr["mem"], mem_threshold).mean()),
         "n_high_pairs": len(high), "n_test_in_high_pairs": int(high["test_id"].nunique()),
         "median_mem_se": float(tr["mem_se"].median()),
     }
@@ -143,7 +134,7 @@ def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: 
     if trials.train_rob_correct is not None:
         out["rob_train_acc_in_subset"] = float(trials.train_rob_correct[member].mean())
         out["rob_test_acc"] = float(trials.test_rob_correct.mean())
-        out["n_high_rob_mem"] = int((tr["rob_mem"] >= mem_threshold).sum())
+        out["n_high_rob_mem"] = int(S.at_least(tr["rob_mem"], mem_threshold).sum())
         if len(trials) >= 4:
             out["split_half"].update(split_half(trials, labels, "rob_", mem_threshold, infl_threshold))
     return out
