@@ -60,7 +60,8 @@ def memorization(member: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarra
     k_out = c.sum(0) - k_in
     acc_in, acc_out = _div(k_in, n_in), _div(k_out, n_out)
     return {"n_in": n_in.astype(np.int64), "n_out": n_out.astype(np.int64), "acc_in": acc_in,
-            "acc_out": acc_out, "mem": rate_difference(k_in, n_in, k_out, n_out), "mem_se": agresti_caffo_se(k_in, n_in, k_out, n_out)}
+            "acc_out": acc_out, "mem": rate_difference(k_in, n_in, k_out, n_out),
+            "mem_se": agresti_caffo_se(k_in, n_in, k_out, n_out)}
 
 
 def margin_memorization(member: np.ndarray, margin: np.ndarray) -> dict[str, np.ndarray]:
