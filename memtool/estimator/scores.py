@@ -80,25 +80,19 @@ def margin_memorization(member: np.ndarray, margin: np.ndarray) -> dict[str, np.
             "margin_mem_se": np.where((n_in > 1) & (n_out > 1), se, np.nan)}
 
 
-def influence_from_counts(k_in, n_in, col_correct, n_trials, with_se=False):
-    """infl (and its Agresti-Caffo se) from k_in and the column totals of correct test samples.
-
-    Broadcasts: k_in (..., c) with n_in (...,1 or matching) and col_correct (c or matching)."""
-    n_out = n_trials - n_in
-    k_out = col_correct - k_in
-    infl = rate_difference(k_in, n_in, k_out, n_out)
-    return (infl, agresti_caffo_se(k_in, n_in, k_out, n_out)) if with_se else infl
-
-
 def influence_at(member, correct, i, j, chunk=4096):
     """infl(i, j) and its standard error for explicit pairs (arrays i, j)."""
     if len(i) == 0:
         return np.zeros(0), np.zeros(0)
-    n_in, col = member.sum(0), correct.sum(0)
-    parts = [influence_from_counts((member[:, i[s:s + chunk]] & correct[:, j[s:s + chunk]]).sum(0),
-                                     n_in[i[s:s + chunk]], col[j[s:s + chunk]], len(member), with_se=True)
-             for s in range(0, len(i), chunk)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    n_in, col, t = member.sum(0), correct.sum(0), len(member)
+    infl, se = [], []
+    for s in range(0, len(i), chunk):
+        a, b = i[s:s + chunk], j[s:s + chunk]
+        k_in = (member[:, a] & correct[:, b]).sum(0)
+        k_out = col[b] - k_in
+        infl.append(rate_difference(k_in, n_in[a], k_out, t - n_in[a]))
+        se.append(agresti_caffo_se(k_in, n_in[a], k_out, t - n_in[a]))
+    return np.concatenate(infl), np.concatenate(se)
 
 
 def _top_k(score: np.ndarray, k: int) -> np.ndarray:
