@@ -10,7 +10,8 @@ N=${2:-500}
 DATASETS=${3:-"mnist fashion-mnist"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MEMTOOL=${MEMTOOL:-.venv/bin/memtool}
-COMMON="--model cnn --limit 15000 --epochs 5 --eps-warmup 2 --batch-size 128 --lr 0.05 --quiet"
+# eps ramps over the first 40 % of training (2 of 5 epochs); lr 0.05 one-cycle
+COMMON="--model cnn --limit 15000 --epochs 5 --eps-warmup 0.4 --batch-size 128 --lr 0.05 --schedule onecycle --quiet"
 declare -A EPS=([mnist]=0.3 [fashion-mnist]=0.1)
 for dataset in $DATASETS; do
   set -- "$dataset" "${EPS[$dataset]}"

@@ -41,20 +41,20 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if a.model is None:
         a.model = "runs/bench-aa-model"
-        cfg = memtool.TrainConfig(method="pgd-at", dataset="mnist", model="mlp", limit=2000, epochs=5,
-                                  batch_size=32, eps=0.1, eval_samples=500)
-        memtool.train(cfg, a.model, progress=False)
+        memtool.train(out=a.model, method="pgd-at", dataset="mnist", model="mlp", limit=2000, epochs=5, batch_size=32,
+                      eps=0.1, eval_samples=500, progress=False)
     model = memtool.load_model(a.model)
     for q in model.parameters():
         q.requires_grad_(False)
     ck = torch.load(f"{a.model}/checkpoint.pt", weights_only=True)
-    eps = a.eps if a.eps is not None else ck["config"]["eps"]
-    ds = memtool.load_dataset(ck["config"]["dataset"])
+    cfg = ck["settings"]["config"]
+    eps = a.eps if a.eps is not None else cfg["recipe"]["method"]["eps"]
+    ds = memtool.load_dataset(cfg["dataset"])
     x = torch.from_numpy(ds.x_test[: a.n]).float() / 255
     y = torch.from_numpy(ds.y_test[: a.n])
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).numpy()
-    print(f"model {a.model} ({ck['config']['method']}, {ck['config']['model']}), {ck['config']['dataset']}, "
+    print(f"model {a.model} ({cfg['recipe']['method']['name']}, {cfg['recipe']['model']}), {cfg['dataset']}, "
           f"eps {eps:g}, n {a.n}, torch threads {a.threads}")
     print(f"{'attack':<26} {'robust acc':>10} {'time (s)':>9}")
     print(f"{'clean':<26} {clean.mean():>10.3f} {0:>9.1f}")

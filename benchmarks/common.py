@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from memtool.models import build_model
-from memtool.recipe import TrainRecipe
+from memtool.recipe import Recipe
 
 
 def tensors(ds):
@@ -26,7 +26,7 @@ def tensors(ds):
             torch.from_numpy(ds.x_test).float() / 255, torch.from_numpy(ds.y_test))
 
 
-def naive_trial(ds, idx: np.ndarray, recipe: TrainRecipe, seed: int):
+def naive_trial(ds, idx: np.ndarray, recipe: Recipe, seed: int):
     """Train one model on ``idx`` the naive way; return (train correct, test correct) bools."""
     x, y, xt, yt = tensors(ds)
     torch.manual_seed(seed)
@@ -62,7 +62,7 @@ def forward_flops(model: nn.Module, in_shape) -> tuple[int, int]:
     return sum(flops), flops[0]
 
 
-def model_flops(ds, recipe: TrainRecipe, m: int) -> float:
+def model_flops(ds, recipe: Recipe, m: int) -> float:
     """FLOPs to train one model (forward, weight gradients, input gradients except for the
     first layer's input) on m samples and to evaluate it on every train and test sample."""
     fwd, first = forward_flops(build_model(recipe.model, ds.image_shape, ds.num_classes, recipe.hidden),

@@ -28,7 +28,7 @@ from scipy.stats import norm
 
 import memtool
 from memtool.estimator import scores as S
-from memtool.recipe import TrainRecipe
+from memtool.recipe import Recipe
 
 SETTING = dict(dataset="mnist", limit=5000, label_noise=0.02, ratio=0.7, seed=0)
 RECIPES = ["10,constant,0.1", "15,constant,0.1", "20,constant,0.1", "30,constant,0.1", "40,constant,0.1",
@@ -63,8 +63,7 @@ def main(argv=None):
           f" {'AUROC(gauss)':>12} {'SH rho(gauss)':>13}")
     for spec in a.recipes:
         epochs, schedule, lr = spec.split(",")
-        recipe = TrainRecipe(model="mlp", hidden=256, epochs=int(epochs), batch_size=128, lr=float(lr),
-                             schedule=schedule)
+        recipe = Recipe(model="mlp", hidden=256, epochs=int(epochs), batch_size=128, lr=float(lr), schedule=schedule)
         with tempfile.TemporaryDirectory() as tmp:
             cpu = 0.0
             for t in map(int, a.trials.split(",")):

@@ -1,21 +1,22 @@
 """Training checkpoints: one dict of tensors and plain values per run, no pickled objects.
 
 ``OUT/checkpoint.pt`` holds ``model`` (state_dict), ``optimizer`` (state_dict), ``epoch``
-(finished epochs), ``config`` (the TrainConfig as a dict), ``dataset`` (name, fingerprint,
-sizes, image shape, classes), ``weights_sha`` and ``log``. It is written to a temporary name
-and renamed, and read with ``torch.load(..., weights_only=True)``; the model is rebuilt from
-the stored config with :func:`memtool.models.build_model`.
+(finished epochs), ``settings`` (the run's config with its recipe, dataset facts, digests of
+the excluded ids and weights: see :mod:`memtool.training`) and ``log``. It is written
+atomically (:func:`memtool.rundir.atomic_write`) and read with ``torch.load(...,
+weights_only=True)``; the model is rebuilt from the stored recipe with
+:func:`memtool.models.build_model`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from .models import build_model
+from .rundir import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -27,16 +28,7 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(ck: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(ck, tmp)
-    os.replace(tmp, path)
-
-
-def write_log(out: Path, log: list[dict]) -> None:
-    """``out/log.jsonl``: one line per finished epoch, rewritten from the checkpoint's log."""
-    tmp = out / f".log.jsonl.{os.getpid()}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
-    os.replace(tmp, out / "log.jsonl")
+    atomic_write(path, lambda f: torch.save(ck, f))
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
@@ -44,12 +36,16 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     p = checkpoint_path(path)
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p} (expected a `memtool train` output directory or .pt file)")
-    return torch.load(p, map_location=device, weights_only=True)
+    ck = torch.load(p, map_location=device, weights_only=True)
+    if "settings" not in ck:
+        raise ValueError(f"{p} is a checkpoint of an older memtool (format {ck.get('format')!r}); "
+                         "train it again with this version")
+    return ck
 
 
 def model_from_checkpoint(ck: dict, device="cpu") -> torch.nn.Module:
-    cfg, ds = ck["config"], ck["dataset"]
-    model = build_model(cfg["model"], ds["image_shape"], ds["num_classes"], cfg["hidden"])
+    recipe, ds = ck["settings"]["config"]["recipe"], ck["settings"]["dataset"]
+    model = build_model(recipe["model"], ds["image_shape"], ds["num_classes"], recipe["hidden"])
     model.load_state_dict(ck["model"])
     return model.to(device).eval()
 

@@ -1,5 +1,7 @@
-"""The `memtool` command. Each subcommand is a thin wrapper over the Python API function of
-the same name, with the same parameter names (``--label-noise`` is ``label_noise=``)."""
+"""The `memtool` command. Each subcommand calls the Python API function of the same name with
+the same parameter names (``--label-noise`` is ``label_noise=``); every flag is generated
+from the dataclass field that declares it (:func:`memtool.config.add_flags`), so its help
+text and default live in one place."""
 
 from __future__ import annotations
 
@@ -8,46 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT = argparse.SUPPRESS  # unset flags stay unset, so the dataclasses own every default
-
-
-def _estimate_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run (must match when reopening a run directory)")
-    g.add_argument("--dataset", default=DEFAULT, help="dataset name (`memtool datasets` lists them); default mnist")
-    g.add_argument("--limit", type=int, default=DEFAULT, help="keep the first N training samples")
-    g.add_argument("--label-noise", type=float, default=DEFAULT, help="fraction of training labels to flip")
-    g.add_argument("--ratio", type=float, default=DEFAULT, help="subset size / training set size (0.7)")
-    g.add_argument("--seed", type=int, default=DEFAULT, help="seed of plan, noise, inits, orders (0)")
-    g.add_argument("--robust", action=argparse.BooleanOptionalAction, default=DEFAULT,
-                   help="also record PGD robust correctness (default: on for --train pgd-at)")
-    r = p.add_argument_group("training recipe")
-    r.add_argument("--model", default=DEFAULT, help="mlp | cnn | preact-resnet18 | wrn-D-W (mlp)")
-    r.add_argument("--hidden", type=int, default=DEFAULT, help="hidden width (256)")
-    r.add_argument("--epochs", type=int, default=DEFAULT, help="epochs per model (20)")
-    r.add_argument("--batch-size", type=int, default=DEFAULT, help="minibatch size per model (128)")
-    r.add_argument("--optimizer", default=DEFAULT, help="sgd | adam (sgd)")
-    r.add_argument("--lr", type=float, default=DEFAULT, help="peak learning rate (0.1)")
-    r.add_argument("--momentum", type=float, default=DEFAULT, help="SGD Nesterov momentum (0.9)")
-    r.add_argument("--weight-decay", type=float, default=DEFAULT, help="L2 coefficient (0)")
-    r.add_argument("--schedule", default=DEFAULT, help="constant | linear | onecycle | multistep (constant)")
-    r.add_argument("--precision", default=DEFAULT, help="fp32 | bf16 (fp32)")
-    r.add_argument("--train", default=DEFAULT, help="standard | pgd-at (standard)")
-    r.add_argument("--eps", type=float, default=DEFAULT, help="L-inf radius on the [0,1] scale (0.3)")
-    r.add_argument("--pgd-steps", type=int, default=DEFAULT, help="PGD steps in training (10)")
-    e = p.add_argument_group("execution (does not change results)")
-    e.add_argument("--trials", type=int, default=DEFAULT, help="number of trained models (64)")
-    e.add_argument("--ensemble-size", type=int, default=DEFAULT, help="models trained at once (auto)")
-    e.add_argument("--device", default=DEFAULT, help="cpu | cuda | cuda:N (cpu)")
-    e.add_argument("--n-jobs", type=int, default=DEFAULT, help="worker processes over trial batches (1)")
-    e.add_argument("--scheduler", default=DEFAULT, help="Dask scheduler address, e.g. tcp://host:8786")
-    e.add_argument("--shard", default=DEFAULT, help="i/N: train only this share (SLURM arrays)")
-    e.add_argument("--data-root", default=DEFAULT, help="folder with CIFAR / Tiny ImageNet ($MEMTOOL_DATA_ROOT)")
-
-
-def _score_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mem-threshold", type=float, default=DEFAULT, help="high-memorization threshold (0.25)")
-    p.add_argument("--infl-threshold", type=float, default=DEFAULT, help="high-influence threshold (0.15)")
-    p.add_argument("--top-k", type=int, default=DEFAULT, help="top influential train samples per test sample (10)")
+from .config import Runtime, add_flags, flag_values, load_config_file
+from .estimator.config import EstimateConfig
+from .estimator.run import Execution
+from .estimator.tables import Thresholds
+from .evaluation import Evaluation
+from .methods import METHODS
+from .recipe import Recipe
+from .training import TrainConfig
 
 
 def _fmt(v) -> str:
@@ -77,16 +47,32 @@ def print_summary(s: dict, run: str | Path, file=None) -> None:
     print("\n".join(lines), file=file or sys.stdout)
 
 
+def _settings(a: argparse.Namespace, *classes) -> dict:
+    """Flags given on the command line, over the settings of ``--config FILE`` if any."""
+    kw = load_config_file(a.config) if getattr(a, "config", None) else {}
+    for cls in classes:
+        kw.update(flag_values(a, cls))
+    if "method" in vars(a):
+        kw["method"] = a.method
+    for name in {f for m in METHODS.values() for f in m.__dataclass_fields__}:
+        if name in vars(a):
+            kw[name] = getattr(a, name)
+    return kw
+
+
+def _out(a: argparse.Namespace, kw: dict) -> str:
+    out = getattr(a, "out", None) or kw.pop("out", None)
+    kw.pop("out", None)
+    if out is None:
+        raise ValueError("out must name the output directory (--out DIR, or `out:` in the config file), got None")
+    return out
+
+
 def cmd_estimate(a: argparse.Namespace) -> int:
     from .estimator import estimate
-    from .estimator.config import load_config_file
 
-    kw = load_config_file(a.config) if getattr(a, "config", None) else {}
-    kw.update({k: v for k, v in vars(a).items() if k not in ("cmd", "func", "config", "quiet")})
-    kw.setdefault("trials", 64)
-    out = kw.pop("out", None)
-    if out is None:
-        raise SystemExit("memtool estimate: --out RUN (or `out:` in the config file) is required")
+    kw = _settings(a, EstimateConfig, Recipe, Execution, Thresholds)
+    out = _out(a, kw)
     result = estimate(out, progress=not a.quiet, **kw)
     if result["status"] == "partial":
         print(f"{result['missing_trials']} trials of this run are not finished yet (other shards?); "
@@ -97,19 +83,35 @@ def cmd_estimate(a: argparse.Namespace) -> int:
 
 
 def cmd_scores(a: argparse.Namespace) -> int:
-    from .estimator import compute_tables
+    from . import scores
 
-    kw = {k: v for k, v in vars(a).items() if k in ("mem_threshold", "infl_threshold", "top_k")}
-    print_summary(compute_tables(a.run, **kw), a.run)
+    print_summary(scores(a.run, **flag_values(a, Thresholds)), a.run)
     return 0
 
 
 def cmd_import_fz(a: argparse.Namespace) -> int:
     from .fz import import_fz
 
-    kw = {k: v for k, v in vars(a).items() if k in ("mem_threshold", "infl_threshold", "top_k")}
-    paths = import_fz(a.files, a.out, **kw)
-    for p in paths:
+    for p in import_fz(a.files, a.out, **flag_values(a, Thresholds)):
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from . import validate
+
+    out = getattr(a, "out", None) or Path(a.run) / "validate"
+    table = validate(a.run, out, a.seeds, progress=not a.quiet, **flag_values(a, Runtime))
+    cols = ["variant", "group", "metric", "accuracy", "ci_low", "ci_high", "diff"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {Path(out) / 'validate.md'}, {Path(out) / 'validate.parquet'}, {Path(out) / 'validate.png'}")
+    return 0
+
+
+def cmd_import_cscore(a: argparse.Namespace) -> int:
+    from . import import_cscore
+
+    for p in import_cscore(a.file, a.out, a.dataset, data_root=getattr(a, "data_root", None)):
         print(f"wrote {p}")
     return 0
 
@@ -138,16 +140,17 @@ def cmd_datasets(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
+    from .training import train
 
-    kw = {k: v for k, v in vars(a).items() if k not in ("cmd", "func", "out", "device", "quiet")}
+    kw = _settings(a, TrainConfig, Recipe, Runtime)
+    out = _out(a, kw)
     try:
-        train(TrainConfig(**kw), a.out, progress=not a.quiet, device=getattr(a, "device", "cpu"))
+        train(out=out, progress=not a.quiet, **kw)
     except KeyboardInterrupt:
-        print(f"\nmemtool train: interrupted; finished epochs are in {Path(a.out) / 'checkpoint.pt'}, "
+        print(f"\nmemtool train: interrupted; finished epochs are in {Path(out) / 'checkpoint.pt'}, "
               "run the same command again to continue", file=sys.stderr)
         return 130
-    print(f"load it with memtool.load_model({str(a.out)!r}); log in {Path(a.out) / 'log.jsonl'}")
+    print(f"load it with memtool.load_model({str(out)!r}); log in {Path(out) / 'log.jsonl'}")
     return 0
 
 
@@ -168,11 +171,9 @@ def print_evaluation(s: dict, out: str | Path, file=None) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
-    kw = {k: v for k, v in vars(a).items() if k not in ("cmd", "func", "checkpoint", "quiet", "backend")}
-    if getattr(a, "backend", None):
-        kw["attack_options"] = {"autoattack": {"backend": a.backend}}
     try:
-        summary = evaluate(a.checkpoint, progress=not a.quiet, **kw)
+        summary = evaluate(a.checkpoint, a.out, progress=not a.quiet, **flag_values(a, Evaluation),
+                           **flag_values(a, Runtime))
     except KeyboardInterrupt:
         print(f"\nmemtool evaluate: interrupted; finished batches are saved in {Path(a.out) / 'state'}, "
               "run the same command again to continue", file=sys.stderr)
@@ -181,71 +182,75 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_flags(p: argparse.ArgumentParser) -> None:
+    """The recipe's flags, --method and every method's own parameters (each declared once)."""
+    add_flags(p.add_argument_group("training recipe"), Recipe)
+    g = p.add_argument_group("training method (parameters apply to the methods that take them)")
+    g.add_argument("--method", default=argparse.SUPPRESS, choices=list(METHODS),
+                   help="standard | pgd-at | trades | mart (default: standard)")
+    seen: set = set()
+    for m in METHODS.values():
+        add_flags(g, m, seen=seen)
+
+
+def _common(p: argparse.ArgumentParser, out_help: str, config: bool = True) -> None:
+    p.add_argument("--out", default=argparse.SUPPRESS, help=out_help)
+    if config:
+        p.add_argument("--config", help="YAML/JSON file with the same settings (flag names as keys); flags override it")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtool", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("estimate", help="train models on random subsets and score every sample")
-    p.add_argument("--out", default=DEFAULT, help="run directory (created, or resumed)")
-    p.add_argument("--config", help="YAML/JSON file with the same settings; flags override it")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _estimate_args(p)
-    _score_args(p)
+    _common(p, "run directory (created, or resumed)")
+    add_flags(p.add_argument_group("run (must match when reopening a run directory)"), EstimateConfig)
+    _recipe_flags(p)
+    add_flags(p.add_argument_group("execution (does not change results)"), Execution)
+    add_flags(p.add_argument_group("score tables"), Thresholds)
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("scores", help="recompute a run's score tables from its trials and print a summary")
     p.add_argument("run")
-    _score_args(p)
+    add_flags(p, Thresholds)
     p.set_defaults(func=cmd_scores)
+
+    p = sub.add_parser("validate", help="retrain without the high-influence samples: do the scores predict it?")
+    p.add_argument("run")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: RUN/validate; resumable)")
+    p.add_argument("--seeds", type=int, default=3, help="models per variant (default: 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_flags(p.add_argument_group("execution"), Runtime)
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("import-fz", help="turn Feldman & Zhang's released .npz files into score tables")
     p.add_argument("files", nargs="+", help="cifar100_infl_matrix.npz and/or the high-influence-pairs .npz")
     p.add_argument("--out", required=True, help="run directory to write")
-    _score_args(p)
+    add_flags(p, Thresholds)
     p.set_defaults(func=cmd_import_fz)
 
+    p = sub.add_parser("import-cscore", help="turn a published C-score .npz (labels, scores) into a score table")
+    p.add_argument("file", help="e.g. cifar100-cscores-orig-order.npz")
+    p.add_argument("--dataset", required=True, help="the dataset the scores belong to (its labels are checked)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    add_flags(p, Runtime, skip=("device",))
+    p.set_defaults(func=cmd_import_cscore)
+
     p = sub.add_parser("train", help="train one model: standard, PGD-AT, TRADES or MART (resumable)")
-    p.add_argument("--out", required=True, help="output directory (created, or resumed)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--device", default=DEFAULT, help="cpu | cuda | cuda:N (cpu)")
-    p.add_argument("--method", default=DEFAULT, help="standard | pgd-at | trades | mart (standard)")
-    p.add_argument("--dataset", default=DEFAULT, help="dataset name (`memtool datasets` lists them); default mnist")
-    p.add_argument("--model", default=DEFAULT, help="mlp | cnn | preact-resnet18 | wrn-D-W (cnn)")
-    p.add_argument("--hidden", type=int, default=DEFAULT, help="hidden width (256)")
-    p.add_argument("--eps", type=float, default=DEFAULT, help="L-inf radius on the [0,1] scale (0.3)")
-    p.add_argument("--eps-warmup", type=float, default=DEFAULT, help="epochs over which eps ramps up from 0 (0)")
-    p.add_argument("--epochs", type=int, default=DEFAULT, help="epochs (10)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT, help="minibatch size (128)")
-    p.add_argument("--lr", type=float, default=DEFAULT, help="peak learning rate, SGD (0.05)")
-    p.add_argument("--momentum", type=float, default=DEFAULT, help="SGD momentum (0.9)")
-    p.add_argument("--weight-decay", type=float, default=DEFAULT, help="L2 coefficient (0)")
-    p.add_argument("--schedule", default=DEFAULT, help="constant | linear | onecycle | multistep (onecycle)")
-    p.add_argument("--pgd-steps", type=int, default=DEFAULT, help="steps of the training attack (10)")
-    p.add_argument("--step-size", type=float, default=DEFAULT, help="its step size (2.5 * eps / pgd-steps)")
-    p.add_argument("--beta", type=float, default=DEFAULT, help="TRADES / MART trade-off (6)")
-    p.add_argument("--seed", type=int, default=DEFAULT, help="seed of init, order, attack noise (0)")
-    p.add_argument("--limit", type=int, default=DEFAULT, help="keep the first N training samples")
-    p.add_argument("--label-noise", type=float, default=DEFAULT, help="fraction of training labels to flip")
-    p.add_argument("--data-root", default=DEFAULT, help="folder with CIFAR / Tiny ImageNet ($MEMTOOL_DATA_ROOT)")
-    p.add_argument("--eval-samples", type=int, default=DEFAULT, help="test samples checked every epoch (1000)")
-    p.add_argument("--eval-steps", type=int, default=DEFAULT, help="PGD steps of that check (20)")
+    _common(p, "output directory (created, or resumed)")
+    add_flags(p.add_argument_group("run (must match when resuming)"), TrainConfig)
+    _recipe_flags(p)
+    add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-sample robustness of a trained model under attacks (resumable)")
     p.add_argument("checkpoint", help="a `memtool train` output directory or its checkpoint.pt")
     p.add_argument("--out", required=True, help="output directory (created, or resumed)")
-    p.add_argument("--dataset", default=DEFAULT, help="dataset (default: the one trained on)")
-    p.add_argument("--attacks", default=DEFAULT,
-                   help="comma-separated: clean,fgsm,pgdK[-l2][-rR],cwK,autoattack (clean,pgd20)")
-    p.add_argument("--eps", type=float, default=DEFAULT, help="radius on the [0,1] scale (default: the training eps)")
-    p.add_argument("--n-samples", type=int, default=DEFAULT, help="first N test samples only (all)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT,
-                   help="samples per attack batch; flags are saved after each (200)")
-    p.add_argument("--seed", type=int, default=DEFAULT, help="seed of the attacks' random starts (0)")
-    p.add_argument("--backend", default=None, help="AutoAttack package: pyautoattack | torchattacks (pyautoattack)")
-    p.add_argument("--device", default=DEFAULT, help="cpu | cuda | cuda:N (cpu)")
-    p.add_argument("--data-root", default=DEFAULT)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_flags(p, Evaluation)
+    add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("figures", help="plot a run: mem histogram, most memorized images, high-influence pairs")
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("datasets", help="list the datasets and whether each is on disk")
-    p.add_argument("--data-root", default=DEFAULT)
+    add_flags(p, Runtime, skip=("device",))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_datasets)
     return parser
@@ -262,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .datasets import MissingDatasetError
-    from .estimator.store import RunMismatchError
+    from .rundir import RunMismatchError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (MissingDatasetError, RunMismatchError, ValueError, FileNotFoundError) as e:
+    except (MissingDatasetError, RunMismatchError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"memtool {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

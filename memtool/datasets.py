@@ -291,6 +291,12 @@ def plant_label_noise(y: np.ndarray, fraction: float, num_classes: int, seed: in
     return y
 
 
+# The usual L-inf radius of each dataset's robustness numbers (PAPER.md section 5), on the
+# [0, 1] pixel scale: what analyses use unless told otherwise.
+STANDARD_EPS = {"mnist": 0.3, "fashion-mnist": 0.1, "digits": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255,
+                "tiny-imagenet": 8 / 255}
+
+
 def load_dataset(
     name: str,
     data_root: str | os.PathLike | None = None,

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import build_attack
+from .attacks.autoattack import BACKENDS
+from .config import check_int, check_number, setting
 from .datasets import load_dataset
-from .estimator.config import diff_configs
-from .estimator.store import RunMismatchError, write_json
-from .estimator.tables import write_table
+from .rundir import RunMismatchError, atomic_write, open_settings, write_json, write_table
 from .checkpoints import checkpoint_path, load_checkpoint, model_from_checkpoint
 
 
@@ -73,10 +73,8 @@ class _State:
                 self.cpu_s = float(z["cpu_s"]) if "cpu_s" in z.files else float("nan")
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, done=self.done, correct=self.correct, time_s=np.array(self.time_s),
-                 cpu_s=np.array(self.cpu_s), settings=np.array(self.settings))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: np.savez(f, done=self.done, correct=self.correct, time_s=np.array(self.time_s),
+                                                   cpu_s=np.array(self.cpu_s), settings=np.array(self.settings)))
 
 
 def _norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
@@ -111,40 +109,60 @@ def _run_attack(name, attack, model, x_u8, y, ids, state: _State, seed, batch_si
     bar.close()
 
 
-def evaluate(checkpoint, dataset: str | None = None, attacks=("clean", "pgd20"), eps: float | None = None,
-             out=None, n_samples: int | None = None, batch_size: int = 200, data_root=None, device="cpu",
-             seed: int = 0, progress: bool = True, attack_options: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation measures (checked when its output directory is reopened)."""
+
+    dataset: str | None = setting(None, "dataset (default: the one the model was trained on)")
+    attacks: str = setting("clean,pgd20", "comma-separated: clean,fgsm,pgdK[-l2][-rR],cwK,autoattack")
+    eps: float | None = setting(None, "radius on the [0, 1] scale (default: the training eps)")
+    n_samples: int | None = setting(None, "first N test samples only (default: all)")
+    batch_size: int = setting(200, "samples per attack batch; per-sample flags are saved after each")
+    seed: int = setting(0, "seed of the attacks' random starts")
+    backend: str = setting("pyautoattack", "AutoAttack package: pyautoattack (the authors' code) | torchattacks",
+                           choices=BACKENDS)
+
+
+def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_root=None,
+             attack_options: dict | None = None, **settings) -> dict:
     """Evaluate the model in ``checkpoint`` on the first ``n_samples`` test samples of
     ``dataset`` (default: the training dataset) under ``attacks`` at radius ``eps`` (default:
     the training eps); write the per-sample table and summary into ``out``; return the summary.
 
-    ``attack_options``: per-attack field overrides, e.g. ``{"autoattack": {"backend": "torchattacks"}}``."""
+    ``settings``: the fields of :class:`Evaluation`. ``attack_options``: per-attack field
+    overrides, e.g. ``{"pgd20": {"step_size": 0.01}}``."""
+    ev = Evaluation(**settings)
+    dataset, attacks, eps, n_samples, batch_size, seed = (ev.dataset, ev.attacks, ev.eps, ev.n_samples,
+                                                          ev.batch_size, ev.seed)
+    opts = {"autoattack": {"backend": ev.backend}, **(attack_options or {})}
     if out is None:
         raise ValueError("out must name the evaluation's output directory, got None")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size, 1)
     device = torch.device(device)
     ck = load_checkpoint(checkpoint, device)
     model = model_from_checkpoint(ck, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    dataset = dataset or ck["config"]["dataset"]
-    eps = float(ck["config"]["eps"] if eps is None else eps)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    trained = ck["settings"]["config"]
+    dataset = dataset or trained["dataset"]
+    if eps is None:
+        eps = trained["recipe"]["method"].get("eps")
+        if eps is None:
+            raise ValueError("eps must be given for a model trained without an attack (e.g. --eps 0.3), got None")
+    check_number("eps", eps, 0)
+    eps = float(eps)
     ds = load_dataset(dataset, data_root)
     n_test = len(ds.y_test)
     if n_samples is not None and not 1 <= n_samples <= n_test:
         raise ValueError(f"n_samples must be in 1..{n_test} (the {dataset} test set), got {n_samples}")
     n = n_samples or n_test
     names = parse_attacks(attacks)
-    opts = attack_options or {}
     built = {a: build_attack(a, eps, **opts.get(a, {})) for a in names}
 
     out = Path(out)
     _open(out, {"checkpoint_sha": _sha(checkpoint_path(checkpoint)), "dataset": dataset,
                 "dataset_fingerprint": ds.fingerprint, "eps": eps, "seed": seed,
-                "attacks": {a: built[a].describe() for a in names}}, checkpoint)
+                "attacks": {a: built[a].describe() for a in names}})
     ids = np.arange(n)
     x_u8, y = ds.x_test, ds.y_test
     states = {a: _State(out / "state" / f"{a}.npz", n_test, built[a].describe()) for a in names}
@@ -160,7 +178,7 @@ def evaluate(checkpoint, dataset: str | None = None, attacks=("clean", "pgd20"),
     df = pd.DataFrame({"sample_id": ids, "label": y[:n], **cols})
     df["worst_case"] = np.logical_and.reduce([cols[a] for a in names])
     summary = {"checkpoint": str(checkpoint_path(checkpoint)), "dataset": dataset, "eps": eps, "n_samples": n,
-               "seed": seed, "train_config": ck["config"], "attacks": {}}
+               "seed": seed, "train_config": trained, "attacks": {}}
     for a in names:
         k, cpu = int(cols[a].sum()), states[a].cpu_s
         summary["attacks"][a] = {**built[a].describe(), "n": n, "n_correct": k, "accuracy": k / n,
@@ -172,13 +190,7 @@ def evaluate(checkpoint, dataset: str | None = None, attacks=("clean", "pgd20"),
     return summary
 
 
-def _open(out: Path, settings: dict, checkpoint) -> None:
+def _open(out: Path, settings: dict) -> None:
     """Create ``out`` or check that it holds an evaluation with the same ``settings``."""
     (out / "state").mkdir(parents=True, exist_ok=True)
-    if (out / "evaluation.json").exists():
-        old = json.loads((out / "evaluation.json").read_text())
-        diffs = diff_configs({k: old.get(k) for k in settings}, settings)
-        if diffs:
-            raise RunMismatchError(f"{out} holds an evaluation with other settings:\n  " + "\n  ".join(diffs)
-                                   + "\nUse a new --out directory, or repeat its settings to resume or extend it.")
-    write_json(out / "evaluation.json", {**settings, "checkpoint": str(checkpoint_path(checkpoint).resolve())})
+    open_settings(out / "evaluation.json", settings, "evaluation settings")

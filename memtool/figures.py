@@ -18,8 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .datasets import load_dataset  # noqa: E402
-from .estimator.store import read_run_json  # noqa: E402
-from .estimator.tables import load_influence, load_scores  # noqa: E402
+from .estimator import load_influence, load_scores, read_run_json  # noqa: E402
 
 
 def _image(x: np.ndarray) -> np.ndarray:

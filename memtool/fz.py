@@ -21,8 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .estimator.scores import at_least
-from .estimator.store import write_json
-from .estimator.tables import write_table
+from .rundir import write_json, write_table
 
 _SCORE_COLUMNS = ["n_in", "n_out", "acc_in", "acc_out", "mem_se", "cscore", "margin_in", "margin_out",
                   "margin_mem", "margin_mem_se"]

@@ -97,6 +97,11 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+def check_model_name(name: str) -> None:
+    if not isinstance(name, str) or not (name in ("mlp", "cnn", "preact-resnet18") or re.fullmatch(r"wrn-\d+-\d+", name)):
+        raise ValueError(f"model must be one of {', '.join(MODELS)} (e.g. wrn-28-10), got {name!r}")
+
+
 def build_model(name: str, in_shape, num_classes: int, hidden: int = 256, mean=None, std=None) -> nn.Module:
     """Build model ``name`` for images of ``in_shape`` = (C, H, W).
 

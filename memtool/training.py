@@ -1,270 +1,264 @@
-"""One training loop for standard training, PGD-AT, TRADES and MART (and later BAT).
+"""`memtool train`: one model, trained by the engine (:func:`memtool.engine.fit`), resumable.
 
-    train(TrainConfig(method="pgd-at", dataset="mnist", model="cnn", eps=0.3), out="runs/at")
+    train(TrainConfig(dataset="mnist", recipe=Recipe.from_flat(model="cnn", method="pgd-at", eps=0.3)),
+          out="runs/at")
 
-The training set lives on the device as one uint8 tensor; a minibatch is an index tensor.
-The method is a per-sample loss from :data:`memtool.losses.LOSSES`; the loop reduces it with
-the per-sample ``weights`` it was given (``sum w_i l_i / sum w_i``) and passes the batch's
-sample ids to the loss.
+The training set is the dataset minus ``exclude_ids``; ``weights`` give per-sample weights.
+Both come as files on the command line (``--exclude-ids FILE``: one id per line, or a parquet
+file with a ``sample_id`` column; ``--weights FILE``: parquet with ``sample_id`` and
+``weight``) or as arrays from Python, and both are part of the run's settings check (by
+content: a digest of the ids and of the weights).
 
 The output directory::
 
-    OUT/checkpoint.pt   model and optimizer state, epoch, config and log (written atomically
-                        after every epoch; see memtool.checkpoints; memtool.load_model(OUT))
-    OUT/config.json     the TrainConfig
-    OUT/log.jsonl       one line per epoch: loss, clean and PGD accuracy on the first
-                        eval_samples test samples, wall and CPU time
+    OUT/checkpoint.pt   model and optimizer state, epoch, config, data digests and log (written
+                        atomically after every epoch; memtool.load_model(OUT))
+    OUT/config.json     the settings of this run (config, dataset, excluded ids and weights)
+    OUT/log.jsonl       one line per epoch: mean training loss, clean and PGD accuracy on the
+                        first eval_samples test samples, wall and CPU time
 
-Calling :func:`train` again with the same ``out`` resumes after the last finished epoch (and
-gives the same model as an uninterrupted run: minibatch orders and attack noise are seeded
-per epoch); a different config is refused, naming the field.
+Calling :func:`train` again with the same ``out`` resumes after the last finished epoch and
+gives the same model as an uninterrupted run; other settings are refused, naming the field.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from .attacks import PGD
-from .attacks.pgd import default_step_size
-from .checkpoints import CHECKPOINT, load_checkpoint, load_model, save_checkpoint, write_log  # noqa: F401
+from .checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
+from .config import check_int, check_number, setting
 from .datasets import load_dataset
-from .estimator.config import diff_configs
-from .estimator.store import RunMismatchError, write_json
-from .losses import LOSSES, Step, weighted_mean
-from .models import build_model
-from .recipe import SCHEDULES, init_model, lr_at
-
-DEFAULT_BETA = 6.0  # TRADES and MART (PAPER.md section 4; MART's official default)
-_NOT_COMPARED = ("data_root",)  # where the files are does not change the results
+from .engine import fit
+from .recipe import EVAL, Recipe, WithRecipe, stream
+from .rundir import check_settings, write_json, write_jsonl
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    method: str = "standard"  # one of memtool.losses.LOSSES: standard | pgd-at | trades | mart
-    dataset: str = "mnist"
-    model: str = "cnn"  # see memtool.models.MODELS
-    hidden: int = 256  # hidden width of the MLP / the CNN's fully connected layer
-    eps: float = 0.3  # L-inf radius on the [0, 1] scale (training attack and per-epoch check)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05  # peak learning rate (SGD)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "onecycle"  # constant | linear | onecycle (20 % warm-up) | multistep (x0.1 at 50 %, 75 %)
-    eps_warmup: float = 0.0  # epochs over which the training eps ramps linearly from 0 to eps
-    pgd_steps: int = 10  # steps of the training attack
-    step_size: float | None = None  # of the training attack; None: 2.5 * eps / pgd_steps
-    beta: float | None = None  # TRADES / MART trade-off; None: 6.0 for those methods
-    seed: int = 0  # model init, minibatch orders, attack noise, label noise
-    limit: int | None = None  # keep the first N training samples
-    label_noise: float = 0.0  # fraction of training labels flipped (seeded by `seed`)
-    data_root: str | None = None  # where CIFAR / Tiny ImageNet live ($MEMTOOL_DATA_ROOT)
-    eval_samples: int = 1000  # first N test samples for the per-epoch clean / PGD accuracy
-    eval_steps: int = 20  # PGD steps of the per-epoch robust accuracy (at eps)
+class TrainConfig(WithRecipe):
+    dataset: str = setting("mnist", "dataset name (`memtool datasets` lists them)")
+    limit: int | None = setting(None, "keep the first N training samples")
+    label_noise: float = setting(0.0, "fraction of training labels flipped (seeded by --seed)")
+    seed: int = setting(0, "seed of the model: init, minibatch order, augmentation, attack noise, label noise")
+    exclude_ids: str | None = setting(None, "file of training sample ids to leave out: text, one id per line, "
+                                            "or parquet with a sample_id column")
+    weights: str | None = setting(None, "parquet file with sample_id and weight columns (every training sample)")
+    eval_samples: int = setting(1000, "first N test samples checked after every epoch")
+    eval_steps: int = setting(20, "PGD steps of that check")
+    eval_eps: float | None = setting(None, "eps of that check (default: the method's eps; none for standard)")
+    recipe: Recipe = setting(None, "how the model is trained", cli=False, factory=Recipe)
 
     def __post_init__(self):
-        if self.method not in LOSSES:
-            raise ValueError(f"method must be one of {tuple(LOSSES)}, got {self.method!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("hidden", "epochs", "batch_size", "pgd_steps", "eval_samples", "eval_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("eps", "momentum", "weight_decay", "eps_warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.step_size is not None and self.step_size <= 0:
-            raise ValueError(f"step_size must be > 0 (or None for 2.5 * eps / pgd_steps), got {self.step_size!r}")
-        if self.beta is None and self.method in ("trades", "mart"):
-            object.__setattr__(self, "beta", DEFAULT_BETA)
-        if self.beta is not None and self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
+        check_int("limit", self.limit, 2, optional=True)
+        check_number("label_noise", self.label_noise, 0, 1, high_open=True)
+        check_int("seed", self.seed, 0)
+        check_int("eval_samples", self.eval_samples, 1)
+        check_int("eval_steps", self.eval_steps, 1)
+        check_number("eval_eps", self.eval_eps, 0, optional=True)
+        self._resolve_recipe()
 
     @property
-    def alpha(self) -> float:
-        """The training attack's step size."""
-        return self.step_size if self.step_size is not None else default_step_size(self.eps, self.pgd_steps)
-
-    def eps_at(self, epoch_frac: float) -> float:
-        """The training attack's radius after ``epoch_frac`` epochs (the eps warm-up)."""
-        if self.eps_warmup <= 0:
-            return self.eps
-        return self.eps * min(1.0, epoch_frac / self.eps_warmup)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train setting(s) {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**d)
+    def check_eps(self) -> float | None:
+        return self.eval_eps if self.eval_eps is not None else getattr(self.recipe.method, "eps", None)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, 0x7EA1]).generate_state(1)[0])
+# ----------------------------------------------------------------------------- sample files
 
 
-def _dataset_info(ds) -> dict:
-    return {"name": ds.name, "fingerprint": ds.fingerprint, "n_train": len(ds.y_train), "n_test": len(ds.y_test),
-            "num_classes": ds.num_classes, "image_shape": list(ds.image_shape)}
+def read_ids(path: str | os.PathLike, n: int, what: str = "exclude_ids") -> np.ndarray:
+    """Sample ids from a text file (one per line, '#' comments) or a parquet file with a
+    ``sample_id`` column; each must be a training sample id in 0..n-1."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+        if "sample_id" not in df.columns:
+            raise ValueError(f"{what} file {path} has no sample_id column (columns: {list(df.columns)})")
+        ids = df["sample_id"].to_numpy()
+    else:
+        lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+        try:
+            ids = np.array([int(ln) for ln in lines if ln], dtype=np.int64)
+        except ValueError as e:
+            raise ValueError(f"{what} file {path}: every line must be one integer sample id ({e})") from None
+    ids = np.asarray(ids)
+    if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= n):
+        raise ValueError(f"{what} file {path} holds ids outside 0..{n - 1} (the training set has {n} samples): "
+                         f"min {ids.min()}, max {ids.max()}")
+    return np.unique(ids.astype(np.int64))
 
 
-def _weights_sha(w: np.ndarray | None) -> str | None:
-    return None if w is None else hashlib.sha256(np.ascontiguousarray(w, dtype=np.float64)).hexdigest()[:16]
+def read_weights(path: str | os.PathLike, n: int) -> np.ndarray:
+    """Per-sample weights from a parquet file with ``sample_id`` and ``weight``: every training
+    sample 0..n-1 exactly once, finite and >= 0."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    df = pd.read_parquet(path)
+    missing = {"sample_id", "weight"} - set(df.columns)
+    if missing:
+        raise ValueError(f"weights file {path} lacks column(s) {sorted(missing)} (columns: {list(df.columns)})")
+    ids = df["sample_id"].to_numpy()
+    if len(ids) != n or not np.array_equal(np.sort(ids), np.arange(n)):
+        raise ValueError(f"weights file {path} must list every training sample id 0..{n - 1} once "
+                         f"(the training set has {n} samples); it has {len(ids)} rows with ids "
+                         f"{ids.min() if len(ids) else '-'}..{ids.max() if len(ids) else '-'}")
+    w = np.empty(n)
+    w[ids] = df["weight"].to_numpy(dtype=np.float64)
+    return check_weights(w, n, str(path))
 
 
-def _check_weights(weights, n: int) -> np.ndarray | None:
-    if weights is None:
-        return None
-    w = np.asarray(weights.detach().cpu() if torch.is_tensor(weights) else weights, dtype=np.float64)
+def check_weights(w, n: int, where: str = "weights") -> np.ndarray:
+    w = np.asarray(w.detach().cpu() if torch.is_tensor(w) else w, dtype=np.float64)
     if w.shape != (n,):
-        raise ValueError(f"weights must have one entry per training sample, shape ({n},), got {w.shape}")
+        raise ValueError(f"{where} must have one entry per training sample, shape ({n},), got {w.shape}")
     if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError("weights must be finite and >= 0")
+        raise ValueError(f"{where} must be finite and >= 0")
+    if w.sum() == 0:
+        raise ValueError(f"{where} are all zero: no sample would train the model")
     return w
 
 
-def to_float(x_u8: torch.Tensor) -> torch.Tensor:
-    return x_u8.float().div_(255)
+def _digest(a: np.ndarray | None) -> str | None:
+    return None if a is None else hashlib.sha256(np.ascontiguousarray(a)).hexdigest()[:16]
 
 
-def epoch_check(model, x_u8, y, cfg: TrainConfig, batch: int = 500) -> dict:
-    """Clean and PGD-``eval_steps`` accuracy (eps = cfg.eps) on the given test samples."""
-    attack = PGD(eps=cfg.eps, steps=cfg.eval_steps)
+# ----------------------------------------------------------------------------- training
+
+
+def epoch_check(model, x_u8, y, eps: float | None, steps: int, seed: int, batch: int = 500) -> dict:
+    """Clean and PGD-``steps`` accuracy at ``eps`` on the given test samples (no robust
+    accuracy without an eps)."""
+    attack = None if eps is None else PGD(eps=eps, steps=steps)
     clean = rob = 0
-    for i in range(0, len(y), batch):
-        xb, yb = to_float(x_u8[i : i + batch]), y[i : i + batch]
-        with torch.no_grad():
-            clean += int((model(xb).argmax(1) == yb).sum())
-        x_adv = attack(model, xb, yb)
-        with torch.no_grad():
-            rob += int((model(x_adv).argmax(1) == yb).sum())
-    return {"clean_acc": clean / len(y), "robust_acc": rob / len(y), "eval_attack": f"pgd{cfg.eval_steps}",
-            "eval_n": len(y)}
+    with torch.random.fork_rng(devices=[x_u8.device.index or 0] if x_u8.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(y), batch):
+            xb, yb = x_u8[i : i + batch].float().div_(255), y[i : i + batch]
+            with torch.no_grad():
+                clean += int((model(xb).argmax(1) == yb).sum())
+            if attack is not None:
+                with torch.no_grad():
+                    rob += int((model(attack(model, xb, yb)).argmax(1) == yb).sum())
+    return {"clean_acc": clean / len(y), "robust_acc": None if attack is None else rob / len(y),
+            "eval_attack": None if attack is None else f"pgd{steps}", "eval_eps": eps, "eval_n": len(y)}
 
 
-def _compare(old: dict, new: dict, what: str, out: Path) -> None:
-    strip = lambda d: {k: v for k, v in d.items() if k not in _NOT_COMPARED}  # noqa: E731
-    diffs = diff_configs(strip(old), strip(new))
-    if diffs:
-        raise RunMismatchError(f"{out} holds a training run with another {what}:\n  " + "\n  ".join(diffs)
-                               + "\nUse a new --out directory, or repeat the run's settings to resume it.")
+def _settings(config: TrainConfig, ds, excluded, w) -> dict:
+    cfg = config.to_dict()
+    for f in ("exclude_ids", "weights"):  # compared by content below, not by path
+        cfg[f] = None
+    return {"config": cfg,
+            "dataset": {"name": ds.name, "fingerprint": ds.fingerprint, "n_train": len(ds.y_train),
+                        "n_test": len(ds.y_test), "num_classes": ds.num_classes, "image_shape": list(ds.image_shape)},
+            "samples": {"n_excluded": int(len(excluded)), "excluded_sha": _digest(excluded) if len(excluded) else None,
+                        "weights_sha": _digest(w)}}
 
 
-def _resume(out: Path, config: TrainConfig, info: dict, w_np, model, opt, device) -> tuple[list, int]:
-    """Check that ``out`` holds this run (or nothing) and load its last state: (log, finished epochs)."""
-    if (out / "config.json").exists():
-        _compare(json.loads((out / "config.json").read_text()), config.to_dict(), "config", out)
-    if not (out / CHECKPOINT).exists():
-        return [], 0
-    ck = load_checkpoint(out / CHECKPOINT, device)
-    _compare(ck["config"], config.to_dict(), "config", out)
-    _compare(ck["dataset"], info, "dataset", out)
-    _compare({"weights": ck["weights_sha"]}, {"weights": _weights_sha(w_np)}, "set of per-sample weights", out)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    return list(ck["log"]), int(ck["epoch"])
+def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | None = None, *, weights=None,
+          exclude_ids=None, progress: bool = True, device: str = "cpu", data_root=None, **settings) -> torch.nn.Module:
+    """Train (or resume training) the model described by ``config`` (or flat ``settings``:
+    ``dataset``, ``model``, ``method``, ``eps``, ``epochs``, ...) into ``out``.
 
-
-def _train_epoch(model, opt, x, y, w, config: TrainConfig, epoch: int, progress: bool) -> float:
-    """One pass over the training set in this epoch's seeded order; returns the mean batch loss."""
-    loss_fn = LOSSES[config.method]
-    per_epoch = math.ceil(len(y) / config.batch_size)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)))
-    order = order.to(x.device)
-    model.train()
-    bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
-               unit="batch")
-    loss_sum = torch.zeros((), device=x.device)
-    for s in bar:
-        ids = order[s * config.batch_size : (s + 1) * config.batch_size]
-        eps = config.eps_at(epoch + s / per_epoch)
-        alpha = config.alpha * (eps / config.eps if config.eps > 0 else 1.0)
-        res = loss_fn(model, to_float(x[ids]), y[ids], Step(ids, epoch, eps, alpha, config))
-        wb = None if w is None else w[ids]
-        if res.weight is not None:
-            wb = res.weight.detach() if wb is None else wb * res.weight.detach()
-        loss = weighted_mean(res.per_sample, wb)
-        if res.extra is not None:
-            loss = loss + res.extra
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(config.schedule, config.lr, epoch * per_epoch + s, config.epochs * per_epoch)
-        opt.step()
-        loss_sum += loss.detach()
-        if s % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return loss_sum.item() / per_epoch
-
-
-def train(config: TrainConfig, out: str | os.PathLike, weights=None, progress: bool = True,
-          device: str = "cpu") -> torch.nn.Module:
-    """Train (or resume training) the model described by ``config`` into ``out``.
-
-    ``weights``: optional per-sample weights, one per training sample (the loss of a batch
-    is ``sum w_i l_i / sum w_i``). Returns the model in eval mode."""
-    if isinstance(config, dict):
+    ``weights``: per-sample weights, a parquet file (``sample_id``, ``weight``) or an array with
+    one weight per training sample; ``exclude_ids``: training sample ids to leave out, a file
+    (text or parquet) or an array. Files are recorded by path in the config, arrays by
+    digest; both are part of the settings check. Returns the model in eval mode."""
+    if isinstance(weights, (str, os.PathLike)):
+        settings["weights"], weights = str(weights), None
+    if isinstance(exclude_ids, (str, os.PathLike)):
+        settings["exclude_ids"], exclude_ids = str(exclude_ids), None
+    if config is None:
+        config = TrainConfig.from_kwargs(**settings)
+    elif settings:
+        raise TypeError(f"give either a config or settings, not both (got {sorted(settings)})")
+    elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    if out is None:
+        raise ValueError("out must name the training run's output directory, got None")
     out, device = Path(out), torch.device(device)
-    ds = load_dataset(config.dataset, config.data_root, config.limit, config.label_noise, config.seed)
-    info = _dataset_info(ds)
-    w_np = _check_weights(weights, info["n_train"])
-    model = init_model(partial(build_model, config.model, ds.image_shape, ds.num_classes, config.hidden),
-                       config.seed).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
-    log, start = _resume(out, config, info, w_np, model, opt, device)
+    ds = load_dataset(config.dataset, data_root, config.limit, config.label_noise, config.seed)
+    n = len(ds.y_train)
+    if weights is not None and config.weights is not None:
+        raise ValueError("give per-sample weights either as an array or as a file, not both")
+    if exclude_ids is not None and config.exclude_ids is not None:
+        raise ValueError("give excluded ids either as an array or as a file, not both")
+    w = read_weights(config.weights, n) if config.weights else None if weights is None else check_weights(weights, n)
+    if config.exclude_ids:
+        excluded = read_ids(config.exclude_ids, n)
+    else:
+        excluded = np.unique(np.asarray([] if exclude_ids is None else exclude_ids, dtype=np.int64))
+        if excluded.size and (excluded.min() < 0 or excluded.max() >= n):
+            raise ValueError(f"exclude_ids holds ids outside 0..{n - 1} (the training set has {n} samples)")
+    subset = np.setdiff1d(np.arange(n), excluded)
+    if len(subset) == 0:
+        raise ValueError(f"exclude_ids leaves none of the {n} training samples")
+
+    settings_now = _settings(config, ds, excluded, w)
+    start, log = None, []
+    if (out / CHECKPOINT).exists():
+        ck = load_checkpoint(out / CHECKPOINT, device)
+        check_settings(ck["settings"], settings_now, out)
+        start, log = {k: ck[k] for k in ("model", "optimizer", "epoch")}, list(ck["log"])
+    elif (out / "config.json").exists():
+        from .rundir import read_json
+
+        check_settings(read_json(out / "config.json"), settings_now, out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.to_dict())
-    if start >= config.epochs:
-        if progress:
-            print(f"{out}: already trained for {start} epochs")
-        return model.eval()
+    write_json(out / "config.json", settings_now)
+    r = config.recipe
 
     # torch.tensor copies: the dataset's arrays may be read-only views of its files
     x, y = torch.tensor(ds.x_train, device=device), torch.tensor(ds.y_train, device=device)
-    w = None if w_np is None else torch.as_tensor(w_np, dtype=torch.float32, device=device)
     n_eval = min(config.eval_samples, len(ds.y_test))
     xt, yt = torch.tensor(ds.x_test[:n_eval], device=device), torch.tensor(ds.y_test[:n_eval], device=device)
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    for epoch in range(start, config.epochs):
-        t0, cpu0 = time.time(), time.process_time()
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(epoch_seed(config.seed, epoch))  # the attack noise of this epoch
-            loss = _train_epoch(model, opt, x, y, w, config, epoch, progress)
-            record = {"epoch": epoch + 1, "loss": loss, "train_time_s": time.time() - t0,
-                      **epoch_check(model, xt, yt, config)}
-        record["time_s"], record["cpu_s"] = time.time() - t0, time.process_time() - cpu0
-        log.append(record)
-        save_checkpoint({"format": "memtool-train/1", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "epoch": epoch + 1, "config": config.to_dict(), "dataset": info,
-                         "weights_sha": _weights_sha(w_np), "log": log,
-                         "versions": {"memtool": __version__, "torch": str(torch.__version__)}}, out / CHECKPOINT)
-        write_log(out, log)
+    done = 0 if start is None else int(start["epoch"])
+    if done >= r.epochs:
         if progress:
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4f}  clean {record['clean_acc']:.3f}"
-                       f"  {record['eval_attack']}@{config.eps:g} {record['robust_acc']:.3f}  "
+            print(f"{out}: already trained for {done} epochs")
+        return _model_from(ck, device)
+
+    bar = tqdm(total=r.steps(len(subset)), initial=r.steps(len(subset)) * done // r.epochs, unit="step",
+               disable=not progress, desc=f"train {r.method.name}", dynamic_ncols=True)
+    clock = [time.time(), time.process_time()]
+
+    def on_epoch(epoch, model, opt, stats):
+        record = {"epoch": epoch, "loss": float(stats["loss"]), "train_time_s": time.time() - clock[0],
+                  **epoch_check(model, xt, yt, config.check_eps, config.eval_steps, stream(config.seed, EVAL, epoch))}
+        record["time_s"], record["cpu_s"] = time.time() - clock[0], time.process_time() - clock[1]
+        log.append(record)
+        save_checkpoint({"format": "memtool-train/2", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "epoch": epoch, "settings": settings_now, "log": log,
+                         "versions": {"memtool": __version__, "torch": str(torch.__version__)}}, out / CHECKPOINT)
+        write_jsonl(out / "log.jsonl", log)
+        if progress:
+            rob = "" if record["robust_acc"] is None else \
+                f"  {record['eval_attack']}@{record['eval_eps']:g} {record['robust_acc']:.3f}"
+            tqdm.write(f"epoch {epoch}/{r.epochs}  loss {record['loss']:.4f}  clean {record['clean_acc']:.3f}{rob}  "
                        f"(n={record['eval_n']}, {record['time_s']:.1f} s)")
+        clock[:] = [time.time(), time.process_time()]
+
+    models = fit(r, x, y, [subset], [config.seed], num_classes=ds.num_classes,
+                 weights=None if w is None else torch.as_tensor(w, dtype=torch.float32, device=device),
+                 start=start, on_epoch=on_epoch, on_step=bar.update)
+    bar.close()
     if progress:
         print(f"wrote {out / CHECKPOINT}")
-    return model.eval()
+    return models[0]
+
+
+def _model_from(ck: dict, device) -> torch.nn.Module:
+    from .checkpoints import model_from_checkpoint
+
+    return model_from_checkpoint(ck, device)

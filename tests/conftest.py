@@ -37,7 +37,7 @@ def mnist_at(tmp_path_factory):
     import memtool
 
     out = tmp_path_factory.mktemp("train") / "mnist-at"
-    model = memtool.train(memtool.TrainConfig(**MNIST_AT), out, progress=False)
+    model = memtool.train(out=out, progress=False, **MNIST_AT)
     return out, model
 
 
@@ -46,5 +46,5 @@ def digits_at(tmp_path_factory):
     import memtool
 
     out = tmp_path_factory.mktemp("train") / "digits-at"
-    model = memtool.train(memtool.TrainConfig(**DIGITS_AT), out, progress=False)
+    model = memtool.train(out=out, progress=False, **DIGITS_AT)
     return out, model

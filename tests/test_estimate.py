@@ -9,9 +9,8 @@ import pytest
 import memtool
 from memtool.cli import main
 from memtool.estimator import run as run_mod
-from memtool.estimator.store import RunMismatchError, load_trials
-from memtool.estimator.tables import read_table, write_table
-from memtool.recipe import TrainRecipe
+from memtool.estimator.store import load_trials
+from memtool.rundir import RunMismatchError, read_table, write_table
 
 from conftest import DIGITS_FAST
 
@@ -129,10 +128,8 @@ def test_joblib_workers_give_the_same_trials(tmp_path):
 
 
 def test_bad_settings_are_named_before_anything_is_written(tmp_path):
-    with pytest.raises(TypeError, match="learning_rate"):
+    with pytest.raises(ValueError, match="unknown EstimateConfig setting.*learning_rate"):
         memtool.estimate(tmp_path / "r", learning_rate=0.1)
-    with pytest.raises(ValueError, match="ratio must be strictly between 0 and 1, got 1.5"):
-        memtool.estimate(tmp_path / "r", dataset="digits", ratio=1.5, trials=2, progress=False)
     with pytest.raises(ValueError, match="schedule"):
         memtool.estimate(tmp_path / "r", dataset="digits", schedule="cosine", trials=2, progress=False)
     assert not (tmp_path / "r").exists()
@@ -162,8 +159,8 @@ def test_cli_config_file(tmp_path, capsys):
 
 
 def test_robust_estimation_records_robust_scores(tmp_path):
-    """--train pgd-at: every trial is adversarially trained and scored clean and under PGD."""
-    s = memtool.estimate(tmp_path / "rob", trials=4, progress=False, train="pgd-at", eps=0.1, pgd_steps=2,
+    """--method pgd-at: every trial is adversarially trained and scored clean and under PGD."""
+    s = memtool.estimate(tmp_path / "rob", trials=4, progress=False, method="pgd-at", eps=0.1, pgd_steps=2,
                          **{**DIGITS_FAST, "epochs": 4, "hidden": 64})
     assert s["status"] == "complete" and 0.1 < s["rob_test_acc"] < s["test_acc"]
     scores = memtool.load_scores(tmp_path / "rob")
@@ -180,9 +177,9 @@ def test_robust_estimation_records_robust_scores(tmp_path):
 
 
 def test_batchnorm_models_train_one_at_a_time(tmp_path):
-    """A BatchNorm model (a WideResNet-10-1) goes through train_single, robust records too."""
+    """A BatchNorm model (a WideResNet-10-1) trains one model at a time, robust records too."""
     s = memtool.estimate(tmp_path / "bn", trials=2, progress=False, dataset="digits", model="wrn-10-1",
-                         epochs=4, batch_size=32, lr=0.05, robust=True, eps=0.05, pgd_steps=1)
+                         epochs=4, batch_size=32, lr=0.05, robust=True, robust_eps=0.05)
     assert s["status"] == "complete" and s["test_acc"] > 0.5
     assert "rob_test_acc" in s
 
@@ -209,12 +206,3 @@ def test_dask_scheduler_runs_trial_batches(tmp_path):
     assert s["status"] == "complete" and s["n_trials"] == 4
     a, b = load_trials(tmp_path / "dask"), load_trials(tmp_path / "local")
     np.testing.assert_allclose(a.test_margin, b.test_margin, atol=2e-2)
-
-
-def test_default_ensemble_size_stacks_more_small_models():
-    small = TrainRecipe(model="mlp", hidden=128, batch_size=32)  # digits: 0.26 M multiply-adds per step
-    mnist = TrainRecipe(model="mlp", hidden=256, batch_size=128)  # MNIST: 25.7 M
-    assert run_mod.default_ensemble_size(small, "cpu", 64) == 64
-    assert run_mod.default_ensemble_size(mnist, "cpu", 784) == 16
-    assert run_mod.default_ensemble_size(TrainRecipe(model="cnn"), "cpu", 784) == 1
-    assert run_mod.default_ensemble_size(TrainRecipe(model="cnn"), "cuda", 784) == 64

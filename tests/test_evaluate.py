@@ -8,11 +8,9 @@ import pandas as pd
 import pytest
 
 import memtool
-from memtool import evaluation
 from memtool.attacks import PGD
 from memtool.cli import main
-from memtool.estimator.store import RunMismatchError
-from memtool.estimator.tables import read_table
+from memtool.rundir import RunMismatchError, read_table
 
 
 def test_table_and_summary(digits_at, tmp_path):

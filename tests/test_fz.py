@@ -40,3 +40,27 @@ def test_import_pairs_file(tmp_path):
     memtool.fz.import_fz([tmp_path / "pairs.npz"], tmp_path / "p")
     infl = memtool.load_influence(tmp_path / "p")
     assert infl[["train_id", "test_id"]].to_numpy().tolist() == [[0, 0], [4, 2]]
+
+
+def test_import_cscore_checks_labels_against_the_dataset(tmp_path, capsys):
+    ds = memtool.load_dataset("digits")
+    scores = np.linspace(0, 1, len(ds.y_train))
+    np.savez(tmp_path / "digits-cscores.npz", labels=ds.y_train, scores=scores)
+    assert main(["import-cscore", str(tmp_path / "digits-cscores.npz"), "--dataset", "digits",
+                 "--out", str(tmp_path / "run")]) == 0
+    table = memtool.load_scores(tmp_path / "run")
+    np.testing.assert_allclose(table["cscore"], scores)
+    assert table["mem"].isna().all() and (table["label"].to_numpy() == ds.y_train).all()
+    assert table.attrs["memtool"]["dataset"]["fingerprint"] == ds.fingerprint
+    # one label off: refused, naming the sample
+    wrong = ds.y_train.copy()
+    wrong[7] = (wrong[7] + 1) % 10
+    np.savez(tmp_path / "bad.npz", labels=wrong, scores=scores)
+    assert main(["import-cscore", str(tmp_path / "bad.npz"), "--dataset", "digits", "--out", str(tmp_path / "b")]) == 2
+    assert "1 of 1437 labels differ from the digits training set (first at sample 7" in capsys.readouterr().err
+    np.savez(tmp_path / "short.npz", labels=ds.y_train[:100], scores=scores[:100])
+    assert main(["import-cscore", str(tmp_path / "short.npz"), "--dataset", "digits", "--out", str(tmp_path / "c")]) == 2
+    assert "holds 100 labels" in capsys.readouterr().err
+    np.savez(tmp_path / "other.npz", tr_mem=scores)
+    assert main(["import-cscore", str(tmp_path / "other.npz"), "--dataset", "digits", "--out", str(tmp_path / "d")]) == 2
+    assert "is not a C-score file" in capsys.readouterr().err

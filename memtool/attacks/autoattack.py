@@ -3,7 +3,9 @@
 A thin wrapper over a maintained package; memtool does not re-implement it. The default
 backend is ``pyautoattack`` (the PyPI release of the authors' fra31/auto-attack code);
 ``torchattacks`` (Harry24k's re-implementation) is the alternative, compared in
-benchmarks/autoattack_compare.py. Install: ``pip install --no-deps pyautoattack==0.2.0``
+benchmarks/autoattack_compare.py. With either backend only the standard version runs, with
+its fixed budget (:data:`STANDARD`), and that is what every summary records.
+Install: ``pip install --no-deps pyautoattack==0.2.0``
 (and for the comparison ``pip install --no-deps torchattacks==3.5.1``).
 
 Resuming an interrupted AutoAttack run is done by :mod:`memtool.evaluation`, which calls the
@@ -39,6 +41,8 @@ class AutoAttack(Attack):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.version != "standard":
+            raise ValueError(f"version must be 'standard' (the only AutoAttack memtool reports), got {self.version!r}")
         if self.norm not in _NORM_NAMES:
             raise ValueError(f"norm must be one of {tuple(_NORM_NAMES)}, got {self.norm!r}")
         if self.backend not in BACKENDS:
@@ -59,13 +63,33 @@ class AutoAttack(Attack):
             raise _missing(self.backend) from None
         with torch.no_grad():
             n_classes = model(x[:1]).shape[1]
-        atk = torchattacks.AutoAttack(model, norm=norm, eps=self.eps, version=self.version,
-                                      n_classes=n_classes, seed=self.seed)
-        return atk(x, y)
+        return torchattacks_standard(torchattacks, model, norm, self.eps, n_classes, self.seed)(x, y)
 
     def describe(self) -> dict:
-        d = {**super().describe(), "attacks": self.version}
-        if self.version == "standard":  # the fixed budget of the standard version
-            d.update(attacks=["apgd-ce", "apgd-t", "fab-t", "square"], steps=100, square_queries=5000,
-                     step_size="adaptive (APGD)")
-        return d
+        return {**super().describe(), **STANDARD}
+
+
+# The standard version's fixed budget (fra31/auto-attack, AutoAttack._set_version("standard")).
+STANDARD = {"attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "steps": 100, "restarts": 1,
+            "target_classes": 9, "square_queries": 5000, "step_size": "adaptive (APGD)"}
+
+
+def torchattacks_standard(torchattacks, model, norm: str, eps: float, n_classes: int, seed: int):
+    """AutoAttack's standard version built from torchattacks' components with the authors'
+    settings: APGD-CE and APGD-T (DLR, 9 target classes) with 100 iterations and 1 restart,
+    FAB-T (9 targets, 100 iterations), Square (5000 queries, p_init 0.8, no schedule
+    rescaling); each later attack runs on the samples the earlier ones did not fool.
+    (``torchattacks.AutoAttack(version="standard")`` runs 10 iterations and n_classes - 1
+    targets, so memtool does not use it.)"""
+    targets = min(STANDARD["target_classes"], n_classes - 1)
+    steps = STANDARD["steps"]
+    apgd_t = torchattacks.APGDT(model, norm=norm, eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n_classes)
+    fab_t = torchattacks.FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True,
+                             n_classes=n_classes)
+    apgd_t.n_target_classes = fab_t.n_target_classes = targets
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
+        apgd_t, fab_t,
+        torchattacks.Square(model, norm=norm, eps=eps, n_queries=STANDARD["square_queries"], n_restarts=1,
+                            p_init=0.8, resc_schedule=False, seed=seed),
+    ])

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import sys
 import time
-from functools import partial
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import Runtime, check_int, setting, split_settings
 from ..datasets import load_dataset
-from ..ensemble import ensemble_margins, single_margins, stackable, train_ensemble, train_single
-from ..models import build_model
+from ..engine import default_ensemble_size, fit
 from ..recipe import trial_seed
 from . import plan
 from .config import EstimateConfig
 from .store import append_log, finished_trials, init_run, write_trials
-from .tables import compute_tables
+from .tables import Thresholds, compute_tables
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -43,21 +43,6 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
     return i, n
 
 
-def default_ensemble_size(recipe, device, in_features: int = 784) -> int:
-    """Models per step where stacking pays off (benchmarks/README.md): MLPs everywhere; the
-    CNN only on GPUs (on a CPU its per-model convolutions already run near peak, and K
-    models' activations overflow the cache: K = 8 measured 16 % slower than one at a time).
-    On a CPU, small MLPs stack more models so each batched matmul stays big enough for BLAS:
-    K = 64 below 10^6 multiply-adds per model and step (digits 64-128-10 at batch 32 on 2
-    threads: 18x the naive loop, against 9.6x with K = 16), else 16 (MNIST 784-256-10:
-    K = 8, 16, 32 within 4 %)."""
-    if torch.device(device).type == "cuda":
-        return 64 if recipe.model in ("mlp", "cnn") else 1
-    if recipe.model != "mlp":
-        return 1
-    return 64 if recipe.batch_size * in_features * recipe.hidden < 1_000_000 else 16
-
-
 def pending_batches(done: set[int], trials: int, k: int, shard=(0, 1)) -> list[np.ndarray]:
     """Runs of at most ``k`` consecutive unfinished trial ids; block b goes to shard b % N."""
     i, n = shard
@@ -74,27 +59,20 @@ def pending_batches(done: set[int], trials: int, k: int, shard=(0, 1)) -> list[n
 
 def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: str = "cpu",
                 eval_batch: int = 1024, on_step=None) -> dict:
-    """Train the trials ``trial_ids`` and return their (K, n) margin records."""
-    r = cfg.recipe
+    """Train the trials ``trial_ids`` (stacked where the architecture allows) and return their
+    (K, n) margin records."""
     n = len(data["y_train"])
     members = plan.subset_indices(n, cfg.ratio, cfg.seed, trial_ids)
     seeds = [trial_seed(cfg.seed, int(t)) for t in trial_ids]
-    build = partial(build_model, r.model, data["shape"], data["num_classes"], r.hidden)
     dev = torch.device(device)  # a no-op when the data already lives there (estimate moves it once)
     xy = {split: (data[f"x_{split}"].to(dev), data[f"y_{split}"].to(dev)) for split in ("train", "test")}
-    names = ["train_margin", "test_margin"] + (["train_rob_margin", "test_rob_margin"] if cfg.robust else [])
-    if stackable(build()):
-        ens = train_ensemble(build, *xy["train"], members, seeds, r, dev, on_step=on_step)
-        return {name: ensemble_margins(ens, *xy[name.split("_")[0]], r, eval_batch, robust="rob" in name).numpy()
-                for name in names}
-    rec = {name: [] for name in names}  # one model at a time (e.g. BatchNorm statistics are per model)
-    for idx, s in zip(members, seeds):
-        model = train_single(build, *xy["train"], idx, s, r, dev)
-        for name in names:
-            rec[name].append(single_margins(model, *xy[name.split("_")[0]], r, eval_batch, robust="rob" in name))
-        if on_step:
-            on_step(r.steps(members.shape[1]))
-    return {name: torch.stack(v).numpy() for name, v in rec.items()}
+    models = fit(cfg.recipe, *xy["train"], members, seeds, num_classes=data["num_classes"],
+                 ensemble_size=len(trial_ids), on_step=on_step)
+    rec = {f"{split}_margin": models.margins(*xy[split], batch=eval_batch).numpy() for split in xy}
+    if cfg.robust:
+        rec.update({f"{split}_rob_margin": models.margins(*xy[split], robust=cfg.robust_eps, batch=eval_batch,
+                                                          key=key).numpy() for key, split in enumerate(xy)})
+    return rec
 
 
 def _tensors(ds, device="cpu") -> dict:
@@ -124,25 +102,49 @@ def _run_batch(run, cfg, data, ids, device, eval_batch, threads=None, on_step=No
     return log
 
 
-def estimate(out: str | Path, trials: int = 64, *, data_root=None, ensemble_size: int | None = None,
-             device: str = "cpu", n_jobs: int = 1, scheduler: str | None = None, shard=None,
-             eval_batch: int = 1024, progress: bool = True, mem_threshold: float = 0.25,
-             infl_threshold: float = 0.15, top_k: int = 10, tables: bool = True,
-             config: EstimateConfig | None = None, **settings) -> dict:
+@dataclass(frozen=True)
+class Execution(Runtime):
+    """How an estimation runs: none of it changes any trial's result."""
+
+    trials: int = setting(64, "number of trained models (>= 2); more can be added to a finished run later")
+    ensemble_size: int | None = setting(None, "models trained at once (default: by model and device)")
+    n_jobs: int = setting(1, "worker processes over trial batches")
+    scheduler: str | None = setting(None, "Dask scheduler address, e.g. tcp://host:8786")
+    shard: str | None = setting(None, "i/N: train only this share of the trial batches (SLURM arrays)")
+    eval_batch: int = setting(1024, "samples per evaluation batch")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("trials", self.trials, 2)  # with one trial no sample is both in and out
+        check_int("ensemble_size", self.ensemble_size, 1, optional=True)
+        check_int("n_jobs", self.n_jobs, 1)
+        check_int("eval_batch", self.eval_batch, 1)
+        parse_shard(self.shard)
+
+
+def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConfig | None = None,
+             progress: bool = True, tables: bool = True, **settings) -> dict:
     """Run (or resume) the subsampling estimator into run directory ``out``.
 
-    ``settings`` are the config's fields by their command-line names (``dataset``, ``limit``,
-    ``label_noise``, ``ratio``, ``seed``, ``model``, ``hidden``, ``epochs``, ``batch_size``,
-    ``lr``, ...; see :class:`EstimateConfig` and :class:`memtool.recipe.TrainRecipe`).
-    Execution arguments (``trials``, ``ensemble_size``, ``device``, ``n_jobs``, ``scheduler``:
-    a Dask address, ``shard``: 'i/N') do not change any trial's result.
+    ``settings`` by their command-line names: the run's (:class:`EstimateConfig`: ``dataset``,
+    ``limit``, ``label_noise``, ``ratio``, ``seed``, ``robust``, ...), the recipe's
+    (:class:`memtool.recipe.Recipe`: ``model``, ``epochs``, ``lr``, ...; ``method`` and its
+    parameters, :mod:`memtool.methods`), the execution's (:class:`Execution`: ``trials``,
+    ``ensemble_size``, ``device``, ``n_jobs``, ``scheduler``, ``shard``, ``data_root``; they do
+    not change any trial's result) and the tables' (:class:`Thresholds`).
 
     With ``tables`` (default) the score tables are written once every trial is finished.
     Returns the run summary, with ``status`` 'complete', or 'partial' while trials are missing
     (other shards) or the tables were not asked for."""
-    cfg = config or EstimateConfig.from_kwargs(**settings)
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+    if trials is not None:
+        settings["trials"] = trials
+    ex, thr, rest = split_settings(settings, Execution, Thresholds)
+    ex, thr = Execution(**ex), Thresholds(**thr)
+    if config is not None and rest:
+        raise TypeError(f"give either a config or its settings, not both (got {sorted(rest)})")
+    cfg = config or EstimateConfig.from_kwargs(**rest)
+    trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
+    data_root, shard, eval_batch = ex.data_root, ex.shard, ex.eval_batch
     ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
     init_run(out, cfg.to_dict(), ds, command=sys.argv if Path(sys.argv[0]).name == "memtool" else None)
     k = ensemble_size or default_ensemble_size(cfg.recipe, device, int(np.prod(ds.image_shape)))
@@ -158,14 +160,14 @@ def estimate(out: str | Path, trials: int = 64, *, data_root=None, ensemble_size
             with tqdm(total=total_steps, unit="step", disable=not progress, desc="models x steps",
                       unit_scale=True, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
                 for ids in batches:
-                    log = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=lambda s: bar.update(s * len(ids)))
+                    log = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=bar.update)
                     bar.set_postfix(trials=f"{log['trials'][1] + 1}", test_acc=f"{log['test_acc']:.3f}")
         else:
             _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress)
     missing = set(range(trials)) - finished_trials(out)
     if missing or not tables:
         return {"status": "partial", "missing_trials": len(missing), "out": str(out)}
-    summary = compute_tables(out, mem_threshold, infl_threshold, top_k)
+    summary = compute_tables(out, **asdict(thr))
     return {"status": "complete", "out": str(out), **summary}
 
 

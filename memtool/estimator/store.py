@@ -13,7 +13,6 @@ Every file is plain arrays read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import time
@@ -23,35 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from .config import diff_configs
+from ..rundir import RunMismatchError, atomic_write, check_settings, read_json, write_json  # noqa: F401
 
 _TRIAL_FILE = re.compile(r"^trials_(\d{6})-(\d{6})\.npz$")
 # per-sample records kept for every trial: clean and (optionally) robust margins/correctness
 RECORDS = ("train_margin", "test_margin", "train_rob_margin", "test_rob_margin")
 
 
-class RunMismatchError(ValueError):
-    """A run directory was reopened with a different config or dataset."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
-
-
 def read_run_json(run: str | Path) -> dict:
     path = Path(run) / "run.json"
     if not path.exists():
         raise FileNotFoundError(f"{run} is not a memtool run directory (no run.json)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def init_run(run: str | Path, config: dict, dataset, command: list[str] | None = None) -> dict:
@@ -61,16 +43,13 @@ def init_run(run: str | Path, config: dict, dataset, command: list[str] | None =
             "n_test": len(dataset.y_test), "num_classes": dataset.num_classes}
     if (run / "run.json").exists():
         meta = read_run_json(run)
-        diffs = diff_configs(meta["config"], config)
-        diffs += diff_configs(meta["dataset"], info, "dataset.")
-        if diffs:
-            raise RunMismatchError(f"{run} was made with other settings:\n  " + "\n  ".join(diffs)
-                                   + "\nUse a new --out directory, or repeat the run's settings.")
+        check_settings({"config": meta["config"], "dataset": meta["dataset"]}, {"config": config, "dataset": info},
+                       run)
         return meta
     import torch
 
     (run / "trials").mkdir(parents=True, exist_ok=True)
-    _atomic_write(run / "labels.npz", lambda f: np.savez(
+    atomic_write(run / "labels.npz", lambda f: np.savez(
         f, train_label=dataset.y_train, original_label=dataset.original_label, test_label=dataset.y_test))
     meta = {"config": config, "dataset": info, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "versions": {"memtool": __version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -112,7 +91,7 @@ def write_trials(run: str | Path, trial_ids: np.ndarray, member: np.ndarray, rec
         arrays[name.replace("margin", "correct")] = np.packbits(m > 0, axis=1)
         arrays[name.replace("margin", "n")] = np.array(m.shape[1])
     path = Path(run) / "trials" / f"trials_{trial_ids[0]:06d}-{trial_ids[-1]:06d}.npz"
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 

@@ -6,38 +6,17 @@ Both tables carry their settings and summary as JSON in the parquet key-value me
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+
+from ..config import check_int, check_number, setting
+from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtool.estimator.read_table)
 
 from . import scores as S
 from .store import Trials, load_labels, load_trials, read_run_json, update_run_json
-
-META_KEY = b"memtool"
-
-
-def write_table(df: pd.DataFrame, path: str | Path, metadata: dict) -> Path:
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    meta = dict(table.schema.metadata or {})
-    meta[META_KEY] = json.dumps(metadata, default=str).encode()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
-    tmp.replace(path)
-    return path
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    table = pq.read_table(path)
-    df = table.to_pandas()
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    df.attrs["memtool"] = json.loads(raw) if raw else {}
-    return df
-
 
 def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
     """One row per sample (train rows, then test rows); see docs/ARCHITECTURE.md for columns."""
@@ -140,8 +119,24 @@ def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: 
     return out
 
 
-def compute_tables(run: str | Path, mem_threshold=0.25, infl_threshold=0.15, top_k=10) -> dict:
+@dataclass(frozen=True)
+class Thresholds:
+    """What the score tables call high (PAPER.md section 1)."""
+
+    mem_threshold: float = setting(0.25, "high-memorization threshold on mem")
+    infl_threshold: float = setting(0.15, "high-influence threshold on infl")
+    top_k: int = setting(10, "most influential training samples kept per test sample")
+
+    def __post_init__(self):
+        check_number("mem_threshold", self.mem_threshold, -1, 1)
+        check_number("infl_threshold", self.infl_threshold, -1, 1)
+        check_int("top_k", self.top_k, 0)
+
+
+def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_threshold,
+                   infl_threshold: float = Thresholds.infl_threshold, top_k: int = Thresholds.top_k) -> dict:
     """Recompute scores.parquet and influence.parquet from ``run``'s trials; return the summary."""
+    Thresholds(mem_threshold, infl_threshold, top_k)  # validates
     run = Path(run)
     meta = read_run_json(run)
     trials, labels = load_trials(run), load_labels(run)

@@ -1,15 +1,16 @@
-"""Training losses: TRADES and MART against hand-computed values and the official batch
-formulas; the adversaries respect the threat model; the weighted reduction."""
+"""Training methods: TRADES and MART against hand-computed values and the official batch
+formulas; the adversaries respect the threat model; the weighted reduction; the BatchNorm
+convention of the training attack."""
 
 from math import log
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from memtool.losses import (LOSSES, Step, mart_per_sample, trades_adversary, trades_per_sample,
-                            weighted_mean)
+from memtool.attacks.pgd import pgd, project
+from memtool.methods import (METHODS, Batch, build_method, ce, mart_per_sample, trades_per_sample,
+                             weighted_mean)
 from memtool.models import build_model
 
 # Two samples, three classes. Logits are log-probabilities, so the softmaxes are exactly
@@ -82,20 +83,27 @@ def test_weighted_mean():
     assert weighted_mean(loss, torch.tensor([1.0, 0.0, 3.0])).item() == pytest.approx((1 + 12) / 4)
     assert weighted_mean(loss, torch.tensor([2.0, 2.0, 2.0])).item() == pytest.approx(7 / 3)
     assert weighted_mean(loss, torch.zeros(3)).item() == 0.0
+    # per model: the last axis is the batch
+    two = weighted_mean(torch.stack([loss, 2 * loss]), torch.tensor([[1.0, 0.0, 3.0], [0.0, 1.0, 0.0]]))
+    assert two.tolist() == pytest.approx([13 / 4, 4.0])
 
 
-def _setup(method, eps=0.1):
+def _batch(n=16, seed=0):
+    return Batch(torch.arange(n), epoch=0, progress=1.0, gens=[torch.Generator().manual_seed(seed)], stacked=False)
+
+
+def _setup(name, eps=0.1, **kw):
     torch.manual_seed(0)
     model = build_model("mlp", (1, 8, 8), 10, 32).train()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    cfg = SimpleNamespace(method=method, pgd_steps=5, beta=6.0)
-    return model, x, y, Step(ids=torch.arange(16), epoch=0, eps=eps, alpha=2.5 * eps / 5, config=cfg)
+    method = build_method(name, **({} if name == "standard" else dict(eps=eps, pgd_steps=5, eps_warmup=0.0, **kw)))
+    return model, x, y, method
 
 
-@pytest.mark.parametrize("method", ["standard", "pgd-at", "trades", "mart"])
-def test_every_method_gives_per_sample_losses_and_keeps_train_mode(method):
-    model, x, y, step = _setup(method)
-    out = LOSSES[method](model, x, y, step)
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_gives_per_sample_losses_and_keeps_train_mode(name):
+    model, x, y, method = _setup(name)
+    out = method.loss(model, x, y, _batch())
     assert out.per_sample.shape == (16,) and torch.isfinite(out.per_sample).all() and (out.per_sample >= 0).all()
     assert model.training  # the adversary ran in eval mode and gave the mode back
     out.per_sample.mean().backward()
@@ -103,19 +111,90 @@ def test_every_method_gives_per_sample_losses_and_keeps_train_mode(method):
 
 
 def test_trades_with_beta_zero_is_clean_cross_entropy():
-    model, x, y, step = _setup("trades")
-    step.config.beta = 0.0
-    torch.testing.assert_close(LOSSES["trades"](model, x, y, step).per_sample,
+    model, x, y, method = _setup("trades", beta=0.0)
+    torch.testing.assert_close(method.loss(model, x, y, _batch()).per_sample,
                                F.cross_entropy(model(x), y, reduction="none"))
 
 
 def test_trades_adversary_stays_in_the_ball_and_raises_the_kl():
-    model, x, y, step = _setup("trades", eps=0.2)
-    x_adv = trades_adversary(model, x, step)
-    assert (x_adv - x).abs().max() <= 0.2 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    model, x, y, method = _setup("trades", eps=0.2)
     with torch.no_grad():
         p = F.log_softmax(model(x), 1)
-        kl_adv = F.kl_div(F.log_softmax(model(x_adv), 1), p.exp(), reduction="none").sum(1)
+
+    def kl(logits, _y):
+        return F.kl_div(F.log_softmax(logits, 1), p.exp(), reduction="none").sum(1)
+
+    x_adv = method.pgd(model, x, None, _batch(), kl, start="normal")
+    assert (x_adv - x).abs().max() <= 0.2 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
         x_rand = (x + 0.2 * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
-        kl_rand = F.kl_div(F.log_softmax(model(x_rand), 1), p.exp(), reduction="none").sum(1)
-    assert kl_adv.mean() > 2 * kl_rand.mean()
+        assert kl(model(x_adv), y).mean() > 2 * kl(model(x_rand), y).mean()
+
+
+def test_eps_warmup_ramps_eps_and_step_size_over_a_fraction_of_training():
+    m = build_method("pgd-at", eps=0.3, pgd_steps=10, eps_warmup=0.5)
+    assert m.radius(0.0) == (0.0, 0.0)
+    assert m.radius(0.25) == pytest.approx((0.15, 0.0375))
+    assert m.radius(0.5) == pytest.approx((0.3, 0.075)) and m.radius(0.9) == pytest.approx((0.3, 0.075))
+    assert build_method("pgd-at", eps=0.3, eps_warmup=0.0).radius(0.0) == pytest.approx((0.3, 0.075))
+
+
+def test_method_parameters_belong_to_their_method():
+    assert build_method("trades").beta == 6.0 and build_method("mart", beta=3).beta == 3
+    with pytest.raises(ValueError, match=r"beta does not apply to method 'pgd-at' \(it applies to trades, mart\)"):
+        build_method("pgd-at", beta=1.0)
+    with pytest.raises(ValueError, match="method must be one of standard, pgd-at, trades, mart, got 'fgsm-at'"):
+        build_method("fgsm-at")
+    with pytest.raises(ValueError, match="eps does not apply to method 'standard'"):
+        build_method("standard", eps=0.3)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+class _BNNet(torch.nn.Module):
+    """Tiny BatchNorm net whose output depends strongly on batch vs running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _bn_setup():
+    torch.manual_seed(0)
+    net = _BNNet()
+    with torch.no_grad():  # running statistics far from any batch's
+        net.bn.running_mean.fill_(3.0)
+        net.bn.running_var.fill_(9.0)
+    return net.train(), torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+
+
+def _bn_state(net):
+    return [t.clone() for t in (net.bn.running_mean, net.bn.running_var, net.bn.num_batches_tracked)]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_training_attack_batchnorm_convention(mode):
+    """attack_bn='eval' attacks the network with its running statistics, 'train' with batch
+    statistics; either way the attack leaves the running statistics untouched and the model
+    in train mode."""
+    net, x, y = _bn_setup()
+    method = build_method("pgd-at", eps=0.2, pgd_steps=3, eps_warmup=0.0, attack_bn=mode)
+    before = _bn_state(net)
+    x_adv = method.pgd(net, x, y, _batch(seed=5))
+    assert net.training and all(torch.equal(a, b) for a, b in zip(before, _bn_state(net)))
+    # the same attack by hand on a copy set to the mode the convention names
+    reference = _BNNet()
+    reference.load_state_dict(net.state_dict())
+    reference.train(mode == "train")
+    g = torch.Generator().manual_seed(5)
+    x0 = project(x + (torch.rand(x.shape, generator=g) * 2 - 1) * 0.2, x, 0.2, "linf")
+    torch.testing.assert_close(x_adv, pgd(reference, x, y, ce, 0.2, method.alpha, 3, "linf", x0))
+    other = build_method("pgd-at", eps=0.2, pgd_steps=3, eps_warmup=0.0,
+                         attack_bn="train" if mode == "eval" else "eval").pgd(net, x, y, _batch(seed=5))
+    assert not torch.allclose(x_adv, other)  # the two conventions really differ on this net

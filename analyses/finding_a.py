@@ -1,0 +1,111 @@
+"""Finding (a) of Xu et al.: memorizing atypical samples helps clean accuracy on atypical test
+samples, hardly their adversarial robustness (PAPER.md section 3a).
+
+    python -m analyses.finding_a RUN --out figures/mnist/finding_a --seeds 3
+
+From RUN's score table: atypical training samples (mem >= tau) and atypical test samples
+(in a same-class high-influence pair with one). Standard (ST) and PGD-AT models, ``seeds``
+each, are trained on the full training set, on the set without its atypical samples and on
+the set without as many random samples, with the run's recipe (PGD-AT at ``eps``, the
+dataset's usual radius by default). Written to OUT:
+
+- ``finding_a.parquet`` / ``finding_a.md``: clean and robust (PGD-20) accuracy on the atypical
+  and the typical test samples per method and training set, mean over seeds with 95 %
+  t-intervals and the paired difference to the full set; and the models' clean and
+  adversarial training accuracy on the atypical training samples (full set);
+- ``finding_a.png``: the same as bars.
+
+Expected shape (the paper, CIFAR-100): removing atypical samples drops clean accuracy on
+atypical test samples a lot for ST and AT alike, while AT's robust accuracy on them barely
+moves. Whatever direction it takes here is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from memtool.analysis import atypical_test, atypical_train
+from memtool.datasets import STANDARD_EPS, load_dataset
+from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
+from memtool.experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
+from memtool.methods import PGDAT, Method
+from memtool.recipe import Recipe, stream
+from memtool.rundir import write_table
+
+VARIANTS = ("full", "without atypical", "without random")
+EVAL_STEPS = 20
+
+
+def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: float = 0.25,
+        infl_threshold: float = 0.15, *, recipe: Recipe | None = None, pgd_steps: int = 10, device: str = "cpu",
+        data_root=None, progress: bool = True) -> pd.DataFrame:
+    """Run finding (a) on ``run_dir``'s scores into ``out`` (see the module docstring).
+    ``recipe``: how the models are retrained (default: the run's), its method replaced by
+    standard training and by PGD-AT at ``eps`` with ``pgd_steps`` steps."""
+    run_dir, out = Path(run_dir), Path(out)
+    meta = read_run_json(run_dir)
+    cfg = EstimateConfig.from_dict(meta["config"])
+    eps = STANDARD_EPS.get(cfg.dataset, 0.1) if eps is None else eps
+    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
+    scores, infl = load_scores(run_dir), load_influence(run_dir)
+    atyp_train = atypical_train(scores, mem_threshold).to_numpy()
+    atyp_test = atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy()
+    atypical_ids = np.flatnonzero(atyp_train)
+    rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))
+    variants = dict(zip(VARIANTS, ([], atypical_ids, rng.choice(len(atyp_train), len(atypical_ids), replace=False))))
+    data = Data.of(ds, device)
+    methods = {"ST": Method(), "AT": PGDAT(eps=eps, pgd_steps=pgd_steps)}
+    tables = []
+    for name, method in methods.items():
+        records = retrain(out / name, data, replace(recipe or cfg.recipe, method=method), variants, seeds, seed=cfg.seed, robust_eps=eps,
+                          robust_steps=EVAL_STEPS, settings={"run": str(run_dir), "fingerprint": ds.fingerprint},
+                          progress=progress)
+        test = summarize(records, {"atypical test": atyp_test, "typical test": ~atyp_test}, baseline="full")
+        train = summarize(records[records["variant"] == "full"], {"atypical train": atyp_train}, split="train")
+        tables.append(pd.concat([test, train], ignore_index=True).assign(method=name))
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["method"] + [c for c in table.columns if c != "method"]]
+    info = {"run": str(run_dir), "eps": eps, "robust_attack": f"pgd{EVAL_STEPS}", "seeds": seeds,
+            "mem_threshold": mem_threshold, "infl_threshold": infl_threshold,
+            "n_atypical_train": int(atyp_train.sum()), "n_train": int(len(atyp_train)),
+            "n_atypical_test": int(atyp_test.sum()), "n_test": int(len(atyp_test)), "dataset": meta["dataset"]}
+    write_table(table, out / "finding_a.parquet", info)
+    (out / "finding_a.md").write_text(
+        f"# Finding (a) on {cfg.dataset} ({run_dir})\n\n"
+        f"Atypical training samples (mem >= {mem_threshold}): {info['n_atypical_train']} of {info['n_train']}; "
+        f"atypical test samples (high-influence pair, infl >= {infl_threshold}): {info['n_atypical_test']} of "
+        f"{info['n_test']}. Robust: PGD-{EVAL_STEPS} at eps {eps:g}. {seeds} seeds per cell, 95 % t-intervals "
+        "over seeds; differences paired by seed.\n\n"
+        + "\n".join(f"## {m}\n\n" + markdown(t.drop(columns="method")) for m, t in table.groupby("method", sort=False)))
+    test = table[table["group"] != "atypical train"]
+    panels = {f"{m}: {k} accuracy": test[(test["method"] == m) & (test["metric"] == k)]
+              for m in methods for k in ("clean", "robust")}
+    bar_panels(table, out / "finding_a.png", f"Finding (a) on {cfg.dataset} (robust: PGD-{EVAL_STEPS}, eps {eps:g})",
+               panels)
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--eps", type=float, default=None, help="default: the dataset's usual radius")
+    p.add_argument("--mem-threshold", type=float, default=0.25)
+    p.add_argument("--infl-threshold", type=float, default=0.15)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", default=None)
+    a = p.parse_args(argv)
+    table = run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, a.infl_threshold, device=a.device,
+                data_root=a.data_root)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {Path(a.out) / 'finding_a.md'}")
+
+
+if __name__ == "__main__":
+    main()

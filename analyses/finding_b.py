@@ -1,0 +1,164 @@
+"""Finding (b) of Xu et al.: memorizing certain atypical samples hurts the typical ones
+(PAPER.md section 3b).
+
+    python -m analyses.finding_b RUN --out figures/mnist/finding_b --seeds 3
+
+A PGD-AT reference model is trained on the full training set (the run's recipe, PGD-AT at
+``eps``); for every atypical training sample (mem >= tau) its harmfulness
+h_i = max over k != y_i of softmax(f(x'_i))_k is measured on its PGD example x'_i (the
+reference model puts x'_i confidently into another class when h_i is high). Then PGD-AT is
+retrained, ``seeds`` each, on the full set, on the set without the k most harmful atypical
+samples, and on the set without k random atypical samples, for several k. Written to OUT:
+
+- ``harmfulness.parquet``: h_i of every atypical training sample (and its mem and label);
+- ``finding_b.parquet`` / ``finding_b.md``: clean and robust (PGD-20) accuracy on the typical
+  (and atypical) test samples per training set, mean over seeds with 95 % t-intervals and
+  the paired difference to the full set;
+- ``finding_b.png``: accuracy on the typical test samples against the number removed.
+
+Expected shape (the paper): removing the harmful ones raises clean and robust accuracy on
+typical test samples; removing random atypical ones does not. Whatever direction it takes
+here is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from memtool.analysis import atypical_test, atypical_train
+from memtool.datasets import STANDARD_EPS, load_dataset
+from memtool.engine import fit
+from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
+from memtool.experiments import EXPERIMENT, Data, experiment_seeds, markdown, retrain, summarize
+from memtool.methods import PGDAT, Batch, other_class_confidence
+from memtool.recipe import EVAL, Recipe, stream
+from memtool.rundir import read_table, write_table
+
+EVAL_STEPS = 20
+FRACTIONS = (0.125, 0.25, 0.5)  # removal sizes, as fractions of the atypical training set
+
+
+def harmfulness(model, x, y, attack: PGDAT, seed: int, batch: int = 512) -> np.ndarray:
+    """h_i of every sample of ``x`` (uint8 or [0, 1]) under ``attack`` against ``model``."""
+    gen = [torch.Generator(device=x.device).manual_seed(stream(seed, EVAL, 7))]
+    out = []
+    for i in range(0, len(y), batch):
+        xb, yb = x[i : i + batch], y[i : i + batch]
+        xb = xb.float().div(255) if xb.dtype == torch.uint8 else xb
+        x_adv = attack.pgd(model, xb, yb, Batch(None, 0, 1.0, gen, False))
+        with torch.no_grad():
+            out.append(other_class_confidence(model(x_adv), yb).cpu())
+    return torch.cat(out).numpy()
+
+
+def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: float = 0.25,
+        infl_threshold: float = 0.15, fractions=FRACTIONS, *, recipe: Recipe | None = None, pgd_steps: int = 10,
+        device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
+    """Run finding (b) on ``run_dir``'s scores into ``out`` (see the module docstring)."""
+    run_dir, out = Path(run_dir), Path(out)
+    meta = read_run_json(run_dir)
+    cfg = EstimateConfig.from_dict(meta["config"])
+    eps = STANDARD_EPS.get(cfg.dataset, 0.1) if eps is None else eps
+    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
+    scores, infl = load_scores(run_dir), load_influence(run_dir)
+    atyp_train = atypical_train(scores, mem_threshold).to_numpy()
+    atyp_test = atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy()
+    atypical_ids = np.flatnonzero(atyp_train)
+    if len(atypical_ids) == 0:
+        raise ValueError(f"{run_dir} has no atypical training samples (mem >= {mem_threshold})")
+    data = Data.of(ds, device)
+    at = PGDAT(eps=eps, pgd_steps=pgd_steps)
+    train_recipe = replace(recipe or cfg.recipe, method=at)
+
+    h_path = out / "harmfulness.parquet"
+    if not h_path.exists():  # the reference model: PGD-AT on the full set, the experiment's seed 0
+        ref = fit(train_recipe, data.x_train, data.y_train, [np.arange(len(atyp_train))],
+                  experiment_seeds(cfg.seed, 1), num_classes=data.num_classes)[0]
+        probe = PGDAT(eps=eps, pgd_steps=EVAL_STEPS, eps_warmup=0.0)
+        h = harmfulness(ref, data.x_train[atypical_ids], data.y_train[atypical_ids], probe, cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        tr = scores[scores["split"] == "train"].set_index("sample_id")
+        write_table(pd.DataFrame({"sample_id": atypical_ids, "label": ds.y_train[atypical_ids],
+                                  "mem": tr.loc[atypical_ids, "mem"].to_numpy(), "h": h}),
+                    h_path, {"run": str(run_dir), "eps": eps, "attack": f"pgd{EVAL_STEPS}"})
+    harm = read_table(h_path).sort_values(["h", "sample_id"], ascending=[False, True])
+
+    rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))
+    shuffled = rng.permutation(atypical_ids)
+    sizes = sorted({max(1, int(round(f * len(atypical_ids)))) for f in fractions})
+    variants = {"full": []}
+    for k in sizes:
+        variants[f"harmful {k}"] = harm["sample_id"].to_numpy()[:k]
+        variants[f"random atypical {k}"] = shuffled[:k]
+    records = retrain(out / "AT", data, train_recipe, variants, seeds, seed=cfg.seed, robust_eps=eps,
+                      robust_steps=EVAL_STEPS, settings={"run": str(run_dir), "fingerprint": ds.fingerprint},
+                      progress=progress)
+    table = summarize(records, {"typical test": ~atyp_test, "atypical test": atyp_test}, baseline="full")
+    kind = table["variant"].str.extract(r"^(harmful|random atypical|full)")[0]
+    table.insert(1, "removed", kind)
+    table.insert(2, "n_removed", pd.to_numeric(table["variant"].str.extract(r"(\d+)$")[0]).fillna(0).astype(int))
+    info = {"run": str(run_dir), "eps": eps, "robust_attack": f"pgd{EVAL_STEPS}", "seeds": seeds,
+            "mem_threshold": mem_threshold, "n_atypical_train": int(len(atypical_ids)),
+            "n_typical_test": int((~atyp_test).sum()), "sizes": sizes, "h_median": float(harm["h"].median()),
+            "dataset": meta["dataset"]}
+    write_table(table, out / "finding_b.parquet", info)
+    (out / "finding_b.md").write_text(
+        f"# Finding (b) on {cfg.dataset} ({run_dir})\n\n"
+        f"{len(atypical_ids)} atypical training samples (mem >= {mem_threshold}), ranked by harmfulness h under "
+        f"PGD-{EVAL_STEPS} at eps {eps:g} against a PGD-AT model on the full set (median h "
+        f"{info['h_median']:.3f}). PGD-AT retrained without the k most harmful or k random atypical samples, "
+        f"k in {sizes}; {seeds} seeds each, 95 % t-intervals over seeds, differences paired by seed.\n\n"
+        + markdown(table.drop(columns=["removed", "n_removed"])))
+    figure(table, out / "finding_b.png", cfg.dataset, eps)
+    return table
+
+
+def figure(table: pd.DataFrame, path, dataset: str, eps: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table[table["group"] == "typical test"]
+    metrics = list(dict.fromkeys(t["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.5), squeeze=False)
+    full = t[t["removed"] == "full"].set_index("metric")
+    for ax, metric in zip(axes[0], metrics):
+        for kind in ("harmful", "random atypical"):
+            r = pd.concat([full.loc[[metric]].reset_index(), t[(t["removed"] == kind) & (t["metric"] == metric)]])
+            r = r.sort_values("n_removed")
+            ax.plot(r["n_removed"], 100 * r["accuracy"], marker="o", label=f"without {kind}")
+            ax.fill_between(r["n_removed"], 100 * r["ci_low"], 100 * r["ci_high"], alpha=0.2)
+        ax.set(xlabel="atypical training samples removed", ylabel=f"{metric} accuracy on typical test (%)")
+        ax.legend(frameon=False, fontsize=8)
+    fig.suptitle(f"Finding (b) on {dataset}: PGD-AT (robust: PGD-{EVAL_STEPS}, eps {eps:g})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--eps", type=float, default=None, help="default: the dataset's usual radius")
+    p.add_argument("--mem-threshold", type=float, default=0.25)
+    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", default=None)
+    a = p.parse_args(argv)
+    table = run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, fractions=a.fractions, device=a.device,
+                data_root=a.data_root)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {Path(a.out) / 'finding_b.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Retraining experiments: train variants of a training set (the full set, the set without
+some samples, ...) with several seeds on the engine, record every model's per-sample
+correctness, and summarize accuracy per group of samples with confidence intervals over
+seeds. `memtool validate` and the findings' analyses are such experiments.
+
+    records = retrain(OUT, data, recipe, {"full": [], "without atypical": ids}, seeds=3)
+    table = summarize(records, {"atypical test": mask, "typical test": ~mask})
+
+Each (variant, seed) model's records are written to ``OUT/models/VARIANT-sSEED.npz`` as soon
+as its stack finishes (atomically), and an interrupted experiment trains only what is
+missing; ``OUT/experiment.json`` holds its settings and a reopen with others is refused.
+The models of one variant share seeds with the other variants' (a paired design), and the
+seeds stack where the architecture allows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from .engine import fit
+from .recipe import Recipe, stream
+from .rundir import atomic_write, open_settings
+
+EXPERIMENT = 0xE1  # the stream of experiment seeds
+
+
+@dataclass(frozen=True)
+class Data:
+    """The tensors an experiment trains and tests on (pixels uint8, on the device)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @classmethod
+    def of(cls, ds, device="cpu") -> "Data":
+        t = lambda a: torch.tensor(a, device=device)  # noqa: E731  (copies: arrays may be read-only)
+        return cls(t(ds.x_train), t(ds.y_train), t(ds.x_test), t(ds.y_test), ds.num_classes)
+
+
+def experiment_seeds(seed: int, n: int) -> list[int]:
+    return [stream(seed, EXPERIMENT, s) for s in range(n)]
+
+
+def _file(out: Path, variant: str, s: int) -> Path:
+    return out / "models" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', variant)}-s{s}.npz"
+
+
+def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, seed: int = 0,
+            robust_eps: float | None = None, robust_steps: int | None = None, settings: dict | None = None,
+            progress: bool = True) -> pd.DataFrame:
+    """Train ``seeds`` models per variant (``variants``: name -> training sample ids to leave
+    out) and return their per-sample records: one row per (variant, seed, split, sample_id)
+    with ``correct`` and, with ``robust_eps``, ``robust_correct`` (PGD at that eps)."""
+    out = Path(out)
+    n = len(data.y_train)
+    excluded = {v: np.unique(np.asarray(ids, dtype=np.int64)) for v, ids in variants.items()}
+    open_settings(out / "experiment.json", {
+        **(settings or {}), "recipe": recipe.to_dict(), "seeds": seeds, "seed": seed, "robust_eps": robust_eps,
+        "robust_steps": robust_steps,
+        "variants": {v: {"n_excluded": len(ids), "excluded": ids.tolist()} for v, ids in excluded.items()}},
+        "experiment settings")
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    model_seeds = experiment_seeds(seed, seeds)
+    todo = [(v, s) for v in variants for s in range(seeds) if not _file(out, v, s).exists()]
+    bar = tqdm(total=len(todo), unit="model", disable=not progress or not todo, desc="retraining")
+    for v in variants:
+        pending = [s for s in range(seeds) if (v, s) in todo]
+        if not pending:
+            continue
+        subset = np.setdiff1d(np.arange(n), excluded[v])
+        models = fit(recipe, data.x_train, data.y_train, [subset] * len(pending), [model_seeds[s] for s in pending],
+                     num_classes=data.num_classes)
+        rec = {"train_correct": models.margins(data.x_train, data.y_train) > 0,
+               "test_correct": models.margins(data.x_test, data.y_test) > 0}
+        if robust_eps is not None:
+            for key, split in enumerate(("train", "test")):
+                x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+                rec[f"{split}_robust_correct"] = models.margins(x, y, robust=robust_eps, steps=robust_steps,
+                                                                key=key) > 0
+        for j, s in enumerate(pending):
+            atomic_write(_file(out, v, s), lambda f, j=j: np.savez(f, **{k: r[j].numpy() for k, r in rec.items()}))
+            bar.update(1)
+    bar.close()
+    return load_records(out, variants, seeds)
+
+
+def load_records(out, variants, seeds: int) -> pd.DataFrame:
+    parts = []
+    for v in variants:
+        for s in range(seeds):
+            with np.load(_file(Path(out), v, s), allow_pickle=False) as z:
+                for split in ("train", "test"):
+                    cols = {"correct": z[f"{split}_correct"]}
+                    if f"{split}_robust_correct" in z.files:
+                        cols["robust_correct"] = z[f"{split}_robust_correct"]
+                    parts.append(pd.DataFrame({"variant": v, "seed": s, "split": split,
+                                               "sample_id": np.arange(len(cols["correct"])), **cols}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval of the mean of ``values`` (NaN bounds for one value)."""
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return m, m - half, m + half
+
+
+def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline: str | None = None,
+              confidence: float = 0.95) -> pd.DataFrame:
+    """Accuracy per (variant, group, metric) over seeds: mean and t-interval of the per-seed
+    accuracies; with ``baseline``, also the paired difference to that variant (same seeds).
+    ``groups``: name -> bool array over the split's sample ids."""
+    rec = records[records["split"] == split]
+    metrics = [c for c in ("correct", "robust_correct") if c in rec.columns]
+    rows = []
+    for (variant, seed), g in rec.groupby(["variant", "seed"], sort=False):
+        ok = g.set_index("sample_id")
+        for group, mask in groups.items():
+            ids = np.flatnonzero(np.asarray(mask))
+            for metric in metrics:
+                rows.append({"variant": variant, "seed": seed, "group": group, "n": len(ids),
+                             "metric": "clean" if metric == "correct" else "robust",
+                             "accuracy": float(ok.loc[ids, metric].mean()) if len(ids) else float("nan")})
+    per_seed = pd.DataFrame(rows)
+    out = []
+    keys = ["variant", "group", "metric"]
+    for key, g in per_seed.groupby(keys, sort=False):
+        mean, lo, hi = t_interval(g["accuracy"], confidence)
+        row = dict(zip(keys, key), n=int(g["n"].iloc[0]), seeds=len(g), accuracy=mean, ci_low=lo, ci_high=hi)
+        if baseline is not None:
+            base = per_seed[(per_seed["variant"] == baseline) & (per_seed["group"] == key[1])
+                            & (per_seed["metric"] == key[2])].set_index("seed")["accuracy"]
+            d = g.set_index("seed")["accuracy"] - base.reindex(g["seed"]).to_numpy()
+            row["diff"], row["diff_low"], row["diff_high"] = t_interval(d, confidence)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def markdown(table: pd.DataFrame, percent: bool = True) -> str:
+    """The summary as a markdown table: accuracy (and difference) with their intervals."""
+    f = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3f}")  # noqa: E731
+    has_diff = "diff" in table.columns
+    head = "| variant | group | metric | n | seeds | accuracy % (95 % CI) |" + (" vs baseline, points (95 % CI) |"
+                                                                             if has_diff else "")
+    lines = [head, "|" + "---|" * (7 if has_diff else 6)]
+    for r in table.itertuples():
+        ci = f"{f(r.accuracy)} ({f(r.ci_low)} to {f(r.ci_high)})"
+        line = f"| {r.variant} | {r.group} | {r.metric} | {r.n} | {r.seeds} | {ci} |"
+        if has_diff:
+            line += f" {f(r.diff):>5} ({f(r.diff_low)} to {f(r.diff_high)}) |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def bar_panels(table: pd.DataFrame, path, title: str, panels: dict, ylabel: str = "accuracy (%)") -> Path:
+    """One panel per entry of ``panels`` (panel title -> the rows of ``table`` it shows):
+    accuracy per group (x) and variant (bars) with the confidence intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.6 + 3.2 * len(panels), 3.5), sharey=True, squeeze=False)
+    for ax, (name, p) in zip(axes[0], panels.items()):
+        groups, variants = list(dict.fromkeys(p["group"])), list(dict.fromkeys(p["variant"]))
+        width = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            r = p[p["variant"] == v].set_index("group").reindex(groups)
+            xs = np.arange(len(groups)) + (i - (len(variants) - 1) / 2) * width
+            err = np.nan_to_num(np.vstack([r["accuracy"] - r["ci_low"], r["ci_high"] - r["accuracy"]]) * 100)
+            ax.bar(xs, 100 * r["accuracy"], width, yerr=err, capsize=2, label=v)
+        ax.set_xticks(np.arange(len(groups)), groups, fontsize=8)
+        ax.set_title(name, fontsize=9)
+    axes[0, 0].set_ylabel(ylabel)
+    axes[0, 0].legend(frameon=False, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

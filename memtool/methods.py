@@ -1,0 +1,296 @@
+"""Training methods as configured objects: standard, PGD-AT, TRADES and MART.
+
+A method is a frozen dataclass holding its own hyper-parameters; its :meth:`Method.loss`
+returns per-sample losses for one batch, and the engine (:mod:`memtool.engine`) reduces them
+with per-sample weights as ``sum_i w_i l_i / sum_i w_i`` per model. ``batch`` tells the method
+the ids of the samples in the batch (positions in the training set: the hook BAT uses), how
+far training has progressed (for warm-ups) and each model's random generator.
+
+Every formula works on a leading model axis: ``model`` is one ``nn.Module`` taking
+(B, C, H, W), or a stacked :class:`memtool.ensemble.Ensemble` taking (K, B, C, H, W) and
+returning (K, B, classes); the per-sample losses are then (K, B). Random draws go through
+``batch`` (one generator per model), so model k's result is the same whether it was trained
+alone or stacked with others.
+
+**BatchNorm and the training attack.** memtool attacks in eval mode by default
+(``attack_bn="eval"``): the adversarial example is computed against the network with its
+running statistics, i.e. the function that is evaluated at test time, the attack's forward
+passes cannot disturb the running statistics, and it is what the official TRADES and MART
+code does, so all baselines share it. ``attack_bn="train"`` attacks with batch statistics as
+Madry et al. and Rice et al. do (their code); memtool then restores the running statistics
+after the attack, so only the training forward pass updates them. For BatchNorm-free models
+(mlp, cnn) the two are identical.
+
+Formulas follow the official implementations, reduced per sample instead of over the batch
+(their batch loss is the mean of these; tested):
+
+- TRADES (github.com/yaodongyu/TRADES ``trades.py``): x' maximizes KL(f(x) || f(x')) by PGD
+  from x + 0.001 N(0, 1); l_i = CE(f(x_i), y_i) + beta * KL(softmax f(x_i) || softmax f(x'_i)).
+- MART (github.com/YisenWang/MART ``mart.py``): x' by PGD on CE from x + 0.001 N(0, 1);
+  p' = softmax f(x'), p = softmax f(x), y' = argmax_{k != y} p'_k;
+  l_i = CE(f(x'_i), y_i) - log(1.0001 - p'_{i,y'} + 1e-12)
+        + beta * KL(p_i || p'_i) * (1.0000001 - p_{i,y_i})   (log p' + 1e-12 inside KL).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks.base import eval_mode
+from .attacks.pgd import default_step_size, pgd, project
+from .config import check_choice, check_int, check_number, setting
+
+ATTACK_BN = ("eval", "train")
+
+
+class LossOutput(NamedTuple):
+    per_sample: torch.Tensor  # (..., B) losses l_i
+    weight: torch.Tensor | None = None  # (..., B) the method's own weights (no gradient), times the given ones
+    extra: torch.Tensor | None = None  # (...,) per-model term added after the weighted mean
+
+
+class Batch:
+    """What the engine tells a method about the current batch."""
+
+    __slots__ = ("ids", "epoch", "progress", "gens", "stacked", "weights")
+
+    def __init__(self, ids: torch.Tensor, epoch: int, progress: float, gens: list, stacked: bool,
+                 weights: torch.Tensor | None = None):
+        self.ids = ids  # (B,) or (K, B) sample ids: positions in the training set
+        self.weights = weights  # the given per-sample weights of these samples (the engine applies them)
+        self.epoch = epoch  # 0-based
+        self.progress = progress  # fraction of training done, in [0, 1)
+        self.gens = gens  # one torch.Generator per model
+        self.stacked = stacked  # tensors carry a leading model axis
+
+    def _draw(self, draw, x: torch.Tensor) -> torch.Tensor:
+        if not self.stacked:
+            return draw(x.shape, generator=self.gens[0], device=x.device, dtype=x.dtype)
+        return torch.stack([draw(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in self.gens])
+
+    def rand_like(self, x):
+        """Uniform [0, 1) noise shaped like ``x``, model k's slice from model k's generator."""
+        return self._draw(torch.rand, x)
+
+    def randn_like(self, x):
+        return self._draw(torch.randn, x)
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (autocast) to float32; float32 / float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy over any leading dims: logits (..., C), y (...)."""
+    return F.cross_entropy(_full(logits).flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+
+
+def kl_per_sample(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities (``nn.KLDivLoss(q_log, p)`` summed per row)."""
+    return F.kl_div(q_log, p_log.exp(), reduction="none").sum(-1)
+
+
+def trades_per_sample(logits_nat, logits_adv, y, beta: float) -> torch.Tensor:
+    """TRADES: CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), per sample."""
+    logits_nat, logits_adv = _full(logits_nat), _full(logits_adv)
+    kl = kl_per_sample(F.log_softmax(logits_nat, -1), F.log_softmax(logits_adv, -1))
+    return ce(logits_nat, y) + beta * kl
+
+
+def mart_per_sample(logits_nat, logits_adv, y, beta: float) -> torch.Tensor:
+    """MART with the official code's constants (1.0001, 1e-12, 1.0000001), per sample."""
+    logits_nat, logits_adv = _full(logits_nat), _full(logits_adv)
+    adv_probs = F.softmax(logits_adv, -1)
+    top2 = torch.argsort(adv_probs, dim=-1)[..., -2:]
+    new_y = torch.where(top2[..., -1] == y, top2[..., -2], top2[..., -1])  # most likely wrong class
+    bce = ce(logits_adv, y) - torch.log(1.0001 - adv_probs.gather(-1, new_y[..., None]).squeeze(-1) + 1e-12)
+    nat_probs = F.softmax(logits_nat, -1)
+    true_probs = nat_probs.gather(-1, y[..., None]).squeeze(-1)
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(-1)
+    return bce + beta * kl * (1.0000001 - true_probs)
+
+
+def other_class_confidence(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """h_i = max over k != y_i of softmax(logits_i)_k (PAPER.md section 4): how confidently
+    the model puts the sample into another class. On adversarial logits, the harmfulness of
+    an atypical training sample."""
+    p = F.softmax(_full(logits), -1)
+    return p.scatter(-1, y[..., None], 0.0).amax(-1)
+
+
+def weighted_mean(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per model ``sum_i w_i l_i / sum_i w_i`` over the last axis (plain mean without weights;
+    0 where every weight is 0)."""
+    if weight is None:
+        return per_sample.mean(-1)
+    return (weight * per_sample).sum(-1) / weight.sum(-1).clamp_min(1e-12)
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """Train mode, but the running statistics of every BatchNorm layer are restored on exit."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns
+             if m.track_running_stats]
+    try:
+        yield model
+    finally:
+        for m, (mean, var, n) in zip([m for m in bns if m.track_running_stats], saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """Standard training: cross-entropy on the clean samples."""
+
+    name: ClassVar[str] = "standard"
+    adversarial: ClassVar[bool] = False
+
+    def loss(self, model, x, y, batch: Batch) -> LossOutput:
+        return LossOutput(ce(model(x), y))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Adversarial(Method):
+    """The training attack shared by the adversarial methods: L-inf PGD."""
+
+    eps: float = setting(0.3, "L-inf radius of the training attack, on the [0, 1] pixel scale")
+    pgd_steps: int = setting(10, "PGD steps of the training attack")
+    step_size: float | None = setting(None, "PGD step size (default: 2.5 * eps / pgd-steps)")
+    eps_warmup: float = setting(0.3, "fraction of the training over which eps (and the step size) ramp "
+                                     "linearly from 0; 0 = full eps from the start")
+    attack_bn: str = setting("eval", "BatchNorm mode of the training attack: eval (running statistics, as the "
+                                     "official TRADES/MART code) | train (batch statistics, as Madry et al.)",
+                             choices=ATTACK_BN)
+
+    adversarial: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_number("eps", self.eps, 0)
+        check_int("pgd_steps", self.pgd_steps, 1)
+        check_number("step_size", self.step_size, 0, low_open=True, optional=True)
+        check_number("eps_warmup", self.eps_warmup, 0, 1)
+        check_choice("attack_bn", self.attack_bn, ATTACK_BN)
+
+    @property
+    def alpha(self) -> float:
+        """The step size at full eps."""
+        return self.step_size if self.step_size is not None else default_step_size(self.eps, self.pgd_steps)
+
+    def radius(self, progress: float) -> tuple[float, float]:
+        """(eps, step size) after ``progress`` (fraction of the training) of the eps warm-up."""
+        scale = 1.0 if self.eps_warmup <= 0 else min(1.0, progress / self.eps_warmup)
+        return self.eps * scale, self.alpha * scale
+
+    @contextmanager
+    def attacking(self, model):
+        ctx = eval_mode(model) if self.attack_bn == "eval" else frozen_bn_stats(model)
+        with ctx, torch.enable_grad():
+            yield
+
+    def pgd(self, model, x, y, batch: Batch, loss_fn=ce, start: str = "uniform") -> torch.Tensor:
+        """PGD maximizing ``loss_fn(model(x'), y)`` in the current eps-ball; random start
+        uniform in the ball (Madry et al.) or x + 0.001 N(0, 1) (official TRADES / MART)."""
+        eps, alpha = self.radius(batch.progress)
+        x = x.detach()
+        if start == "uniform":
+            x0 = project(x + (batch.rand_like(x) * 2 - 1) * eps, x, eps, "linf")
+        else:
+            x0 = x + 0.001 * batch.randn_like(x)
+        with self.attacking(model):
+            return pgd(model, x, y, loss_fn, eps, alpha, self.pgd_steps, "linf", x0)
+
+
+@dataclass(frozen=True)
+class PGDAT(Adversarial):
+    """PGD-AT (Madry et al. 2018): cross-entropy on PGD examples (uniform random start)."""
+
+    name: ClassVar[str] = "pgd-at"
+
+    def loss(self, model, x, y, batch):
+        return LossOutput(ce(model(self.pgd(model, x, y, batch)), y))
+
+
+@dataclass(frozen=True)
+class _Tradeoff(Adversarial):
+    """An adversarial method with a trade-off between a clean and a robust term."""
+
+    beta: float = setting(6.0, "TRADES / MART trade-off between the clean and the robust term")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("beta", self.beta, 0)
+
+
+@dataclass(frozen=True)
+class TRADES(_Tradeoff):
+    """TRADES (Zhang et al. 2019)."""
+
+    name: ClassVar[str] = "trades"
+
+    def loss(self, model, x, y, batch):
+        with self.attacking(model), torch.no_grad():
+            p_log = F.log_softmax(_full(model(x)), -1)
+
+        def kl_to_clean(logits, _y):
+            return kl_per_sample(p_log, F.log_softmax(_full(logits), -1))
+
+        x_adv = self.pgd(model, x, None, batch, kl_to_clean, start="normal")
+        return LossOutput(trades_per_sample(model(x), model(x_adv), y, self.beta))
+
+
+@dataclass(frozen=True)
+class MART(_Tradeoff):
+    """MART (Wang et al. 2020)."""
+
+    name: ClassVar[str] = "mart"
+
+    def loss(self, model, x, y, batch):
+        x_adv = self.pgd(model, x, y, batch, start="normal")
+        return LossOutput(mart_per_sample(model(x), model(x_adv), y, self.beta))
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, PGDAT, TRADES, MART)}
+
+
+def method_fields(name: str) -> set[str]:
+    return {f.name for f in fields(METHODS[name])}
+
+
+def build_method(name: str = "standard", **params) -> Method:
+    """The method called ``name`` with ``params``; a parameter it does not take is an error
+    that says which methods take it."""
+    if isinstance(name, Method):
+        return name
+    check_choice("method", name, tuple(METHODS))
+    extra = set(params) - method_fields(name)
+    if extra:
+        takers = {p: [m for m in METHODS if p in method_fields(m)] for p in sorted(extra)}
+        raise ValueError("; ".join(f"{p} does not apply to method {name!r} (it applies to {', '.join(t) or 'none'})"
+                                   for p, t in takers.items()))
+    return METHODS[name](**params)
+
+
+def method_from_dict(d: dict | str) -> Method:
+    if isinstance(d, str):
+        return build_method(d)
+    d = dict(d)
+    return build_method(d.pop("name", "standard"), **d)

@@ -1,0 +1,68 @@
+"""The findings' analyses end to end at tiny size: schema, figures, resume."""
+
+import numpy as np
+import pytest
+
+from analyses import finding_a
+from memtool.recipe import Recipe
+from memtool.rundir import read_table
+
+SMALL = Recipe(model="mlp", hidden=64, epochs=8, batch_size=64, lr=0.1)
+
+
+def test_finding_a_tables_and_figure(digits_run, tmp_path):
+    run, _ = digits_run
+    out = tmp_path / "a"
+    table = finding_a.run(run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, progress=False)
+    assert set(table.method) == {"ST", "AT"} and set(table.metric) == {"clean", "robust"}
+    assert set(table.group) == {"atypical test", "typical test", "atypical train"}
+    test = table[table.group != "atypical train"]
+    assert set(test.variant) == set(finding_a.VARIANTS) and (test.seeds == 2).all()
+    assert test[["accuracy", "ci_low", "ci_high", "diff"]].notna().all().all()
+    assert set(table[table.group == "atypical train"].variant) == {"full"}
+    # AT is more robust than ST on the typical test samples (digits, eps 0.1)
+    rob = test[(test.metric == "robust") & (test.variant == "full") & (test.group == "typical test")]
+    assert rob.set_index("method").accuracy["AT"] > rob.set_index("method").accuracy["ST"]
+    saved = read_table(out / "finding_a.parquet")
+    assert saved.attrs["memtool"]["n_atypical_train"] > 0 and saved.attrs["memtool"]["eps"] == 0.1
+    assert (out / "finding_a.png").stat().st_size > 0 and "## AT" in (out / "finding_a.md").read_text()
+    # the atypical training set is mem >= 0.25
+    scores = read_table(run / "scores.parquet")
+    tr = scores[scores.split == "train"]
+    assert saved.attrs["memtool"]["n_atypical_train"] == int((tr["mem"] >= 0.25 - 1e-9).sum())
+    assert np.isclose(table[table.variant == "full"]["diff"].dropna(), 0).all()
+
+
+def test_other_class_confidence_hand_computed():
+    import torch
+
+    from memtool.methods import other_class_confidence
+
+    logits = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]).log()
+    h = other_class_confidence(logits, torch.tensor([0, 2]))
+    assert h.tolist() == pytest.approx([0.2, 0.6])  # sample 1: the true class (2) has 0.3, the others 0.1, 0.6
+
+
+def test_finding_b_tables_and_figure(digits_run, tmp_path):
+    from analyses import finding_b
+
+    run, _ = digits_run
+    out = tmp_path / "b"
+    table = finding_b.run(run, out, seeds=2, eps=0.1, fractions=(0.25, 0.5), recipe=SMALL, pgd_steps=3,
+                          progress=False)
+    harm = read_table(out / "harmfulness.parquet")
+    n_atyp = read_table(out / "finding_b.parquet").attrs["memtool"]["n_atypical_train"]
+    assert len(harm) == n_atyp and harm["h"].between(0, 1).all() and (harm["mem"] >= 0.25 - 1e-9).all()
+    k1, k2 = round(0.25 * n_atyp), round(0.5 * n_atyp)
+    assert set(table.variant) == {"full", f"harmful {k1}", f"random atypical {k1}", f"harmful {k2}",
+                                  f"random atypical {k2}"}
+    assert set(table.group) == {"typical test", "atypical test"} and (table.seeds == 2).all()
+    assert (out / "finding_b.png").stat().st_size > 0
+    # the harmful variants remove the samples with the highest h
+    records = np.load(out / "AT" / "models" / f"harmful_{k1}-s0.npz")
+    assert records["test_correct"].shape == (360,)
+    top = harm.sort_values(["h", "sample_id"], ascending=[False, True])["sample_id"].to_numpy()[:k1]
+    import json
+
+    settings = json.loads((out / "AT" / "experiment.json").read_text())
+    assert sorted(settings["variants"][f"harmful {k1}"]["excluded"]) == sorted(top.tolist())

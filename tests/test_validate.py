@@ -1,0 +1,56 @@
+"""`memtool validate` and the retraining experiments under it."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import memtool
+from memtool import experiments
+from memtool.cli import main
+
+
+def test_t_interval_and_paired_summary_hand_computed():
+    mean, lo, hi = experiments.t_interval([0.5, 0.7, 0.9])
+    # sd 0.2, se 0.2 / sqrt(3), t(0.975, 2) = 4.302653
+    assert mean == pytest.approx(0.7) and hi - mean == pytest.approx(4.302653 * 0.2 / np.sqrt(3), rel=1e-6)
+    rec = pd.DataFrame({"variant": ["a"] * 4 + ["b"] * 4, "seed": [0, 0, 1, 1] * 2, "split": "test",
+                        "sample_id": [0, 1] * 4, "correct": [1, 1, 1, 0, 0, 1, 1, 0]}).astype({"correct": bool})
+    t = experiments.summarize(rec, {"first": np.array([True, False]), "both": np.array([True, True])}, baseline="a")
+    row = t[(t.variant == "b") & (t.group == "both")].iloc[0]
+    assert row.accuracy == pytest.approx(0.5) and row.n == 2 and row.seeds == 2
+    assert row["diff"] == pytest.approx(-0.25)  # seed 0: 0.5 - 1.0, seed 1: 0.5 - 0.5
+    first = t[(t.variant == "b") & (t.group == "first")].iloc[0]
+    assert first.accuracy == pytest.approx(0.5) and first["diff"] == pytest.approx(-0.5)
+
+
+def test_validate_end_to_end_and_resume(digits_run, tmp_path, capsys, monkeypatch):
+    run, _ = digits_run
+    out = tmp_path / "v"
+    assert main(["validate", str(run), "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "influenced test samples" in text and "wrote" in text
+    table = memtool.rundir.read_table(out / "validate.parquet")
+    assert set(table.variant) == {"full", "without high-influence", "without random"}
+    assert {"accuracy", "ci_low", "ci_high", "diff", "diff_low", "diff_high", "n", "seeds"} <= set(table.columns)
+    assert (table.seeds == 2).all() and (out / "validate.png").stat().st_size > 0
+    assert "| without high-influence | influenced test samples | clean |" in (out / "validate.md").read_text()
+    pairs = memtool.load_influence(run).query("high")
+    infl_rows = table[table.group == "influenced test samples"]
+    assert (infl_rows.n == pairs.test_id.nunique()).all()
+    assert table.attrs["memtool"]["n_removed"] == pairs.train_id.nunique()
+    # (whether removal hurts the influenced samples is the measurement, not a property: with 16 trials
+    # the pairs are mostly noise; the reference runs report it)
+    full = table[(table.variant == "full") & (table.group == "all test samples")].iloc[0]
+    assert full.accuracy > 0.8 and full["diff"] == 0.0
+    records = experiments.load_records(out, ["full", "without random"], 2)
+    assert set(records.split) == {"train", "test"} and len(records) == 2 * 2 * (1437 + 360)
+    # a second call trains nothing
+    monkeypatch.setattr(experiments, "fit", lambda *a, **k: pytest.fail("retrained a finished model"))
+    again = memtool.validate(run, out, seeds=2, progress=False)
+    pd.testing.assert_frame_equal(again, table, check_like=True)
+
+
+def test_validate_refuses_an_imported_run(tmp_path):
+    memtool.rundir.write_json(tmp_path / "run.json", {"config": {"source": "feldman-zhang"}, "dataset": {}})
+    with pytest.raises(ValueError, match="needs a `memtool estimate` run"):
+        memtool.validate(tmp_path)

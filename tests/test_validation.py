@@ -1,0 +1,74 @@
+"""Bad inputs get one error line that names the parameter, the value and what is allowed:
+no traceback, nothing written."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memtool.cli import main
+from memtool.recipe import Recipe
+
+EST = ["estimate", "--dataset", "digits", "--epochs", "1", "--quiet"]
+TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (EST + ["--method", "pgd-at", "--eps", "-1"], "eps must be >= 0, got -1.0"),
+    (EST + ["--method", "pgd-at", "--pgd-steps", "0"], "pgd_steps must be an integer >= 1, got 0"),
+    (EST + ["--trials", "1"], "trials must be an integer >= 2, got 1"),
+    (EST + ["--ratio", "1.5"], "ratio must be in (0, 1), got 1.5"),
+    (EST + ["--ratio", "0"], "ratio must be in (0, 1), got 0.0"),
+    (EST + ["--lr", "0"], "lr must be > 0, got 0.0"),
+    (EST + ["--method", "trades", "--eps-warmup", "2"], "eps_warmup must be in [0, 1], got 2.0"),
+    (EST + ["--model", "resnet50"], "model must be one of mlp, cnn, preact-resnet18, wrn-D-W"),
+    (EST + ["--beta", "3"], "beta does not apply to method 'standard' (it applies to trades, mart)"),
+    (EST + ["--robust"], "robust_eps must be given for robust scores of a standard-trained run"),
+    (EST + ["--shard", "2/2"], "shard index must be in 0..N-1, got 2/2"),
+    (TRAIN + ["--method", "mart", "--beta", "-1"], "beta must be >= 0, got -1.0"),
+    (TRAIN + ["--label-noise", "1"], "label_noise must be in [0, 1), got 1.0"),
+    (TRAIN + ["--eval-samples", "0"], "eval_samples must be an integer >= 1, got 0"),
+])
+def test_bad_flags_are_named(tmp_path, capsys, args, message):
+    assert main(args + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "2.5"), ("--method", "fgsm-at")])
+def test_argparse_refuses_wrong_types_and_unknown_methods(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(EST + [flag, value, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert ("invalid int value: '2.5'" if flag == "--epochs" else "invalid choice: 'fgsm-at'") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ("epochs: 2.5", "epochs must be an integer >= 1, got 2.5"),
+    ("method: fgsm-at", "method must be one of standard, pgd-at, trades, mart, got 'fgsm-at'"),
+    ("trials: 1", "trials must be an integer >= 2, got 1"),
+    ("learning_rate: 0.1", "unknown EstimateConfig setting(s) ['learning_rate']"),
+])
+def test_bad_config_file_settings_are_named(tmp_path, capsys, line, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: digits\n{line}\n")
+    assert main(["estimate", "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_weights_file_for_other_data_is_named(tmp_path, capsys):
+    w = tmp_path / "w.parquet"
+    pd.DataFrame({"sample_id": np.arange(60000), "weight": 1.0}).to_parquet(w)  # MNIST-sized, not digits
+    assert main(TRAIN + ["--weights", str(w), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "must list every training sample id 0..1436 once" in err and "it has 60000 rows" in err
+
+
+def test_api_validation_names_the_parameter():
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 2.5"):
+        Recipe(epochs=2.5)
+    with pytest.raises(ValueError, match="schedule must be one of constant, linear, onecycle, multistep, got 'cosine'"):
+        Recipe(schedule="cosine")
+    with pytest.raises(ValueError, match="momentum must be in"):
+        Recipe(momentum=1.5)
