@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 # The main job: estimation on MNIST with planted label noise (about 5 minutes on 2 cores).
+# The study figures (hours on 2 cores, resumable): memtool figures --config configs/reference-mnist.yaml --out figures
 demo: setup
 	$(VENV)/bin/memtool estimate --config configs/demo.yaml --out runs/demo
 	$(VENV)/bin/memtool figures runs/demo --out figures/demo

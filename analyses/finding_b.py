@@ -4,7 +4,7 @@
     python -m analyses.finding_b RUN --out figures/mnist/finding_b --seeds 3
 
 A PGD-AT reference model is trained on the full training set (the run's recipe, PGD-AT at
-``eps``); for every atypical training sample (mem >= tau) its harmfulness
+``eps``, a seed of its own, so the model that judges is not one of those evaluated); for every atypical training sample (mem >= tau) its harmfulness
 h_i = max over k != y_i of softmax(f(x'_i))_k is measured on its PGD example x'_i (the
 reference model puts x'_i confidently into another class when h_i is high). Then PGD-AT is
 retrained, ``seeds`` each, on the full set, on the set without the k most harmful atypical
@@ -35,12 +35,13 @@ from memtool.analysis import atypical_test, atypical_train
 from memtool.datasets import STANDARD_EPS, load_dataset
 from memtool.engine import fit
 from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
-from memtool.experiments import EXPERIMENT, Data, experiment_seeds, markdown, retrain, summarize
+from memtool.experiments import EXPERIMENT, Data, markdown, retrain, summarize
 from memtool.methods import PGDAT, Batch, other_class_confidence
 from memtool.recipe import EVAL, Recipe, stream
 from memtool.rundir import read_table, write_table
 
 EVAL_STEPS = 20
+REFERENCE = 0xB0  # seed stream of the reference model (independent of the retrained ones)
 FRACTIONS = (0.125, 0.25, 0.5)  # removal sizes, as fractions of the atypical training set
 
 
@@ -77,9 +78,9 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
     train_recipe = replace(recipe or cfg.recipe, method=at)
 
     h_path = out / "harmfulness.parquet"
-    if not h_path.exists():  # the reference model: PGD-AT on the full set, the experiment's seed 0
+    if not h_path.exists():  # the reference model: PGD-AT on the full set, a seed of its own
         ref = fit(train_recipe, data.x_train, data.y_train, [np.arange(len(atyp_train))],
-                  experiment_seeds(cfg.seed, 1), num_classes=data.num_classes)[0]
+                  [stream(cfg.seed, EXPERIMENT, REFERENCE)], num_classes=data.num_classes)[0]
         probe = PGDAT(eps=eps, pgd_steps=EVAL_STEPS, eps_warmup=0.0)
         h = harmfulness(ref, data.x_train[atypical_ids], data.y_train[atypical_ids], probe, cfg.seed)
         out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +121,6 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
 
 
 def figure(table: pd.DataFrame, path, dataset: str, eps: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = table[table["group"] == "typical test"]

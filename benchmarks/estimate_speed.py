@@ -29,9 +29,9 @@ from memtool.recipe import Recipe  # noqa: E402
 
 SETTINGS = {
     # name: dataset kwargs, recipe, naive trials, memtool trials
-    "digits-mlp": (dict(name="digits"), Recipe(model="mlp", hidden=128, epochs=20, batch_size=32, lr=0.1), 32, 128),
-    "mnist-mlp": (dict(name="mnist", limit=5000), Recipe(model="mlp", hidden=256, epochs=20, batch_size=128, lr=0.1), 8, 32),
-    "mnist-cnn": (dict(name="mnist", limit=5000), Recipe(model="cnn", hidden=128, epochs=2, batch_size=128, lr=0.05), 4, 16),
+    "digits-mlp": (dict(name="digits"), Recipe(model="mlp", hidden=128, epochs=20, batch_size=32, lr=0.1, schedule="constant"), 32, 128),
+    "mnist-mlp": (dict(name="mnist", limit=5000), Recipe(model="mlp", hidden=256, epochs=20, batch_size=128, lr=0.1, schedule="constant"), 8, 32),
+    "mnist-cnn": (dict(name="mnist", limit=5000), Recipe(model="cnn", hidden=128, epochs=2, batch_size=128, lr=0.05, schedule="constant"), 4, 16),
 }
 
 

@@ -31,7 +31,7 @@ from memtool.estimator import plan, scores as S  # noqa: E402
 from memtool.recipe import Recipe  # noqa: E402
 
 SETTING = dict(dataset="mnist", limit=5000, label_noise=0.02, ratio=0.7, seed=0)
-RECIPE = Recipe(model="mlp", hidden=256, epochs=20, batch_size=128, lr=0.1)
+RECIPE = Recipe(model="mlp", hidden=256, epochs=20, batch_size=128, lr=0.1, schedule="constant")
 STEP = 8
 
 

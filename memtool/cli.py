@@ -117,9 +117,20 @@ def cmd_import_cscore(a: argparse.Namespace) -> int:
 
 
 def cmd_figures(a: argparse.Namespace) -> int:
-    from .figures import run_figures
+    if (a.run is None) == (a.config is None):
+        raise ValueError("figures needs either a RUN directory or --config CONFIG (not both)")
+    if a.config:
+        from .pipeline import make_figures
 
-    for p in run_figures(a.run, a.out):
+        paths = make_figures(a.config, a.out, progress=not a.quiet, **flag_values(a, Runtime))
+        print(f"wrote {Path(a.out) / 'README.md'}")
+    else:
+        from .figures import run_figures
+        from .pipeline import run_manifest
+
+        paths = run_figures(a.run, a.out, data_root=getattr(a, "data_root", None))
+        run_manifest(a.run, a.out, paths, f"memtool figures {a.run} --out {a.out}")
+    for p in paths:
         print(f"wrote {p}")
     return 0
 
@@ -253,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("figures", help="plot a run: mem histogram, most memorized images, high-influence pairs")
-    p.add_argument("run")
-    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p = sub.add_parser("figures", help="plot a run, or regenerate every figure of a study (--config)")
+    p.add_argument("run", nargs="?", help="a run directory: its mem histogram, galleries, high-influence pairs")
+    p.add_argument("--config", help="a study config (configs/reference-*.yaml): runs every stage, resumable")
+    p.add_argument("--out", required=True, help="folder for the figures (with --config: OUT/NAME/ and OUT/README.md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("datasets", help="list the datasets and whether each is on disk")

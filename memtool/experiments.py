@@ -169,9 +169,6 @@ def markdown(table: pd.DataFrame, percent: bool = True) -> str:
 def bar_panels(table: pd.DataFrame, path, title: str, panels: dict, ylabel: str = "accuracy (%)") -> Path:
     """One panel per entry of ``panels`` (panel title -> the rows of ``table`` it shows):
     accuracy per group (x) and variant (bars) with the confidence intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(0.6 + 3.2 * len(panels), 3.5), sharey=True, squeeze=False)

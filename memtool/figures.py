@@ -3,6 +3,7 @@
 ``run_figures(RUN, OUT)`` (CLI: ``memtool figures RUN --out DIR``) writes
 - ``mem_hist.png``: distribution of mem (clean vs. planted-noise labels when there are any);
 - ``most_memorized.png``: the training images with the highest mem, with their labels;
+- ``most_memorized_by_class.png``: each class's most memorized images (label, original label);
 - ``high_influence_pairs.png``: the strongest high-influence (train, test) pairs.
 """
 
@@ -10,15 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep their inline backend
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from .datasets import load_dataset  # noqa: E402
-from .estimator import load_influence, load_scores, read_run_json  # noqa: E402
+from .datasets import load_dataset
+from .estimator import load_influence, load_scores, read_run_json
 
 
 def _image(x: np.ndarray) -> np.ndarray:
@@ -51,46 +49,83 @@ def image_grid(images, titles, ncols: int = 8, size: float = 1.3):
     return fig
 
 
-def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: float = 0.25) -> list[Path]:
-    """Write the run's figures to ``out``; return their paths."""
-    run, out = Path(run), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def run_dataset(run: str | Path, data_root=None):
+    """The dataset exactly as ``run`` used it (limit, planted noise), checked by fingerprint."""
     meta = read_run_json(run)
     cfg = meta["config"]
-    ds = load_dataset(cfg["dataset"], limit=cfg.get("limit"), label_noise=cfg.get("label_noise", 0.0),
+    ds = load_dataset(cfg["dataset"], data_root, limit=cfg.get("limit"), label_noise=cfg.get("label_noise", 0.0),
                       seed=cfg.get("seed", 0))
     if meta["dataset"].get("fingerprint") not in (None, ds.fingerprint):
         raise ValueError(f"{cfg['dataset']} on disk differs from the one {run} was made with (fingerprint)")
-    scores, infl = load_scores(run), load_influence(run)
-    paths = []
+    return ds
 
-    mem_histogram(scores, threshold)
-    paths.append(out / "mem_hist.png")
-    plt.tight_layout()
-    plt.savefig(paths[-1], dpi=120)
-    plt.close("all")
 
+def _title(i, m, y, o, c) -> str:
+    return f"#{i} mem {m:.2f}\nlabel {y}" + (f" (was {o})" if c else "")
+
+
+_COLS = ["sample_id", "mem", "label", "original_label", "label_corrupted"]
+
+
+def most_memorized(scores: pd.DataFrame, ds, top: int = 24):
+    """The ``top`` training images with the highest mem (margin_mem breaks ties)."""
     train = scores[scores["split"] == "train"].dropna(subset=["mem"])
-    train = train.sort_values(["mem", "margin_mem"], ascending=False).head(top)  # margin breaks ties
-    titles = [f"#{i} mem {m:.2f}\nlabel {y}" + (f" (was {o})" if c else "")
-              for i, m, y, o, c in train[["sample_id", "mem", "label", "original_label", "label_corrupted"]].itertuples(index=False)]
-    fig = image_grid(ds.x_train[train["sample_id"].to_numpy()], titles)
+    train = train.sort_values(["mem", "margin_mem"], ascending=False).head(top)
+    fig = image_grid(ds.x_train[train["sample_id"].to_numpy()], [_title(*r) for r in train[_COLS].itertuples(index=False)])
     fig.suptitle("Most memorized training samples", fontsize=10)
-    paths.append(out / "most_memorized.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    return fig
 
-    pairs = infl[infl["high"]].nlargest(top // 2, "infl")
-    if len(pairs):
-        images, titles = [], []
-        for i, j, v, m in pairs[["train_id", "test_id", "infl", "mem"]].itertuples(index=False):
-            images += [ds.x_train[i], ds.x_test[j]]
-            titles += [f"train #{i}\nmem {m:.2f}", f"test #{j}\ninfl {v:.2f}"]
-        fig = image_grid(images, titles)
-        fig.suptitle("High-influence pairs (train image, then the test image it helps)", fontsize=10)
-        paths.append(out / "high_influence_pairs.png")
+
+def class_gallery(scores: pd.DataFrame, ds, per_class: int = 8, order: str = "most", labels=None):
+    """One row per class (``labels``: which ones; default all): its ``per_class`` most (or
+    least) memorized training images, titled with mem, label and, for planted noise, the
+    original label."""
+    train = scores[scores["split"] == "train"].dropna(subset=["mem"])
+    labels = sorted(train["label"].unique()) if labels is None else list(labels)
+    rows = []
+    for y in labels:
+        c = train[train["label"] == y].sort_values(["mem", "margin_mem"], ascending=order == "least")
+        rows.append(c.head(per_class))
+    fig, axes = plt.subplots(len(labels), per_class, figsize=(per_class * 1.2, len(labels) * 1.55), squeeze=False)
+    for ax_row, r in zip(axes, rows):
+        for ax in ax_row:
+            ax.axis("off")
+        for ax, rec in zip(ax_row, r[_COLS].itertuples(index=False)):
+            img = ds.x_train[rec[0]]
+            ax.imshow(_image(img), cmap="gray" if img.shape[0] == 1 else None)
+            ax.set_title(_title(*rec), fontsize=6)
+    fig.suptitle(f"{'Most' if order == 'most' else 'Least'} memorized training samples per class", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pair_gallery(infl: pd.DataFrame, ds, top: int = 12):
+    """The ``top`` strongest high-influence pairs: each training image, then its test image."""
+    pairs = infl[infl["high"]].nlargest(top, "infl")
+    images, titles = [], []
+    for i, j, v, m in pairs[["train_id", "test_id", "infl", "mem"]].itertuples(index=False):
+        images += [ds.x_train[i], ds.x_test[j]]
+        titles += [f"train #{i}\nmem {m:.2f}", f"test #{j}\ninfl {v:.2f}"]
+    fig = image_grid(images, titles)
+    fig.suptitle("High-influence pairs (train image, then the test image it helps)", fontsize=10)
+    return fig
+
+
+def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: float = 0.25,
+                data_root=None) -> list[Path]:
+    """Write the run's figures to ``out``; return their paths."""
+    run, out = Path(run), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = run_dataset(run, data_root)
+    scores, infl = load_scores(run), load_influence(run)
+    figs = {"mem_hist.png": mem_histogram(scores, threshold).figure, "most_memorized.png": most_memorized(scores, ds, top),
+            "most_memorized_by_class.png": class_gallery(scores, ds)}
+    if infl["high"].any():
+        figs["high_influence_pairs.png"] = pair_gallery(infl, ds, top // 2)
+    paths = []
+    for name, fig in figs.items():
         fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
+        fig.savefig(out / name, dpi=120)
         plt.close(fig)
+        paths.append(out / name)
     return paths

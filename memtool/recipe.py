@@ -34,7 +34,7 @@ class Recipe:
     lr: float = setting(0.1, "peak learning rate")
     momentum: float = setting(0.9, "SGD Nesterov momentum (ignored by adam)")
     weight_decay: float = setting(0.0, "L2 coefficient (0 lets rare samples be memorized)")
-    schedule: str = setting("constant", "learning-rate schedule: constant | linear (decay to 0) | onecycle "
+    schedule: str = setting("onecycle", "learning-rate schedule: constant | linear (decay to 0) | onecycle "
                                         "(20 %% warm-up, linear decay) | multistep (x0.1 at 50 %% and 75 %%)",
                             choices=SCHEDULES)
     augment: bool | None = setting(None, "random crop (4-pixel padding) + horizontal flip; default: on for "

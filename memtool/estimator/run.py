@@ -77,11 +77,11 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
 
 def _tensors(ds, device="cpu") -> dict:
     """The whole dataset as tensors on ``device``, pixels in [0, 1]."""
-    def img(a):
-        return torch.from_numpy(a).to(device).float().div_(255)
+    def img(a):  # torch.tensor copies: the dataset's arrays may be read-only views of its files
+        return torch.tensor(a, device=device).float().div_(255)
 
-    return {"x_train": img(ds.x_train), "y_train": torch.from_numpy(ds.y_train).to(device),
-            "x_test": img(ds.x_test), "y_test": torch.from_numpy(ds.y_test).to(device),
+    return {"x_train": img(ds.x_train), "y_train": torch.tensor(ds.y_train, device=device),
+            "x_test": img(ds.x_test), "y_test": torch.tensor(ds.y_test, device=device),
             "shape": ds.image_shape, "num_classes": ds.num_classes}
 
 

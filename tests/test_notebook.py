@@ -1,0 +1,23 @@
+"""The atypical-samples notebook runs headless on a tiny run."""
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).parents[1] / "analyses" / "notebooks" / "atypical_samples.ipynb"
+
+
+def test_notebook_executes_without_errors(digits_run, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    run, _ = digits_run
+    monkeypatch.setenv("MEMTOOL_RUN", str(run))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "atypical (mem >= 0.25)" in text and "trials" in text
+    html_tables = [o for o in outputs if o.output_type == "execute_result" and "text/html" in o.get("data", {})]
+    assert html_tables and "atypical" in html_tables[0]["data"]["text/html"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # histograms and galleries, inline

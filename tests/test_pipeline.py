@@ -1,0 +1,118 @@
+"""`memtool figures --config`: every stage, resumable, nothing trained twice, a manifest."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from memtool import engine
+from memtool.cli import main
+
+TINY = """\
+name: tiny
+description: digits, everything at toy size
+runs: {runs}
+estimate: {{dataset: digits, trials: 8, model: mlp, hidden: 64, epochs: 10, batch_size: 32, lr: 0.1}}
+robust_estimate: {{trials: 4, method: pgd-at, eps: 0.1, pgd_steps: 2}}
+validate: {{seeds: 2}}
+finding_a: {{seeds: 2, eps: 0.1, pgd_steps: 2, recipe: {{model: mlp, hidden: 32, epochs: 4, batch_size: 64}}}}
+finding_b: {{seeds: 2, eps: 0.1, pgd_steps: 2, fractions: [0.5], recipe: {{model: mlp, hidden: 48, epochs: 4}}}}
+"""
+
+
+def _model_ids(recipe, subsets, seeds):
+    key = json.dumps(recipe.to_dict(), sort_keys=True)
+    return [hashlib.sha1(f"{key}|{s}|{np.asarray(sub).tobytes().hex()}".encode()).hexdigest()
+            for sub, s in zip(subsets, seeds)]
+
+
+def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(runs=tmp_path / "runs"))
+    trained, real = [], engine.train_stack
+    calls = {"n": 0}
+
+    def recording(recipe, x, y, subsets, seeds, **kw):
+        calls["n"] += 1
+        if calls["n"] == 12:  # somewhere in the findings
+            raise KeyboardInterrupt
+        model = real(recipe, x, y, subsets, seeds, **kw)
+        trained.extend(_model_ids(recipe, subsets, seeds))
+        return model
+
+    monkeypatch.setattr(engine, "train_stack", recording)
+    out = tmp_path / "figures"
+    assert main(["figures", "--config", str(config), "--out", str(out), "--quiet"]) == 130
+    first = len(trained)
+    assert main(["figures", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    assert len(trained) > first and len(trained) == len(set(trained))  # resumed, and no model trained twice
+    assert main(["figures", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    assert len(trained) == len(set(trained))  # a finished pipeline trains nothing
+    names = {p.name for p in (out / "tiny").iterdir()}
+    for f in ["mem_hist.png", "most_memorized.png", "most_memorized_by_class.png", "mem_distributions.png",
+              "validate.png", "validate.md", "finding_a.png", "finding_a.md", "finding_a.parquet", "finding_b.png",
+              "manifest.json"]:
+        assert f in names and (out / "tiny" / f).stat().st_size > 0, f
+    assert not any(n.endswith(".npz") for n in names)  # per-model records stay in the runs folder
+    manifest = json.loads((out / "tiny" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"estimate", "robust_estimate", "validate", "finding_a", "finding_b"}
+    fig = manifest["figures"]["finding_a.png"]
+    assert fig["command"].startswith("memtool figures --config") and "digits" in fig["data"] and fig["numbers"]
+    index = (out / "README.md").read_text()
+    assert "`tiny/validate.png`" in index and "Wall time per stage" in index
+
+
+def test_bad_config_is_named(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: x\nestimate: {dataset: digits}\nfinding_c: {}\n")
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "f")]) == 2
+    assert "unknown section(s) ['finding_c']" in capsys.readouterr().err
+    assert main(["figures", "--out", str(tmp_path / "f")]) == 2
+
+
+@pytest.mark.parametrize("name", ["reference-mnist", "reference-fashion-mnist", "paper-cifar100"])
+def test_shipped_configs_parse(name):
+    from pathlib import Path
+
+    from memtool import pipeline
+
+    cfg = pipeline._load(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    from memtool.estimator import EstimateConfig
+    from memtool.estimator.run import Execution
+    from memtool.config import split_settings
+
+    ex, rest = split_settings(pipeline._flatten(cfg["estimate"]), Execution)
+    EstimateConfig.from_kwargs(**rest)
+    Execution(**ex)
+
+
+def test_paper_config_runs_shrunk_on_a_tiny_synthetic_cifar100(tmp_path, capsys):
+    """configs/paper-cifar100.yaml unchanged but for size: PreAct-ResNet-18, augmentation,
+    bf16 autocast, data from a folder in the real binary format."""
+    import yaml
+
+    folder = tmp_path / "data" / "cifar-100-binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train.bin", 40), ("test.bin", 12)):
+        labels = rng.integers(0, 100, (n, 2))
+        rec = np.concatenate([labels, rng.integers(0, 256, (n, 3072))], 1).astype(np.uint8)
+        (folder / name).write_bytes(rec.tobytes())
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper-cifar100.yaml").read_text())
+    cfg["runs"] = str(tmp_path / "runs")
+    cfg["estimate"].update(trials=2, epochs=1, batch_size=16)
+    cfg["finding_a"].update(seeds=1, pgd_steps=1, recipe={**{k: cfg["estimate"][k] for k in (
+        "model", "batch_size", "lr", "schedule", "precision")}, "epochs": 1})
+    for stage in ("validate", "finding_b"):  # need high-influence pairs / atypical samples: none at this size
+        cfg.pop(stage)
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figs"), "--quiet",
+                 "--data-root", str(tmp_path / "data")]) == 0
+    run = json.loads((tmp_path / "runs" / "cifar100" / "estimate" / "run.json").read_text())
+    recipe = run["config"]["recipe"]
+    assert recipe["model"] == "preact-resnet18" and recipe["augment"] is True and recipe["precision"] == "bf16"
+    assert (tmp_path / "figs" / "cifar100" / "finding_a.png").stat().st_size > 0
