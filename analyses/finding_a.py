@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memtool.analysis import atypical_test, atypical_train
-from memtool.datasets import STANDARD_EPS, load_dataset
-from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
-from memtool.experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
+from memtool.experiments import EXPERIMENT, bar_panels, markdown, retrain, summarize
 from memtool.methods import PGDAT, Method
 from memtool.recipe import Recipe, stream
 from memtool.rundir import write_table
+
+from .study import load_study
 
 VARIANTS = ("full", "without atypical", "without random")
 EVAL_STEPS = 20
@@ -48,17 +47,11 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
     ``recipe``: how the models are retrained (default: the run's), its method replaced by
     standard training and by PGD-AT at ``eps`` with ``pgd_steps`` steps."""
     run_dir, out = Path(run_dir), Path(out)
-    meta = read_run_json(run_dir)
-    cfg = EstimateConfig.from_dict(meta["config"])
-    eps = STANDARD_EPS.get(cfg.dataset, 0.1) if eps is None else eps
-    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
-    scores, infl = load_scores(run_dir), load_influence(run_dir)
-    atyp_train = atypical_train(scores, mem_threshold).to_numpy()
-    atyp_test = atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy()
-    atypical_ids = np.flatnonzero(atyp_train)
+    st = load_study(run_dir, eps, mem_threshold, infl_threshold, device, data_root)
+    cfg, ds, data, eps, meta = st.config, st.dataset, st.data, st.eps, st.meta
+    atyp_train, atyp_test, atypical_ids = st.atypical_train, st.atypical_test, st.atypical_ids
     rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))
     variants = dict(zip(VARIANTS, ([], atypical_ids, rng.choice(len(atyp_train), len(atypical_ids), replace=False))))
-    data = Data.of(ds, device)
     methods = {"ST": Method(), "AT": PGDAT(eps=eps, pgd_steps=pgd_steps)}
     tables = []
     for name, method in methods.items():

@@ -31,14 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from memtool.analysis import atypical_test, atypical_train
-from memtool.datasets import STANDARD_EPS, load_dataset
 from memtool.engine import fit
-from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
-from memtool.experiments import EXPERIMENT, Data, markdown, retrain, summarize
+from memtool.estimator import load_scores
+from memtool.experiments import EXPERIMENT, markdown, retrain, summarize
 from memtool.methods import PGDAT, Batch, other_class_confidence
 from memtool.recipe import EVAL, Recipe, stream
 from memtool.rundir import read_table, write_table
+
+from .study import load_study
 
 EVAL_STEPS = 20
 REFERENCE = 0xB0  # seed stream of the reference model (independent of the retrained ones)
@@ -63,17 +63,11 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
         device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
     """Run finding (b) on ``run_dir``'s scores into ``out`` (see the module docstring)."""
     run_dir, out = Path(run_dir), Path(out)
-    meta = read_run_json(run_dir)
-    cfg = EstimateConfig.from_dict(meta["config"])
-    eps = STANDARD_EPS.get(cfg.dataset, 0.1) if eps is None else eps
-    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
-    scores, infl = load_scores(run_dir), load_influence(run_dir)
-    atyp_train = atypical_train(scores, mem_threshold).to_numpy()
-    atyp_test = atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy()
-    atypical_ids = np.flatnonzero(atyp_train)
+    st = load_study(run_dir, eps, mem_threshold, infl_threshold, device, data_root)
+    cfg, ds, data, eps, meta = st.config, st.dataset, st.data, st.eps, st.meta
+    atyp_train, atyp_test, atypical_ids = st.atypical_train, st.atypical_test, st.atypical_ids
     if len(atypical_ids) == 0:
         raise ValueError(f"{run_dir} has no atypical training samples (mem >= {mem_threshold})")
-    data = Data.of(ds, device)
     at = PGDAT(eps=eps, pgd_steps=pgd_steps)
     train_recipe = replace(recipe or cfg.recipe, method=at)
 
@@ -84,7 +78,7 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
         probe = PGDAT(eps=eps, pgd_steps=EVAL_STEPS, eps_warmup=0.0)
         h = harmfulness(ref, data.x_train[atypical_ids], data.y_train[atypical_ids], probe, cfg.seed)
         out.mkdir(parents=True, exist_ok=True)
-        tr = scores[scores["split"] == "train"].set_index("sample_id")
+        tr = load_scores(run_dir).query("split == 'train'").set_index("sample_id")
         write_table(pd.DataFrame({"sample_id": atypical_ids, "label": ds.y_train[atypical_ids],
                                   "mem": tr.loc[atypical_ids, "mem"].to_numpy(), "h": h}),
                     h_path, {"run": str(run_dir), "eps": eps, "attack": f"pgd{EVAL_STEPS}"})

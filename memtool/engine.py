@@ -78,7 +78,8 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
 
     ``start``: {"model", "optimizer", "epoch"} state to resume from; ``on_epoch(epochs_done,
     model, optimizer, stats)`` runs after every epoch (checkpoints; ``stats["loss"]``: each
-    model's mean batch loss); ``on_step(k)`` after every step."""
+    model's mean batch loss, plus the method's own statistics, e.g. BAT's weights, pooled over
+    the stack); ``on_step(k)`` after every step."""
     device = x.device
     build = _builder(recipe, x, num_classes)
     k, m = subsets.shape
@@ -103,6 +104,7 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
         batches = subsets_t.gather(1, order)  # (K, m) sample ids in this epoch's order
         gens = [noise_generator(int(s), epoch, device) for s in seeds]
         loss_sum = torch.zeros(k if stacked else (), device=device)
+        stat_sums: dict = {}
         model.train()
         for s in range(per_epoch):
             ids = batches[:, s * bs : (s + 1) * bs]
@@ -127,11 +129,15 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
                 group["lr"] = lr
             opt.step()
             loss_sum += loss.detach()
+            for name, (num, den) in (out.stats or {}).items():
+                prev = stat_sums.get(name, (0.0, 0.0))
+                stat_sums[name] = (prev[0] + num.detach().sum(), prev[1] + den.detach().sum())
             if on_step is not None:
                 on_step(k)
         model.eval()
         if on_epoch is not None:
-            on_epoch(epoch + 1, model, opt, {"loss": (loss_sum / per_epoch).cpu()})
+            stats = {name: float(num / den) if float(den) > 0 else float("nan") for name, (num, den) in stat_sums.items()}
+            on_epoch(epoch + 1, model, opt, {"loss": (loss_sum / per_epoch).cpu(), **stats})
     return model.eval()
 
 

@@ -9,6 +9,8 @@ writes ::
     OUT/summary.json         per attack: its settings (eps, steps, step size, norm, ...) and
                              n, n_correct, accuracy, time
     OUT/evaluation.json      the settings of this evaluation (checked when reopened)
+    OUT/robustbench.json     a RobustBench-style record: dataset, threat model, eps, samples,
+                             attack version, seeds, clean and AutoAttack accuracy, checkpoint rule
     OUT/state/ATTACK.npz     per-sample flags done so far (written atomically after every batch)
 
 A sample misclassified without attack counts as not robust and is not attacked. Evaluation
@@ -187,7 +189,32 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
     summary["worst_case"] = {"attacks": names, "eps": eps, "n": n, "n_correct": k, "accuracy": k / n}
     write_json(out / "summary.json", summary)
     write_table(df, out / "per_sample.parquet", summary)
+    write_json(out / "robustbench.json", robustbench_record(summary, ck, ev.backend))
     return summary
+
+
+def robustbench_record(summary: dict, ck: dict, backend: str) -> dict:
+    """A RobustBench-style record of one evaluation: what a leaderboard entry states. The
+    AutoAttack number is null unless the standard version ran; the checkpoint rule is
+    memtool's (the last epoch; no checkpoint is ever chosen on the test set)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    attacks = summary["attacks"]
+    aa = attacks.get("autoattack")
+    try:
+        package = f"{backend} {version(backend)}"
+    except PackageNotFoundError:
+        package = backend
+    return {"dataset": summary["dataset"], "threat_model": "Linf", "eps": summary["eps"],
+            "n_test_samples": summary["n_samples"], "test_samples": f"the first {summary['n_samples']} of the test set",
+            "clean_acc": attacks["clean"]["accuracy"], "autoattack_acc": None if aa is None else aa["accuracy"],
+            "attack_version": None if aa is None else f"AutoAttack standard ({', '.join(aa['attacks'])}; {package})",
+            "other_attacks": {a: r["accuracy"] for a, r in attacks.items() if a not in ("clean", "autoattack")},
+            "seed": summary["seed"], "train_seed": summary["train_config"]["seed"],
+            "method": summary["train_config"]["recipe"]["method"]["name"],
+            "architecture": summary["train_config"]["recipe"]["model"],
+            "checkpoint_rule": f"last epoch ({ck['epoch']}); never selected on the test set",
+            "checkpoint": summary["checkpoint"]}
 
 
 def _open(out: Path, settings: dict) -> None:

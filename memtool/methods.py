@@ -1,4 +1,4 @@
-"""Training methods as configured objects: standard, PGD-AT, TRADES and MART.
+"""Training methods as configured objects: standard, PGD-AT, TRADES, MART and BAT.
 
 A method is a frozen dataclass holding its own hyper-parameters; its :meth:`Method.loss`
 returns per-sample losses for one batch, and the engine (:mod:`memtool.engine`) reduces them
@@ -35,7 +35,7 @@ Formulas follow the official implementations, reduced per sample instead of over
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -53,6 +53,7 @@ class LossOutput(NamedTuple):
     per_sample: torch.Tensor  # (..., B) losses l_i
     weight: torch.Tensor | None = None  # (..., B) the method's own weights (no gradient), times the given ones
     extra: torch.Tensor | None = None  # (...,) per-model term added after the weighted mean
+    stats: dict | None = None  # name -> (numerator, denominator): summed over an epoch, logged as their ratio
 
 
 class Batch:
@@ -167,6 +168,10 @@ class Method:
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
 
+    def bind(self, dataset) -> "Method":
+        """The method ready for ``dataset`` (methods that read per-sample scores load them here)."""
+        return self
+
 
 @dataclass(frozen=True)
 class Adversarial(Method):
@@ -268,7 +273,78 @@ class MART(_Tradeoff):
         return LossOutput(mart_per_sample(model(x), model(x_adv), y, self.beta))
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, PGDAT, TRADES, MART)}
+@dataclass(frozen=True)
+class BAT(Adversarial):
+    """Benign Adversarial Training as memtool defines it (PAPER.md section 4; our
+    reconstruction of the paper's stated aim, its method section being unavailable).
+
+    PGD-AT in which each atypical training sample (mem >= tau in the score table) is weighted
+    by how harmful it is now: h_i = max over k != y_i of softmax(f(x'_i))_k on its PGD
+    example (no gradient), w_i = (1 - h_i)^gamma, or with ``eta`` the hard rule w_i = 0 when
+    h_i >= eta; typical samples keep w_i = 1. A clean cross-entropy on the atypical samples,
+    weighted by lambda, keeps their clean labels memorized:
+
+        L = sum_i w_i CE(f(x'_i), y_i) / sum_i w_i + lambda * sum_{i atypical} CE(f(x_i), y_i) / |B|
+
+    For the first ``bat_warmup`` of the training it is plain PGD-AT (h from an untrained
+    model is noise). The atypical samples come from :meth:`bind` (the training loop calls it
+    with the dataset: the table must belong to that data). Logged per epoch: the mean weight
+    of the atypical samples and the fraction flagged harmful (h >= eta, or >= 0.5 with soft
+    weights). The defaults of gamma, lambda and the warm-up are provisional until the
+    hyper-parameter study (benchmarks, issue 10) chooses them."""
+
+    scores: str | None = setting(None, "BAT: a run directory or score table (parquet) with mem of every training sample")
+    tau: float = setting(0.25, "BAT: atypical training samples are those with mem >= tau")
+    gamma: float = setting(1.0, "BAT: soft weight (1 - h)^gamma of an atypical sample")
+    eta: float | None = setting(None, "BAT: hard rule instead: weight 0 when h >= eta")
+    lam: float = setting(1.0, "BAT: weight lambda of the clean cross-entropy on atypical samples", flag="--lambda")
+    bat_warmup: float = setting(0.2, "BAT: fraction of the training that is plain PGD-AT before the weights act")
+
+    name: ClassVar[str] = "bat"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("tau", self.tau, -1, 1)
+        check_number("gamma", self.gamma, 0)
+        check_number("eta", self.eta, 0, 1, optional=True)
+        check_number("lam", self.lam, 0)
+        check_number("bat_warmup", self.bat_warmup, 0, 1)
+
+    def bind(self, dataset) -> "BAT":
+        """A copy that knows the atypical training samples of ``dataset`` (a
+        :class:`memtool.datasets.Dataset`), read from ``scores`` and checked against it."""
+        from .bat import atypical_mask
+
+        if self.scores is None:
+            raise ValueError("method bat needs scores (--scores RUN_OR_TABLE: a run directory or a score table)")
+        bound = replace(self)
+        object.__setattr__(bound, "atypical", torch.as_tensor(atypical_mask(self.scores, dataset, self.tau)))
+        return bound
+
+    def loss(self, model, x, y, batch):
+        atypical = getattr(self, "atypical", None)
+        if atypical is None:
+            raise RuntimeError("BAT's score table is not bound to the data: call method.bind(dataset) "
+                               "(memtool train does)")
+        x_adv = self.pgd(model, x, y, batch)
+        logits_adv = model(x_adv)
+        per_sample = ce(logits_adv, y)
+        a = atypical.to(batch.ids.device)[batch.ids]  # (..., B)
+        if batch.progress < self.bat_warmup or not bool(a.any()):
+            return LossOutput(per_sample)
+        h = other_class_confidence(logits_adv.detach(), y)
+        soft = (1 - h).clamp_min(0) ** self.gamma if self.eta is None else (h < self.eta).to(h.dtype)
+        w = torch.where(a, soft, torch.ones_like(soft))
+        harmful = h >= (0.5 if self.eta is None else self.eta)
+        af = a.to(h.dtype)
+        extra = None
+        if self.lam > 0:
+            extra = self.lam * (ce(model(x), y) * af).sum(-1) / y.shape[-1]
+        return LossOutput(per_sample, w, extra, {"atypical_weight": ((w * af).sum(), af.sum()),
+                                                 "harmful_fraction": ((harmful & a).to(h.dtype).sum(), af.sum())})
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, PGDAT, TRADES, MART, BAT)}
 
 
 def method_fields(name: str) -> set[str]:

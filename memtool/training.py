@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +217,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
         check_settings(read_json(out / "config.json"), settings_now, out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", settings_now)
-    r = config.recipe
+    r = replace(config.recipe, method=config.recipe.method.bind(ds))
 
     # torch.tensor copies: the dataset's arrays may be read-only views of its files
     x, y = torch.tensor(ds.x_train, device=device), torch.tensor(ds.y_train, device=device)
@@ -234,7 +234,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     clock = [time.time(), time.process_time()]
 
     def on_epoch(epoch, model, opt, stats):
-        record = {"epoch": epoch, "loss": float(stats["loss"]), "train_time_s": time.time() - clock[0],
+        record = {"epoch": epoch, "loss": float(stats.pop("loss")), **stats, "train_time_s": time.time() - clock[0],
                   **epoch_check(model, xt, yt, config.check_eps, config.eval_steps, stream(config.seed, EVAL, epoch))}
         record["time_s"], record["cpu_s"] = time.time() - clock[0], time.process_time() - clock[1]
         log.append(record)
@@ -245,7 +245,8 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
         if progress:
             rob = "" if record["robust_acc"] is None else \
                 f"  {record['eval_attack']}@{record['eval_eps']:g} {record['robust_acc']:.3f}"
-            tqdm.write(f"epoch {epoch}/{r.epochs}  loss {record['loss']:.4f}  clean {record['clean_acc']:.3f}{rob}  "
+            extra = "".join(f"  {k} {v:.3f}" for k, v in stats.items())
+            tqdm.write(f"epoch {epoch}/{r.epochs}  loss {record['loss']:.4f}{extra}  clean {record['clean_acc']:.3f}{rob}  "
                        f"(n={record['eval_n']}, {record['time_s']:.1f} s)")
         clock[:] = [time.time(), time.process_time()]
 

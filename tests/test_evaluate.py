@@ -142,3 +142,20 @@ def test_an_attack_leaving_the_ball_is_not_recorded(digits_at, tmp_path, monkeyp
     monkeypatch.setattr(PGD, "perturb", lambda self, m, x, y: (x + 2 * self.eps).clamp(0, 1))
     with pytest.raises(RuntimeError, match="left the eps-ball"):
         memtool.evaluate(ckpt, attacks="clean,pgd5", eps=0.1, out=tmp_path, n_samples=50, progress=False)
+
+
+def test_robustbench_record_fields(digits_at, tmp_path):
+    out, _ = digits_at
+    pytest.importorskip("pyautoattack")
+    memtool.evaluate(out, tmp_path / "ev", attacks="clean,pgd10,autoattack", n_samples=20, progress=False)
+    rec = json.loads((tmp_path / "ev" / "robustbench.json").read_text())
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert rec["dataset"] == "digits" and rec["threat_model"] == "Linf" and rec["eps"] == 0.1
+    assert rec["n_test_samples"] == 20 and rec["seed"] == 0 and rec["train_seed"] == 0
+    assert rec["clean_acc"] == summary["attacks"]["clean"]["accuracy"]
+    assert rec["autoattack_acc"] == summary["attacks"]["autoattack"]["accuracy"] <= rec["clean_acc"]
+    assert rec["attack_version"].startswith("AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack 0.2")
+    assert rec["checkpoint_rule"].startswith("last epoch (4)") and rec["method"] == "pgd-at"
+    assert set(rec["other_attacks"]) == {"pgd10"}
+    memtool.evaluate(out, tmp_path / "pgd", attacks="clean,pgd10", n_samples=20, progress=False)
+    assert json.loads((tmp_path / "pgd" / "robustbench.json").read_text())["autoattack_acc"] is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +146,7 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
     data_root, shard, eval_batch = ex.data_root, ex.shard, ex.eval_batch
     ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
+    cfg = replace(cfg, recipe=replace(cfg.recipe, method=cfg.recipe.method.bind(ds)))
     init_run(out, cfg.to_dict(), ds, command=sys.argv if Path(sys.argv[0]).name == "memtool" else None)
     k = ensemble_size or default_ensemble_size(cfg.recipe, device, int(np.prod(ds.image_shape)))
     batches = pending_batches(finished_trials(out), trials, k, parse_shard(shard))

@@ -1,0 +1,44 @@
+"""What every analysis of a run starts from: its config, its data as it was used, and the
+typical / atypical split of PAPER.md section 2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memtool.analysis import atypical_test, atypical_train
+from memtool.datasets import STANDARD_EPS, Dataset, load_dataset
+from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
+from memtool.experiments import Data
+
+
+@dataclass
+class Study:
+    run: Path
+    meta: dict
+    config: EstimateConfig
+    dataset: Dataset
+    data: Data  # the same samples as tensors on the device
+    eps: float  # the robustness radius of the analysis
+    atypical_train: np.ndarray  # (n_train,) bool
+    atypical_test: np.ndarray  # (n_test,) bool
+
+    @property
+    def atypical_ids(self) -> np.ndarray:
+        return np.flatnonzero(self.atypical_train)
+
+
+def load_study(run, eps: float | None = None, mem_threshold: float = 0.25, infl_threshold: float = 0.15,
+               device: str = "cpu", data_root=None) -> Study:
+    run = Path(run)
+    meta = read_run_json(run)
+    cfg = EstimateConfig.from_dict(meta["config"])
+    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
+    if ds.fingerprint != meta["dataset"]["fingerprint"]:
+        raise ValueError(f"the {cfg.dataset} data on disk differ from the data {run} was estimated on")
+    scores, infl = load_scores(run), load_influence(run)
+    return Study(run, meta, cfg, ds, Data.of(ds, device), STANDARD_EPS.get(cfg.dataset, 0.1) if eps is None else eps,
+                 atypical_train(scores, mem_threshold).to_numpy(),
+                 atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy())

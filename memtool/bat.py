@@ -1,0 +1,46 @@
+"""BAT's inputs: the atypical training samples of a score table, checked against the data.
+
+A score table belongs to a dataset as memtool loaded it (after ``limit`` and planted label
+noise). The check uses the dataset fingerprint where the table records one (any estimator
+run, an imported C-score table) and otherwise (an imported Feldman & Zhang table) the number
+of training samples and their labels; a mismatch is refused, naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .estimator.scores import at_least
+from .rundir import read_table
+
+
+def read_scores(scores) -> "pd.DataFrame":  # noqa: F821
+    """A score table from a run directory (its scores.parquet) or a parquet file."""
+    path = Path(scores)
+    if path.is_dir():
+        path = path / "scores.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"no score table at {path} (give a run directory or a scores .parquet file)")
+    return read_table(path)
+
+
+def atypical_mask(scores, dataset, tau: float) -> np.ndarray:
+    """(n_train,) bool: mem >= tau (NaN: typical) for every training sample of ``dataset``."""
+    table = read_scores(scores)
+    meta = table.attrs.get("memtool", {})
+    fp = (meta.get("dataset") or {}).get("fingerprint")
+    train = table[table["split"] == "train"].sort_values("sample_id")
+    n = len(dataset.y_train)
+    if fp is not None and fp != dataset.fingerprint:
+        raise ValueError(f"score table {scores} belongs to other data: its dataset fingerprint is {fp}, "
+                         f"{dataset.name} as loaded here (limit, label noise) has {dataset.fingerprint}")
+    if len(train) != n or not np.array_equal(train["sample_id"].to_numpy(), np.arange(n)):
+        raise ValueError(f"score table {scores} has {len(train)} training rows, {dataset.name} as loaded here has "
+                         f"{n} training samples: the table belongs to other data")
+    wrong = np.flatnonzero(train["label"].to_numpy() != dataset.y_train)
+    if len(wrong):
+        raise ValueError(f"score table {scores}: {len(wrong)} of {n} training labels differ from {dataset.name} "
+                         f"(first at sample {wrong[0]}); the table belongs to other data")
+    return at_least(train["mem"].to_numpy(dtype=float), tau)

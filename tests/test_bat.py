@@ -1,0 +1,122 @@
+"""BAT: loss and weights by hand, reduction to PGD-AT, score tables checked against the data,
+a short run that trains and logs."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import memtool
+from memtool.cli import main
+from memtool.engine import fit
+from memtool.methods import BAT, PGDAT, Batch, weighted_mean
+from memtool.recipe import Recipe
+from memtool.rundir import write_table
+
+P = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])  # softmax of the logits below
+Y = torch.tensor([0, 0, 2])
+ATYPICAL = torch.tensor([False, True, True])
+
+
+class Fixed(nn.Module):
+    """Logits log(P[i]) for sample i, whatever the perturbation (its pixel holds i / 10)."""
+
+    def forward(self, x):
+        return P.log()[(10 * x.flatten(1)[:, 0]).round().long()] + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def _bat(**kw):
+    m = BAT(eps=0.0, pgd_steps=1, eps_warmup=0.0, bat_warmup=0.0, **kw)
+    object.__setattr__(m, "atypical", ATYPICAL)
+    return m
+
+
+def _loss(method):
+    x = torch.arange(3.0).view(3, 1, 1, 1) / 10
+    out = method.loss(Fixed(), x, Y, Batch(torch.arange(3), 0, 0.5, [torch.Generator().manual_seed(0)], False))
+    total = weighted_mean(out.per_sample, out.weight) + (0 if out.extra is None else out.extra)
+    return out, float(total)
+
+
+def test_soft_weights_and_loss_by_hand():
+    # h: sample 1 (y=0) puts 0.7 on class 1, sample 2 (y=2) puts 0.1 on another class
+    out, total = _loss(_bat(gamma=1.0, lam=0.5))
+    assert out.weight.tolist() == pytest.approx([1.0, 0.3, 0.9])
+    ce = [-math.log(0.6), -math.log(0.2), -math.log(0.8)]
+    expected = (ce[0] + 0.3 * ce[1] + 0.9 * ce[2]) / 2.2 + 0.5 * (ce[1] + ce[2]) / 3
+    assert total == pytest.approx(expected, rel=1e-6)
+    (wn, wd), (hn, hd) = out.stats["atypical_weight"], out.stats["harmful_fraction"]
+    assert float(wn / wd) == pytest.approx(0.6) and float(hn / hd) == pytest.approx(0.5)
+    out2, _ = _loss(_bat(gamma=2.0, lam=0.0))
+    assert out2.weight.tolist() == pytest.approx([1.0, 0.09, 0.81]) and out2.extra is None
+
+
+def test_hard_rule_by_hand():
+    out, total = _loss(_bat(eta=0.5, lam=0.0))
+    assert out.weight.tolist() == [1.0, 0.0, 1.0]
+    assert total == pytest.approx((-math.log(0.6) - math.log(0.8)) / 2, rel=1e-6)
+
+
+def test_before_the_warmup_it_is_pgd_at():
+    m = _bat(lam=1.0)
+    object.__setattr__(m, "bat_warmup", 0.9)  # progress 0.5 < 0.9
+    out, total = _loss(m)
+    assert out.weight is None and out.extra is None
+    assert total == pytest.approx(np.mean([-math.log(0.6), -math.log(0.2), -math.log(0.8)]), rel=1e-6)
+
+
+def test_with_every_sample_typical_bat_is_pgd_at_exactly():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(200, 1, 8, 8, generator=g), torch.randint(0, 10, (200,), generator=g)
+    common = dict(eps=0.1, pgd_steps=2)
+    bat = BAT(bat_warmup=0.0, lam=1.0, **common)
+    object.__setattr__(bat, "atypical", torch.zeros(200, dtype=torch.bool))
+    subsets = [np.arange(150), np.arange(50, 200)]
+    runs = [fit(Recipe(model="mlp", hidden=16, epochs=2, batch_size=32, method=m), x, y, subsets, [1, 2],
+                num_classes=10).margins(x, y) for m in (bat, PGDAT(**common))]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_bat_needs_its_scores_bound():
+    with pytest.raises(ValueError, match="method bat needs scores"):
+        BAT().bind(memtool.load_dataset("digits"))
+    with pytest.raises(RuntimeError, match="not bound to the data"):
+        _loss(BAT(eps=0.0, pgd_steps=1))
+
+
+def test_a_score_table_of_other_data_is_refused(digits_run, tmp_path):
+    run, _ = digits_run
+    digits = memtool.load_dataset("digits", label_noise=0.05)  # the run's data
+    assert BAT(scores=str(run)).bind(digits).atypical.sum() > 0
+    with pytest.raises(ValueError, match="belongs to other data: its dataset fingerprint is"):
+        BAT(scores=str(run)).bind(memtool.load_dataset("digits"))  # without the planted noise
+    # a table without a fingerprint (an imported one) is checked by size and labels
+    table = memtool.load_scores(run)
+    write_table(table, tmp_path / "no-fp.parquet", {"dataset": {"fingerprint": None}})
+    assert BAT(scores=str(tmp_path / "no-fp.parquet")).bind(digits).atypical.sum() > 0
+    with pytest.raises(ValueError, match=r"training labels differ from digits \(first at sample"):
+        BAT(scores=str(tmp_path / "no-fp.parquet")).bind(memtool.load_dataset("digits"))
+    short = table[(table.split == "test") | (table.sample_id < 100)]
+    write_table(short, tmp_path / "short.parquet", {})
+    with pytest.raises(ValueError, match="has 100 training rows, digits as loaded here has 1437"):
+        BAT(scores=str(tmp_path / "short.parquet")).bind(digits)
+
+
+def test_short_bat_run_trains_and_logs(digits_run, tmp_path, capsys):
+    run, _ = digits_run
+    args = ["train", "--method", "bat", "--scores", str(run), "--dataset", "digits", "--label-noise", "0.05",
+            "--hidden", "64", "--epochs", "4", "--batch-size", "64", "--eps", "0.1", "--pgd-steps", "2",
+            "--bat-warmup", "0.25", "--gamma", "2", "--lambda", "0.5", "--eval-samples", "200", "--eval-steps", "5",
+            "--out", str(tmp_path / "bat")]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (tmp_path / "bat" / "log.jsonl").read_text().splitlines()]
+    assert "atypical_weight" not in log[0]  # epoch 1 is the warm-up: plain PGD-AT
+    for r in log[1:]:
+        assert 0 < r["atypical_weight"] <= 1 and 0 <= r["harmful_fraction"] <= 1
+    assert log[-1]["clean_acc"] > 0.5 and log[-1]["robust_acc"] > 0.2
+    method = json.loads((tmp_path / "bat" / "config.json").read_text())["config"]["recipe"]["method"]
+    assert method["name"] == "bat" and method["gamma"] == 2.0 and method["lam"] == 0.5
