@@ -206,3 +206,18 @@ def test_dask_scheduler_runs_trial_batches(tmp_path):
     assert s["status"] == "complete" and s["n_trials"] == 4
     a, b = load_trials(tmp_path / "dask"), load_trials(tmp_path / "local")
     np.testing.assert_allclose(a.test_margin, b.test_margin, atol=2e-2)
+
+
+def test_a_damaged_trial_file_is_set_aside_and_its_trials_trained_again(tmp_path, capsys):
+    kw = dict(trials=8, ensemble_size=4, progress=False, **{**DIGITS_FAST, "epochs": 2})
+    memtool.estimate(tmp_path / "full", **kw)
+    memtool.estimate(tmp_path / "r", **kw)
+    bad = tmp_path / "r" / "trials" / "trials_000004-000007.npz"
+    bad.write_bytes(bad.read_bytes()[:2000])  # truncated, as by a full disk or a killed copy
+    with pytest.warns(UserWarning, match=r"trials_000004-000007.npz is truncated or corrupted: moved to .*damaged"):
+        assert main(["scores", str(tmp_path / "r")]) == 0  # reported, no traceback
+    assert "trials: 4" in capsys.readouterr().out
+    assert list((tmp_path / "r" / "trials" / "damaged").iterdir())
+    resumed = memtool.estimate(tmp_path / "r", **kw)  # trains trials 4-7 again
+    assert resumed["n_trials"] == 8
+    pd.testing.assert_frame_equal(memtool.load_scores(tmp_path / "r"), memtool.load_scores(tmp_path / "full"))

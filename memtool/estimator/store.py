@@ -6,16 +6,21 @@
     RUN/log.jsonl       one line per finished batch
 
 Trial files are written to a temporary name and renamed, so a file under its final name is
-always complete; several processes may write to one RUN at once (each its own trials).
+always complete; several processes may write to one RUN at once (each its own trials). A
+file damaged anyway (a copy cut short, a bad disk) is detected by its zip checksums, moved
+to RUN/trials/damaged/ with a warning, and its trials count as not finished.
 Every file is plain arrays read with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +79,39 @@ def trial_files(run: str | Path) -> list[tuple[int, int, Path]]:
     return out
 
 
+def _readable(path: Path, first: int, last: int) -> bool:
+    """Whether a trial file is whole: its zip checksums hold and it names the trials of its name."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            if z.testzip() is not None:
+                return False
+        with np.load(path, allow_pickle=False) as z:
+            ids = z["trial_ids"]
+        return len(ids) == last - first + 1 and int(ids[0]) == first and int(ids[-1]) == last
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError):
+        return False
+
+
+def set_aside(run: str | Path, path: Path, first: int, last: int) -> Path:
+    """Move a damaged trial file to RUN/trials/damaged/ (never deleted) and say so."""
+    dest = Path(run) / "trials" / "damaged" / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    dest.parent.mkdir(exist_ok=True)
+    os.replace(path, dest)
+    warnings.warn(f"{path} is truncated or corrupted: moved to {dest}; its trials {first}-{last} are trained "
+                  "again by the next `memtool estimate` with this run's settings", stacklevel=3)
+    return dest
+
+
 def finished_trials(run: str | Path) -> set[int]:
-    return {t for first, last, _ in trial_files(run) for t in range(first, last + 1)}
+    """The trial ids of every whole trial file (damaged ones are set aside, so their trials
+    count as not finished)."""
+    done = set()
+    for first, last, path in trial_files(run):
+        if _readable(path, first, last):
+            done.update(range(first, last + 1))
+        else:
+            set_aside(run, path, first, last)
+    return done
 
 
 def write_trials(run: str | Path, trial_ids: np.ndarray, member: np.ndarray, records: dict) -> Path:
@@ -124,7 +160,10 @@ def load_trials(run: str | Path) -> Trials:
     """Read every finished trial of ``run`` (duplicates from concurrent writers read once)."""
     parts: dict[str, list] = {}
     seen: set[int] = set()
-    for _, _, path in trial_files(run):
+    for first, last, path in trial_files(run):
+        if not _readable(path, first, last):
+            set_aside(run, path, first, last)
+            continue
         with np.load(path, allow_pickle=False) as z:
             ids = z["trial_ids"]
             keep = np.array([t not in seen for t in ids])
