@@ -28,8 +28,15 @@ _SCORE_COLUMNS = ["n_in", "n_out", "acc_in", "acc_out", "mem_se", "cscore", "mar
 
 
 def _load(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not one of Feldman & Zhang's .npz files (numpy says: {e}); expected "
+                         "cifar100_infl_matrix.npz or cifar100_high_infl_pairs_infl0.15_mem0.25.npz") from None
 
 
 def _score_rows(split, ids, label, mem) -> pd.DataFrame:

@@ -72,3 +72,20 @@ def test_api_validation_names_the_parameter():
         Recipe(schedule="cosine")
     with pytest.raises(ValueError, match="momentum must be in"):
         Recipe(momentum=1.5)
+
+
+def test_bad_run_directories_and_files_are_named(tmp_path, capsys):
+    assert main(["scores", str(tmp_path)]) == 2
+    assert "is not a memtool run directory (no run.json)" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text("{ edited by hand")
+    assert main(["scores", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "run.json is not valid JSON" in err and "Traceback" not in err
+    (tmp_path / "run.json").write_text('{"config": {}}')
+    assert main(["scores", str(tmp_path)]) == 2
+    assert "lacks ['dataset']" in capsys.readouterr().err
+    pickled = tmp_path / "not-fz.npy"  # holds a pickled object: refused, never unpickled
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert main(["import-fz", str(pickled), "--out", str(tmp_path / "fz")]) == 2
+    err = capsys.readouterr().err
+    assert "is not one of Feldman & Zhang's .npz files" in err and "Traceback" not in err

@@ -38,7 +38,16 @@ def read_run_json(run: str | Path) -> dict:
     path = Path(run) / "run.json"
     if not path.exists():
         raise FileNotFoundError(f"{run} is not a memtool run directory (no run.json)")
-    return read_json(path)
+    try:
+        meta = read_json(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it (memtool writes it, it is not meant to be "
+                         "edited) or start a new run directory") from None
+    missing = {"config", "dataset"} - set(meta) if isinstance(meta, dict) else {"config", "dataset"}
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: not a run.json memtool wrote; restore it or start a new "
+                         "run directory")
+    return meta
 
 
 def init_run(run: str | Path, config: dict, dataset, command: list[str] | None = None) -> dict:
