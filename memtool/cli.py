@@ -198,7 +198,7 @@ def _recipe_flags(p: argparse.ArgumentParser) -> None:
     add_flags(p.add_argument_group("training recipe"), Recipe)
     g = p.add_argument_group("training method (parameters apply to the methods that take them)")
     g.add_argument("--method", default=argparse.SUPPRESS, choices=list(METHODS),
-                   help="standard | pgd-at | trades | mart (default: standard)")
+                   help=" | ".join(METHODS) + " (default: standard)")
     seen: set = set()
     for m in METHODS.values():
         add_flags(g, m, seen=seen)

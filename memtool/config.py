@@ -148,13 +148,17 @@ def load_config_file(path: str | Path) -> dict:
         data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    data = dict(data)
-    for nested in ("recipe",):
-        data = {**(data.pop(nested, None) or {}), **data}
+    return flatten_settings(data)
+
+
+def flatten_settings(data: dict) -> dict:
+    """Settings with '-' in keys made '_', and a nested ``recipe:`` mapping and a ``method:``
+    mapping (``{name: trades, beta: 6}``) flattened into one level."""
+    data = {k.replace("-", "_"): v for k, v in (data or {}).items()}
+    data = {**(data.pop("recipe", None) or {}), **data}
     if isinstance(data.get("method"), dict):
         m = dict(data.pop("method"))
-        data = {**m, **data, "method": m.get("name", "standard")}
-        data.pop("name", None)
+        data = {**m, **data, "method": m.pop("name", "standard")}
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

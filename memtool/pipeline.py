@@ -26,6 +26,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .config import flatten_settings
 from .recipe import Recipe
 from .rundir import read_json, write_json
 
@@ -46,16 +47,6 @@ def _load(path) -> dict:
     if "name" not in cfg or "estimate" not in cfg:
         raise ValueError(f"{path} must have a name and an estimate section")
     return cfg
-
-
-def _flatten(d: dict) -> dict:
-    """A config section as flat settings (nested recipe / method mappings flattened)."""
-    d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
-    d = {**(d.pop("recipe", None) or {}), **d}
-    if isinstance(d.get("method"), dict):
-        m = dict(d.pop("method"))
-        d = {**m, **d, "method": m.pop("name", "standard")}
-    return d
 
 
 def _save(fig, path: Path) -> Path:
@@ -115,7 +106,7 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
         for p in paths:
             manifest["figures"][p.name] = {"command": command, "data": data, "date": date, "numbers": numbers}
 
-    est = _flatten(cfg["estimate"])
+    est = flatten_settings(cfg["estimate"])
     summary = stage("estimate", lambda: estimate(runs / "estimate", progress=progress, **{**kw, **est}))
     sh = summary.get("split_half", {})
     data = (f"{est.get('dataset', 'mnist')}, first {est.get('limit') or 'all'} training samples, "
@@ -138,12 +129,12 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
         module = importlib.import_module(f"analyses.{key}")
         opts = dict(cfg[key] or {})
         if "recipe" in opts:
-            opts["recipe"] = Recipe.from_flat(**_flatten({"recipe": opts["recipe"]}))
+            opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
         table = stage(key, lambda: module.run(runs / "estimate", runs / key, progress=progress, **kw, **opts))
         add(_copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"]), data, _key_numbers(table))
     tables = {"standard training": load_scores(runs / "estimate")}  # last: the costliest stage, an illustration
     if cfg.get("robust_estimate"):
-        rob = _flatten({**cfg["estimate"], **cfg["robust_estimate"]})
+        rob = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]})
         rs = stage("robust_estimate", lambda: estimate(runs / "robust_estimate", progress=progress, **{**kw, **rob}))
         tables["adversarial training"] = load_scores(runs / "robust_estimate")
         add([mem_distributions(tables, dest / "mem_distributions.png")], data + f"; AT run: {rs['n_trials']} trials",

@@ -97,6 +97,9 @@ def _setup(name, eps=0.1, **kw):
     model = build_model("mlp", (1, 8, 8), 10, 32).train()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     method = build_method(name, **({} if name == "standard" else dict(eps=eps, pgd_steps=5, eps_warmup=0.0, **kw)))
+    if name == "bat":  # half the batch atypical, weights on from the start
+        method = build_method(name, eps=eps, pgd_steps=5, eps_warmup=0.0, bat_warmup=0.0, **kw)
+        object.__setattr__(method, "atypical", torch.arange(16) % 2 == 0)
     return model, x, y, method
 
 
@@ -143,7 +146,7 @@ def test_method_parameters_belong_to_their_method():
     assert build_method("trades").beta == 6.0 and build_method("mart", beta=3).beta == 3
     with pytest.raises(ValueError, match=r"beta does not apply to method 'pgd-at' \(it applies to trades, mart\)"):
         build_method("pgd-at", beta=1.0)
-    with pytest.raises(ValueError, match="method must be one of standard, pgd-at, trades, mart, got 'fgsm-at'"):
+    with pytest.raises(ValueError, match="method must be one of standard, pgd-at, trades, mart, bat, got 'fgsm-at'"):
         build_method("fgsm-at")
     with pytest.raises(ValueError, match="eps does not apply to method 'standard'"):
         build_method("standard", eps=0.3)

@@ -80,9 +80,9 @@ def test_shipped_configs_parse(name):
     cfg = pipeline._load(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     from memtool.estimator import EstimateConfig
     from memtool.estimator.run import Execution
-    from memtool.config import split_settings
+    from memtool.config import flatten_settings, split_settings
 
-    ex, rest = split_settings(pipeline._flatten(cfg["estimate"]), Execution)
+    ex, rest = split_settings(flatten_settings(cfg["estimate"]), Execution)
     EstimateConfig.from_kwargs(**rest)
     Execution(**ex)
 

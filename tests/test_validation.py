@@ -45,7 +45,7 @@ def test_argparse_refuses_wrong_types_and_unknown_methods(tmp_path, capsys, flag
 
 @pytest.mark.parametrize("line, message", [
     ("epochs: 2.5", "epochs must be an integer >= 1, got 2.5"),
-    ("method: fgsm-at", "method must be one of standard, pgd-at, trades, mart, got 'fgsm-at'"),
+    ("method: fgsm-at", "method must be one of standard, pgd-at, trades, mart, bat, got 'fgsm-at'"),
     ("trials: 1", "trials must be an integer >= 2, got 1"),
     ("learning_rate: 0.1", "unknown EstimateConfig setting(s) ['learning_rate']"),
 ])
