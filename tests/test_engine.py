@@ -29,8 +29,13 @@ def _subsets(k=3, m=210):
 
 def _recipe(model="mlp", method="standard", **kw):
     adv = {} if method == "standard" else dict(eps=0.1, pgd_steps=2)
+    if method == "bat":
+        adv["bat_warmup"] = 0.0
     base = dict(model=model, hidden=32, epochs=2, batch_size=40, lr=0.05, schedule="onecycle", method=method)
-    return Recipe.from_flat(**{**base, **adv, **kw})
+    r = Recipe.from_flat(**{**base, **adv, **kw})
+    if method == "bat":  # every third sample atypical
+        object.__setattr__(r.method, "atypical", torch.arange(N) % 3 == 0)
+    return r
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
