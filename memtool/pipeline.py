@@ -92,14 +92,19 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
     command = f"memtool figures --config {config} --out {out}"
     old = read_json(dest / "manifest.json") if (dest / "manifest.json").exists() else {}
     manifest = {"name": name, "description": cfg.get("description", ""), "command": command,
-                "config": str(config), "stages": {}, "figures": {}}
+                "config": str(config), "stages": old.get("stages", {}), "figures": old.get("figures", {})}
     date = time.strftime("%Y-%m-%d")
     kw = dict(device=device, data_root=data_root)
 
     def stage(key, fn):
+        """Run one stage; its wall time adds up over the invocations that worked on it (a
+        resumed stage continues where the last one stopped), saved as soon as it is done."""
         t0 = time.time()
         result = fn()
-        manifest["stages"][key] = {"wall_s": round(time.time() - t0, 1), "date": date}
+        prev = manifest["stages"].get(key, {})
+        manifest["stages"][key] = {**prev, "wall_s": round(prev.get("wall_s", 0) + time.time() - t0, 1),
+                                   "date": date, "invocations": prev.get("invocations", 0) + 1}
+        write_json(dest / "manifest.json", manifest)
         return result
 
     def add(paths, data, numbers):
@@ -139,7 +144,6 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
         tables["adversarial training"] = load_scores(runs / "robust_estimate")
         add([mem_distributions(tables, dest / "mem_distributions.png")], data + f"; AT run: {rs['n_trials']} trials",
             {"robust_test_acc": rs.get("rob_test_acc"), "n_high_rob_mem": rs.get("n_high_rob_mem")})
-    manifest["stages"] = {**old.get("stages", {}), **manifest["stages"]}
     write_json(dest / "manifest.json", manifest)
     write_index(Path(out))
     return [dest / n for n in manifest["figures"]]
@@ -188,8 +192,9 @@ def write_index(out: Path) -> Path:
         m = read_json(path)
         lines += [f"## {m['name']}", "", m.get("description", ""), "", f"Command: `{m['command']}`", ""]
         if m.get("stages"):
-            lines += ["Wall time per stage: " + ", ".join(f"{k} {v['wall_s']:.0f} s ({v['date']})"
-                                                          for k, v in m["stages"].items()), ""]
+            lines += ["Wall time per stage, summed over the invocations that worked on it: " + ", ".join(
+                f"{k} {v['wall_s']:.0f} s" + (f" ({v['note']})" if v.get("note") else "")
+                for k, v in m["stages"].items()), ""]
         lines += ["| file | data | date | key numbers |", "|---|---|---|---|"]
         for fname, f in m["figures"].items():
             nums = "; ".join(f"{k}: {_fmt(v)}" for k, v in list(f["numbers"].items())[:6])
