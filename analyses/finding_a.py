@@ -22,7 +22,6 @@ moves. Whatever direction it takes here is the result.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from memtool.methods import PGDAT, Method
 from memtool.recipe import Recipe, stream
 from memtool.rundir import write_table
 
-from .study import load_study
+from .study import load_study, study_parser
 
 VARIANTS = ("full", "without atypical", "without random")
 EVAL_STEPS = 20
@@ -84,15 +83,8 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--eps", type=float, default=None, help="default: the dataset's usual radius")
-    p.add_argument("--mem-threshold", type=float, default=0.25)
+    p = study_parser(__doc__)
     p.add_argument("--infl-threshold", type=float, default=0.15)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-root", default=None)
     a = p.parse_args(argv)
     table = run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, a.infl_threshold, device=a.device,
                 data_root=a.data_root)

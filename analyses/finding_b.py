@@ -23,7 +23,6 @@ here is the result.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from memtool.methods import PGDAT, Batch, other_class_confidence
 from memtool.recipe import EVAL, Recipe, stream
 from memtool.rundir import read_table, write_table
 
-from .study import load_study
+from .study import load_study, study_parser
 
 EVAL_STEPS = 20
 REFERENCE = 0xB0  # seed stream of the reference model (independent of the retrained ones)
@@ -136,15 +135,8 @@ def figure(table: pd.DataFrame, path, dataset: str, eps: float):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--eps", type=float, default=None, help="default: the dataset's usual radius")
-    p.add_argument("--mem-threshold", type=float, default=0.25)
+    p = study_parser(__doc__)
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-root", default=None)
     a = p.parse_args(argv)
     table = run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, fractions=a.fractions, device=a.device,
                 data_root=a.data_root)

@@ -3,6 +3,7 @@ typical / atypical split of PAPER.md section 2."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +43,16 @@ def load_study(run, eps: float | None = None, mem_threshold: float = 0.25, infl_
     return Study(run, meta, cfg, ds, Data.of(ds, device), STANDARD_EPS.get(cfg.dataset, 0.1) if eps is None else eps,
                  atypical_train(scores, mem_threshold).to_numpy(),
                  atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy())
+
+
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every analysis shares: RUN, --out, seeds, eps, threshold, device."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("run", help="a `memtool estimate` run directory")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--seeds", type=int, default=3, help="models per cell (default: 3)")
+    p.add_argument("--eps", type=float, default=None, help="default: the dataset's usual radius")
+    p.add_argument("--mem-threshold", type=float, default=0.25, help="atypical: mem >= this (default: 0.25)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", default=None)
+    return p
