@@ -154,7 +154,7 @@ def load_config_file(path: str | Path) -> dict:
 def flatten_settings(data: dict) -> dict:
     """Settings with '-' in keys made '_', and a nested ``recipe:`` mapping and a ``method:``
     mapping (``{name: trades, beta: 6}``) flattened into one level."""
-    data = {k.replace("-", "_"): v for k, v in (data or {}).items()}
+    data = dict(data or {})
     data = {**(data.pop("recipe", None) or {}), **data}
     if isinstance(data.get("method"), dict):
         m = dict(data.pop("method"))

@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attacks import PGD
-from .checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoints import CHECKPOINT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import check_int, check_number, setting
 from .datasets import load_dataset
 from .engine import fit
 from .recipe import EVAL, Recipe, WithRecipe, stream
-from .rundir import check_settings, write_json, write_jsonl
+from .rundir import check_settings, open_settings, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -211,12 +211,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
         ck = load_checkpoint(out / CHECKPOINT, device)
         check_settings(ck["settings"], settings_now, out)
         start, log = {k: ck[k] for k in ("model", "optimizer", "epoch")}, list(ck["log"])
-    elif (out / "config.json").exists():
-        from .rundir import read_json
-
-        check_settings(read_json(out / "config.json"), settings_now, out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", settings_now)
+    open_settings(out / "config.json", settings_now)
     r = replace(config.recipe, method=config.recipe.method.bind(ds))
 
     # torch.tensor copies: the dataset's arrays may be read-only views of its files
@@ -227,7 +222,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if done >= r.epochs:
         if progress:
             print(f"{out}: already trained for {done} epochs")
-        return _model_from(ck, device)
+        return model_from_checkpoint(ck, device)
 
     bar = tqdm(total=r.steps(len(subset)), initial=r.steps(len(subset)) * done // r.epochs, unit="step",
                disable=not progress, desc=f"train {r.method.name}", dynamic_ncols=True)
@@ -257,9 +252,3 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if progress:
         print(f"wrote {out / CHECKPOINT}")
     return models[0]
-
-
-def _model_from(ck: dict, device) -> torch.nn.Module:
-    from .checkpoints import model_from_checkpoint
-
-    return model_from_checkpoint(ck, device)

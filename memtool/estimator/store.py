@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..rundir import RunMismatchError, atomic_write, check_settings, read_json, write_json  # noqa: F401
+from ..rundir import atomic_write, check_settings, read_json, write_json
 
 _TRIAL_FILE = re.compile(r"^trials_(\d{6})-(\d{6})\.npz$")
 # per-sample records kept for every trial: clean and (optionally) robust margins/correctness
