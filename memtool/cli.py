@@ -79,6 +79,8 @@ def cmd_estimate(a: argparse.Namespace) -> int:
               f"when all are, run `memtool scores {out}`. Trial files are in {Path(out) / 'trials'}")
     else:
         print_summary(result, out)
+    if "until_se" in result:
+        print(f"until-se: {result['until_se']['note']}")
     return 0
 
 
@@ -281,13 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .datasets import MissingDatasetError
-    from .rundir import RunMismatchError
+    from .rundir import RunMismatchError, storage_error
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (MissingDatasetError, RunMismatchError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"memtool {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if storage_error(e) is None:
+            raise
+        print(f"memtool {args.cmd}: error: {storage_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nmemtool {args.cmd}: interrupted; finished trial batches are saved, "

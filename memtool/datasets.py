@@ -34,6 +34,11 @@ class MissingDatasetError(FileNotFoundError):
     """A dataset's files are not on disk; the message says what to download and where."""
 
 
+class DatasetFileError(ValueError):
+    """A dataset file is damaged or holds values memtool cannot use; the message names the file,
+    what is wrong and how to fix it."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A train/test split in canonical order, possibly with planted label noise."""
@@ -102,15 +107,25 @@ def safe_unpickle(data: bytes):
     return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
 
 
+def _damaged(path, what: str) -> DatasetFileError:
+    return DatasetFileError(f"dataset file {path} is truncated or corrupted ({what}): download it again and "
+                            "replace it")
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (the MNIST/Fashion-MNIST format), gzipped or not."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise _damaged(path, f"gzip: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise _damaged(path, "not an unsigned-byte IDX file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise _damaged(path, f"{len(raw) - 4 - 4 * ndim} data bytes where its header says {int(np.prod(shape))}")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -172,7 +187,10 @@ def _load_digits(root: Path):
 def _cifar_bin(files: list[Path], label_bytes: int):
     xs, ys = [], []
     for f in files:
-        rec = np.frombuffer(f.read_bytes(), dtype=np.uint8).reshape(-1, label_bytes + 3072)
+        raw = f.read_bytes()
+        if len(raw) % (label_bytes + 3072):
+            raise _damaged(f, f"{len(raw)} bytes is not a whole number of {label_bytes + 3072}-byte records")
+        rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, label_bytes + 3072)
         ys.append(rec[:, label_bytes - 1].astype(np.int64))  # fine label is the last one
         xs.append(rec[:, label_bytes:].reshape(-1, 3, 32, 32))
     return np.concatenate(xs), np.concatenate(ys)
@@ -181,7 +199,10 @@ def _cifar_bin(files: list[Path], label_bytes: int):
 def _cifar_py(files: list[Path], key: bytes):
     xs, ys = [], []
     for f in files:
-        d = safe_unpickle(f.read_bytes())
+        try:
+            d = safe_unpickle(f.read_bytes())
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise _damaged(f, str(e)) from None
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d[key], dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)
@@ -234,8 +255,15 @@ def _load_tiny_imagenet(root: Path):
             return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
     from PIL import Image
 
+    def image(p):
+        try:
+            with Image.open(p) as im:
+                return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+        except OSError as e:
+            raise _damaged(p, str(e)) from None
+
     def read(paths):
-        return np.stack([np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1) for p in paths])
+        return np.stack([image(p) for p in paths])
 
     wnids = sorted((base / "wnids.txt").read_text().split())
     cls = {w: i for i, w in enumerate(wnids)}
@@ -270,13 +298,71 @@ REGISTRY: dict[str, DatasetInfo] = {
 }
 
 
+def _load_npz(path: Path):
+    """A user-supplied dataset: an .npz with x_train, y_train, x_test, y_test (images (n, H, W)
+    or (n, C, H, W), uint8 0..255 or floats in [0, 1], stored as uint8 after rounding; labels
+    integers 0..num_classes-1) and optionally num_classes. Read without pickle."""
+    if not path.exists():
+        raise MissingDatasetError(f"dataset file {path} does not exist (a user dataset is an .npz with x_train, "
+                                  "y_train, x_test, y_test)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise DatasetFileError(f"dataset file {path} is not a readable .npz of plain arrays ({e})") from None
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays)
+    if missing:
+        raise DatasetFileError(f"dataset file {path} lacks {sorted(missing)} (it has {sorted(arrays)})")
+    out = []
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        where = f"{path}: x_{split}"
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.ndim != 4:
+            raise DatasetFileError(f"{where} must have shape (n, H, W) or (n, C, H, W), got {x.shape}")
+        if x.dtype != np.uint8:
+            if not np.issubdtype(x.dtype, np.floating):
+                raise DatasetFileError(f"{where} must be uint8 (0..255) or floats in [0, 1], got dtype {x.dtype}")
+            bad = ~np.isfinite(x)
+            if bad.any():
+                first = int(np.argmax(bad.reshape(len(x), -1).any(1)))
+                raise DatasetFileError(f"{where} has {int(bad.sum())} NaN or infinite pixels (first in sample "
+                                       f"{first}): replace or drop those samples")
+            if x.min() < 0 or x.max() > 1:
+                first = int(np.argmax(((x < 0) | (x > 1)).reshape(len(x), -1).any(1)))
+                raise DatasetFileError(f"{where} pixels must be in [0, 1] (floats) or 0..255 (uint8); found "
+                                       f"{float(x.min()):g}..{float(x.max()):g} (first outside in sample {first}): "
+                                       "rescale them")
+            x = np.round(x * 255).astype(np.uint8)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DatasetFileError(f"{path}: y_{split} must hold integer labels, got dtype {y.dtype}")
+        out += [x, y.astype(np.int64)]
+    return tuple(out), int(arrays["num_classes"]) if "num_classes" in arrays else None
+
+
+def _check_arrays(name: str, source, xtr, ytr, xte, yte, num_classes: int, shape=None) -> None:
+    """Labels in range, one label per image, the registered image shape."""
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        if len(x) != len(y):
+            raise DatasetFileError(f"{source}: {len(x)} {split} images but {len(y)} labels")
+        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+            raise DatasetFileError(f"{source}: {split} images have shape {tuple(x.shape[1:])}, {name} has {shape}")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            bad = int(np.argmax((y < 0) | (y >= num_classes)))
+            raise DatasetFileError(f"{source}: {split} labels must be in 0..{num_classes - 1} ({name} has "
+                                   f"{num_classes} classes); sample {bad} has {int(y[bad])}. The file is damaged or "
+                                   "not this dataset: download it again")
+
+
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
     return Path(data_root or os.environ.get("MEMTOOL_DATA_ROOT") or DEFAULT_DATA_ROOT)
 
 
 def _info(name: str) -> DatasetInfo:
     if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)} or give an .npz file "
+                         "(x_train, y_train, x_test, y_test)")
     return REGISTRY[name]
 
 
@@ -306,8 +392,16 @@ def load_dataset(
 ) -> Dataset:
     """Load ``name`` in canonical order; keep the first ``limit`` training samples and flip a
     seeded fraction ``label_noise`` of their labels."""
-    info = _info(name)
-    xtr, ytr, xte, yte = info.loader(resolve_data_root(data_root))
+    if name.endswith(".npz"):  # a user-supplied dataset
+        (xtr, ytr, xte, yte), k = _load_npz(Path(name))
+        k = k or int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
+        info = DatasetInfo(name, k, tuple(xtr.shape[1:]), f"user dataset {name}", "", _load_npz)
+        _check_arrays(name, name, xtr, ytr, xte, yte, k)
+    else:
+        info = _info(name)
+        root = resolve_data_root(data_root)
+        xtr, ytr, xte, yte = info.loader(root)
+        _check_arrays(name, f"the {name} files under {root}", xtr, ytr, xte, yte, info.num_classes, info.image_shape)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be a positive number of samples, got {limit}")

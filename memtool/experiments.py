@@ -52,8 +52,13 @@ def experiment_seeds(seed: int, n: int) -> list[int]:
     return [stream(seed, EXPERIMENT, s) for s in range(n)]
 
 
+def slug(name: str) -> str:
+    """``name`` as a file name: runs of other characters than letters, digits, ``_.-`` -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def _file(out: Path, variant: str, s: int) -> Path:
-    return out / "models" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', variant)}-s{s}.npz"
+    return out / "models" / f"{slug(variant)}-s{s}.npz"
 
 
 def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, seed: int = 0,
@@ -120,21 +125,22 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
 
 
 def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline: str | None = None,
-              confidence: float = 0.95) -> pd.DataFrame:
+              confidence: float = 0.95, metrics: dict | None = None) -> pd.DataFrame:
     """Accuracy per (variant, group, metric) over seeds: mean and t-interval of the per-seed
     accuracies; with ``baseline``, also the paired difference to that variant (same seeds).
-    ``groups``: name -> bool array over the split's sample ids."""
+    ``groups``: name -> bool array over the split's sample ids; ``metrics``: column of
+    ``records`` -> metric name (default: correct -> clean, robust_correct -> robust)."""
     rec = records[records["split"] == split]
-    metrics = [c for c in ("correct", "robust_correct") if c in rec.columns]
+    metrics = metrics or {"correct": "clean", "robust_correct": "robust"}
+    metrics = {c: name for c, name in metrics.items() if c in rec.columns}
     rows = []
     for (variant, seed), g in rec.groupby(["variant", "seed"], sort=False):
         ok = g.set_index("sample_id")
         for group, mask in groups.items():
             ids = np.flatnonzero(np.asarray(mask))
-            for metric in metrics:
-                rows.append({"variant": variant, "seed": seed, "group": group, "n": len(ids),
-                             "metric": "clean" if metric == "correct" else "robust",
-                             "accuracy": float(ok.loc[ids, metric].mean()) if len(ids) else float("nan")})
+            for column, metric in metrics.items():
+                rows.append({"variant": variant, "seed": seed, "group": group, "n": len(ids), "metric": metric,
+                             "accuracy": float(ok.loc[ids, column].mean()) if len(ids) else float("nan")})
     per_seed = pd.DataFrame(rows)
     out = []
     keys = ["variant", "group", "metric"]

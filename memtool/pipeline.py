@@ -11,6 +11,7 @@ resumes by itself, so an interrupted pipeline trains only what is missing:
     validate: {seeds: 3}                                          # optional: memtool validate
     finding_a: {seeds: 3, pgd_steps: 10, recipe: {...}}           # optional: analyses.finding_a
     finding_b: {seeds: 3, fractions: [0.125, 0.25, 0.5]}          # optional: analyses.finding_b
+    bat_comparison: {seeds: 3, recipe: {...}}                     # optional: analyses.bat_comparison
 
 It writes OUT/NAME/*.png and the small result tables (*.md, *.parquet), OUT/NAME/manifest.json
 (per figure: the command, the data, the date and the key numbers; per stage: wall time) and
@@ -30,7 +31,7 @@ from .config import flatten_settings
 from .recipe import Recipe
 from .rundir import read_json, write_json
 
-STAGES = ("estimate", "validate", "finding_a", "finding_b", "robust_estimate")
+STAGES = ("estimate", "validate", "finding_a", "finding_b", "bat_comparison", "robust_estimate")
 
 
 def _load(path) -> dict:
@@ -126,7 +127,7 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
                                                    progress=progress, **kw))
         add(_copy(runs / "validate", dest, ["validate.png", "validate.md", "validate.parquet"]), data,
             _key_numbers(table, ["full", "without high-influence", "without random"]))
-    for key in ("finding_a", "finding_b"):
+    for key in ("finding_a", "finding_b", "bat_comparison"):
         if cfg.get(key) is None:
             continue
         import importlib
@@ -136,6 +137,8 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
         table = stage(key, lambda: module.run(runs / "estimate", runs / key, progress=progress, **kw, **opts))
+        if key == "bat_comparison":  # the headline: AutoAttack accuracy of every variant
+            table = table[(table["group"] == "all test") & (table["metric"] == "autoattack")]
         add(_copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"]), data, _key_numbers(table))
     tables = {"standard training": load_scores(runs / "estimate")}  # last: the costliest stage, an illustration
     if cfg.get("robust_estimate"):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -38,9 +39,30 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = str(path)  # the file the user knows, not the temporary one
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_error(e: OSError) -> str | None:
+    """What to tell a user whose output could not be written (disk full, read-only), or None
+    for other errors. Every memtool file is written by :func:`atomic_write`, so a failed write
+    leaves nothing under the final name and finished work (earlier files) is kept."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in _FULL:
+        return (f"cannot write{where}: the disk is full ({e.strerror}); nothing was half-written. Free space or "
+                "choose another output directory, then run the same command again: finished work is kept")
+    if e.errno in _READ_ONLY:
+        return (f"cannot write{where}: {e.strerror}; the output directory is not writable. Choose a writable one "
+                "(--out) or fix its permissions; nothing was half-written")
+    return None
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

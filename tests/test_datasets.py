@@ -80,3 +80,112 @@ def test_dataset_status_lists_every_dataset(tmp_path):
     assert set(rows) == set(D.REGISTRY)
     assert rows["mnist"]["available"] and rows["digits"]["available"]
     assert not rows["cifar100"]["available"] and "cifar-100" in rows["cifar100"]["how_to_get"]
+
+
+def write_tiny_imagenet(root, classes=3, per_class=2, val=4, seed=0):
+    """A synthetic tiny-imagenet-200/ folder in the real layout (wnids, train/WNID/images, val)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = root / "tiny-imagenet-200"
+    wnids = [f"n{i:08d}" for i in range(classes)]
+    base.mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    img = lambda: Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # noqa: E731
+    for w in wnids:
+        (base / "train" / w / "images").mkdir(parents=True)
+        for j in range(per_class):
+            img().save(base / "train" / w / "images" / f"{w}_{j}.JPEG")
+    (base / "val" / "images").mkdir(parents=True)
+    lines = []
+    for j in range(val):
+        img().save(base / "val" / "images" / f"val_{j}.JPEG")
+        lines.append(f"val_{j}.JPEG\t{wnids[j % classes]}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return wnids
+
+
+def test_tiny_imagenet_folder_format(tmp_path):
+    write_tiny_imagenet(tmp_path, classes=3, per_class=2, val=4)
+    ds = D.load_dataset("tiny-imagenet", data_root=tmp_path)
+    assert ds.x_train.shape == (6, 3, 64, 64) and ds.x_test.shape == (4, 3, 64, 64)
+    assert ds.y_train.tolist() == [0, 0, 1, 1, 2, 2] and ds.y_test.tolist() == [0, 1, 2, 0]
+    assert (tmp_path / "tiny-imagenet-200" / "memtool-uint8.npz").exists()  # cached: the second load reads it
+    assert D.load_dataset("tiny-imagenet", data_root=tmp_path).fingerprint == ds.fingerprint
+
+
+def _write_cifar100(folder, n_train=4, n_test=2, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name, n in (("train.bin", n_train), ("test.bin", n_test)):
+        rec = np.concatenate([rng.integers(0, 100, (n, 2)), rng.integers(0, 256, (n, 3072))], 1).astype(np.uint8)
+        (folder / name).write_bytes(rec.tobytes())
+
+
+def test_truncated_dataset_file_is_named(tmp_path):
+    folder = tmp_path / "cifar-100-binary"
+    _write_cifar100(folder)
+    (folder / "train.bin").write_bytes((folder / "train.bin").read_bytes()[:5000])  # a cut-short download
+    with pytest.raises(D.DatasetFileError, match=r"train\.bin is truncated or corrupted .*download it again"):
+        D.load_dataset("cifar100", data_root=tmp_path)
+    gz = tmp_path / "fashion-mnist"
+    gz.mkdir()
+    import gzip
+
+    for n in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]:
+        (gz / f"{n}.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + bytes(4))[:-6])
+    with pytest.raises(D.DatasetFileError, match=r"train-images-idx3-ubyte\.gz is truncated or corrupted"):
+        D._load_fashion(tmp_path)
+
+
+def test_labels_out_of_range_are_named(tmp_path):
+    folder = tmp_path / "cifar-100-binary"
+    _write_cifar100(folder)
+    raw = bytearray((folder / "test.bin").read_bytes())
+    raw[3074 + 1] = 140  # sample 1's fine label: CIFAR-100 has 100 classes
+    (folder / "test.bin").write_bytes(bytes(raw))
+    with pytest.raises(D.DatasetFileError, match=r"test labels must be in 0\.\.99 .*sample 1 has 140"):
+        D.load_dataset("cifar100", data_root=tmp_path)
+
+
+def test_user_npz_dataset_and_its_bad_values(tmp_path):
+    rng = np.random.default_rng(0)
+    good = dict(x_train=rng.random((20, 8, 8)), y_train=rng.integers(0, 3, 20), x_test=rng.random((6, 8, 8)),
+                y_test=rng.integers(0, 3, 6))
+    np.savez(tmp_path / "ok.npz", **good)
+    ds = D.load_dataset(str(tmp_path / "ok.npz"))
+    assert ds.x_train.shape == (20, 1, 8, 8) and ds.x_train.dtype == np.uint8 and ds.num_classes == 3
+    np.testing.assert_array_equal(ds.x_test[:, 0], np.round(good["x_test"] * 255).astype(np.uint8))
+    cases = {
+        "nan": ({"x_train": np.where(np.arange(20)[:, None, None] == 4, np.nan, good["x_train"])},
+                r"x_train has 64 NaN or infinite pixels \(first in sample 4\)"),
+        "range": ({"x_test": good["x_test"] * 2}, r"x_test pixels must be in \[0, 1\] .*rescale"),
+        "labels": ({"y_test": np.array([0, 1, 2, 5, 1, 0]), "num_classes": 3},
+                   r"test labels must be in 0\.\.2 .*sample 3 has 5"),
+        "missing": ({"x_test": None}, r"lacks \['x_test'\]"),
+        "count": ({"y_train": good["y_train"][:19]}, "20 train images but 19 labels"),
+    }
+    for name, (change, message) in cases.items():
+        arrays = {k: v for k, v in {**good, **change}.items() if v is not None}
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(D.DatasetFileError, match=message):
+            D.load_dataset(str(tmp_path / f"{name}.npz"))
+    (tmp_path / "pickled.npz").write_bytes(b"not a zip")
+    with pytest.raises(D.DatasetFileError, match="not a readable .npz"):
+        D.load_dataset(str(tmp_path / "pickled.npz"))
+
+
+def test_cli_names_a_bad_data_root_and_a_bad_dataset_file(tmp_path, capsys):
+    from memtool.cli import main
+
+    assert main(["train", "--dataset", "cifar100", "--data-root", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-100 not found" in err and str(tmp_path / "nowhere") in err and "Traceback" not in err
+    _write_cifar100(tmp_path / "cifar-100-binary", n_train=3)
+    (tmp_path / "cifar-100-binary" / "test.bin").write_bytes(b"\0" * 100)
+    assert main(["estimate", "--dataset", "cifar100", "--data-root", str(tmp_path), "--out", str(tmp_path / "e"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "test.bin is truncated or corrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()

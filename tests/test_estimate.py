@@ -221,3 +221,24 @@ def test_a_damaged_trial_file_is_set_aside_and_its_trials_trained_again(tmp_path
     resumed = memtool.estimate(tmp_path / "r", **kw)  # trains trials 4-7 again
     assert resumed["n_trials"] == 8
     pd.testing.assert_frame_equal(memtool.load_scores(tmp_path / "r"), memtool.load_scores(tmp_path / "full"))
+
+
+def test_until_se_stops_on_precision_or_on_trials(tmp_path, capsys):
+    from memtool.estimator.run import se_p95
+
+    kw = dict(ensemble_size=8, **{**DIGITS_FAST, "epochs": 5})
+    loose = memtool.estimate(tmp_path / "loose", trials=64, until_se=0.5, progress=False, **kw)
+    assert loose["until_se"]["stopped_by"] == "precision" and loose["n_trials"] == 16  # the first round suffices
+    assert se_p95(tmp_path / "loose", 16) <= 0.5
+    assert main(["estimate", "--out", str(tmp_path / "tight"), "--trials=40", "--until-se=0.01", "--quiet",
+                 "--ensemble-size=8", *[f"--{k.replace('_', '-')}={v}" for k, v in {**DIGITS_FAST, "epochs": 5}.items()]
+                 ]) == 0
+    assert "reached --trials 40 before the precision" in capsys.readouterr().out
+    s = json.loads((tmp_path / "tight" / "run.json").read_text())["summary"]
+    assert s["n_trials"] == 40 and se_p95(tmp_path / "tight", 40) > 0.01
+    # in between: more trials than the first round, stopped as soon as the target holds
+    mid = memtool.estimate(tmp_path / "mid", trials=400, until_se=0.2, progress=False, **kw)
+    t = mid["until_se"]["trials"]
+    assert mid["until_se"]["stopped_by"] == "precision" and 16 < t < 400 and se_p95(tmp_path / "mid", t) <= 0.2
+    with pytest.raises(ValueError, match="until_se"):
+        memtool.estimate(tmp_path / "x", trials=8, until_se=0.1, shard="0/2", **kw)

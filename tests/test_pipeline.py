@@ -18,6 +18,8 @@ robust_estimate: {{trials: 4, method: pgd-at, eps: 0.1, pgd_steps: 2}}
 validate: {{seeds: 2}}
 finding_a: {{seeds: 2, eps: 0.1, pgd_steps: 2, recipe: {{model: mlp, hidden: 32, epochs: 4, batch_size: 64}}}}
 finding_b: {{seeds: 2, eps: 0.1, pgd_steps: 2, fractions: [0.5], recipe: {{model: mlp, hidden: 48, epochs: 4}}}}
+bat_comparison: {{seeds: 2, eps: 0.1, pgd_steps: 2, variants: [standard, pgd-at, bat], aa_samples: 20,
+                  recipe: {{model: mlp, hidden: 32, epochs: 4, batch_size: 64}}}}
 """
 
 
@@ -52,11 +54,12 @@ def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeyp
     names = {p.name for p in (out / "tiny").iterdir()}
     for f in ["mem_hist.png", "most_memorized.png", "most_memorized_by_class.png", "mem_distributions.png",
               "validate.png", "validate.md", "finding_a.png", "finding_a.md", "finding_a.parquet", "finding_b.png",
-              "manifest.json"]:
+              "bat_comparison.png", "bat_comparison.md", "bat_comparison.parquet", "manifest.json"]:
         assert f in names and (out / "tiny" / f).stat().st_size > 0, f
     assert not any(n.endswith(".npz") for n in names)  # per-model records stay in the runs folder
     manifest = json.loads((out / "tiny" / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"estimate", "robust_estimate", "validate", "finding_a", "finding_b"}
+    assert set(manifest["stages"]) == {"estimate", "robust_estimate", "validate", "finding_a", "finding_b",
+                                   "bat_comparison"}
     fig = manifest["figures"]["finding_a.png"]
     assert fig["command"].startswith("memtool figures --config") and "digits" in fig["data"] and fig["numbers"]
     index = (out / "README.md").read_text()
@@ -71,7 +74,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     assert main(["figures", "--out", str(tmp_path / "f")]) == 2
 
 
-@pytest.mark.parametrize("name", ["reference-mnist", "reference-fashion-mnist", "paper-cifar100"])
+@pytest.mark.parametrize("name", ["reference-mnist", "reference-fashion-mnist", "paper-cifar100",
+                                  "paper-tiny-imagenet"])
 def test_shipped_configs_parse(name):
     from pathlib import Path
 
@@ -106,6 +110,8 @@ def test_paper_config_runs_shrunk_on_a_tiny_synthetic_cifar100(tmp_path, capsys)
     cfg["estimate"].update(trials=2, epochs=1, batch_size=16)
     cfg["finding_a"].update(seeds=1, pgd_steps=1, recipe={**{k: cfg["estimate"][k] for k in (
         "model", "batch_size", "lr", "schedule", "precision")}, "epochs": 1})
+    cfg["bat_comparison"].update(seeds=1, pgd_steps=1, variants=["pgd-at", "bat"], aa_samples=4,
+                                 recipe={**cfg["bat_comparison"]["recipe"], "epochs": 1, "batch_size": 16})
     for stage in ("validate", "finding_b"):  # need high-influence pairs / atypical samples: none at this size
         cfg.pop(stage)
     config = tmp_path / "paper.yaml"
@@ -116,3 +122,34 @@ def test_paper_config_runs_shrunk_on_a_tiny_synthetic_cifar100(tmp_path, capsys)
     recipe = run["config"]["recipe"]
     assert recipe["model"] == "preact-resnet18" and recipe["augment"] is True and recipe["precision"] == "bf16"
     assert (tmp_path / "figs" / "cifar100" / "finding_a.png").stat().st_size > 0
+    bat = json.loads((tmp_path / "runs" / "cifar100" / "bat_comparison" / "models" / "bat-s0" / "config.json").read_text())
+    method = bat["config"]["recipe"]["method"]
+    assert method["name"] == "bat" and method["eps"] == pytest.approx(8 / 255)
+    assert bat["config"]["recipe"]["model"] == "preact-resnet18" and bat["config"]["recipe"]["augment"] is True
+    assert (tmp_path / "figs" / "cifar100" / "bat_comparison.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_paper_tiny_imagenet_config_runs_shrunk(tmp_path):
+    """configs/paper-tiny-imagenet.yaml unchanged but for size, on a synthetic folder."""
+    from pathlib import Path
+
+    import yaml
+    from test_datasets import write_tiny_imagenet
+
+    write_tiny_imagenet(tmp_path / "data", classes=4, per_class=6, val=8)
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper-tiny-imagenet.yaml").read_text())
+    cfg["runs"] = str(tmp_path / "runs")
+    cfg["estimate"].update(trials=2, epochs=1, batch_size=8)
+    cfg["bat_comparison"].update(seeds=1, pgd_steps=1, variants=["pgd-at", "bat"], aa_samples=4,
+                                 recipe={**cfg["bat_comparison"]["recipe"], "epochs": 1, "batch_size": 8})
+    for stage in ("validate", "finding_a", "finding_b"):
+        cfg.pop(stage)
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figs"), "--quiet",
+                 "--data-root", str(tmp_path / "data")]) == 0
+    bat = json.loads((tmp_path / "runs" / "tiny-imagenet" / "bat_comparison" / "models" / "bat-s0" / "config.json")
+                     .read_text())
+    assert bat["dataset"]["image_shape"] == [3, 64, 64] and bat["config"]["recipe"]["augment"] is True
+    assert (tmp_path / "figs" / "tiny-imagenet" / "bat_comparison.png").stat().st_size > 0

@@ -89,3 +89,29 @@ def test_bad_run_directories_and_files_are_named(tmp_path, capsys):
     assert main(["import-fz", str(pickled), "--out", str(tmp_path / "fz")]) == 2
     err = capsys.readouterr().err
     assert "is not one of Feldman & Zhang's .npz files" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("code, message", [(28, "the disk is full"), (30, "the output directory is not writable")])
+def test_full_disk_or_read_only_output_is_named_and_nothing_half_written(tmp_path, capsys, monkeypatch, code,
+                                                                        message):
+    import os
+
+    from memtool import rundir
+
+    calls = {"n": 0}
+    real = os.fsync
+
+    def failing(fd):  # the third file written fails: ENOSPC (28) or EROFS (30)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(rundir.os, "fsync", failing)
+    out = tmp_path / "out"
+    assert main(TRAIN + ["--epochs", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing was half-written" in err and str(out) in err and "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left
+    monkeypatch.setattr(rundir.os, "fsync", real)
+    assert main(TRAIN + ["--epochs", "3", "--out", str(out)]) == 0  # the same command then finishes the run

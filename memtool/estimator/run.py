@@ -8,6 +8,9 @@ flight; the same call again picks up where it stopped and gives the same scores.
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -17,13 +20,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Runtime, check_int, setting, split_settings
+from ..config import Runtime, check_int, check_number, setting, split_settings
 from ..datasets import load_dataset
 from ..engine import default_ensemble_size, fit
 from ..recipe import trial_seed
 from . import plan
 from .config import EstimateConfig
-from .store import append_log, finished_trials, init_run, write_trials
+from .store import claim_path, append_log, claim, finished_trials, init_run, stored_trials, write_trials
 from .tables import Thresholds, compute_tables
 
 
@@ -43,17 +46,18 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
     return i, n
 
 
+def consecutive(ids) -> list[np.ndarray]:
+    """Sorted ``ids`` split at gaps: each trial file holds consecutive ids."""
+    ids = np.sort(np.asarray(ids, dtype=np.int64))
+    return [r for r in np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1) if len(r)]
+
+
 def pending_batches(done: set[int], trials: int, k: int, shard=(0, 1)) -> list[np.ndarray]:
     """Runs of at most ``k`` consecutive unfinished trial ids; block b goes to shard b % N."""
     i, n = shard
     out = []
     for block in range(i, (trials + k - 1) // k, n):
-        ids = [t for t in range(block * k, min((block + 1) * k, trials)) if t not in done]
-        while ids:  # split at gaps so each file holds consecutive ids
-            run = [ids.pop(0)]
-            while ids and ids[0] == run[-1] + 1:
-                run.append(ids.pop(0))
-            out.append(np.array(run))
+        out += consecutive([t for t in range(block * k, min((block + 1) * k, trials)) if t not in done])
     return out
 
 
@@ -85,15 +89,55 @@ def _tensors(ds, device="cpu") -> dict:
             "shape": ds.image_shape, "num_classes": ds.num_classes}
 
 
-def _run_batch(run, cfg, data, ids, device, eval_batch, threads=None, on_step=None) -> dict:
+@dataclass(frozen=True)
+class DataSpec:
+    """What a worker needs to load the run's data itself: a task carries this, not the data."""
+
+    dataset: str
+    data_root: str | None
+    limit: int | None
+    label_noise: float
+    seed: int
+    fingerprint: str
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(spec: DataSpec) -> dict:
+    """The run's data as tensors, loaded once per worker process and checked by fingerprint."""
+    ds = load_dataset(spec.dataset, spec.data_root, spec.limit, spec.label_noise, spec.seed)
+    if ds.fingerprint != spec.fingerprint:
+        raise RuntimeError(f"the worker on {socket.gethostname()} loaded {spec.dataset} from data root "
+                           f"{spec.data_root} with fingerprint {ds.fingerprint}, but the run's data have "
+                           f"{spec.fingerprint}: give every worker the same data files (--data-root on a shared "
+                           "file system)")
+    return _tensors(ds)
+
+
+def _run_batch(run, cfg, data, ids, device, eval_batch, threads=None, on_step=None) -> list[dict]:
+    """Claim the trials ``ids``, train those no other process holds or has finished, store
+    them; returns one log record per trial file written."""
     if threads:
         torch.set_num_threads(threads)
+    if isinstance(data, DataSpec):
+        data = load_data(data)
+    claims = claim(run, ids)
+    try:
+        done = stored_trials(run)  # after claiming: a trial finished meanwhile is not trained again
+        step = (lambda n: (claims.beat(), on_step(n))) if on_step else claims.beat  # noqa: E731
+        return [_train_and_store(run, cfg, data, part, device, eval_batch, step)
+                for part in consecutive([t for t in claims.trials if t not in done])]
+    finally:
+        claims.release()
+
+
+def _train_and_store(run, cfg, data, ids, device, eval_batch, on_step) -> dict:
     t0 = time.perf_counter()
     rec = train_batch(cfg, data, ids, device, eval_batch, on_step)
     member = plan.membership(len(data["y_train"]), cfg.ratio, cfg.seed, ids)
     path = write_trials(run, ids, member, rec)
     log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "trials": [int(ids[0]), int(ids[-1])],
-           "seconds": round(time.perf_counter() - t0, 3), "file": path.name,
+           "seconds": round(time.perf_counter() - t0, 3), "file": path.name, "host": socket.gethostname(),
+           "pid": os.getpid(),
            "train_acc_in_subset": float((rec["train_margin"] > 0)[member].mean()),
            "test_acc": float((rec["test_margin"] > 0).mean())}
     if "test_rob_margin" in rec:
@@ -112,10 +156,15 @@ class Execution(Runtime):
     scheduler: str | None = setting(None, "Dask scheduler address, e.g. tcp://host:8786")
     shard: str | None = setting(None, "i/N: train only this share of the trial batches (SLURM arrays)")
     eval_batch: int = setting(1024, "samples per evaluation batch")
+    until_se: float | None = setting(None, "add trials in batches until the 95th percentile of mem_se over the "
+                                           "training samples is <= X; --trials is then the most it trains")
 
     def __post_init__(self):
         super().__post_init__()
         check_int("trials", self.trials, 2)  # with one trial no sample is both in and out
+        check_number("until_se", self.until_se, 0, low_open=True, optional=True)
+        if self.until_se is not None and self.shard is not None:
+            raise ValueError("until_se needs the whole run in one call; with --shard, give a fixed --trials")
         check_int("ensemble_size", self.ensemble_size, 1, optional=True)
         check_int("n_jobs", self.n_jobs, 1)
         check_int("eval_batch", self.eval_batch, 1)
@@ -143,6 +192,8 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     if config is not None and rest:
         raise TypeError(f"give either a config or its settings, not both (got {sorted(rest)})")
     cfg = config or EstimateConfig.from_kwargs(**rest)
+    if ex.until_se is not None:
+        return _until_se(out, cfg, ex, thr, progress, tables)
     trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
     data_root, shard, eval_batch = ex.data_root, ex.shard, ex.eval_batch
     ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
@@ -150,26 +201,68 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     init_run(out, cfg.to_dict(), ds, command=sys.argv if Path(sys.argv[0]).name == "memtool" else None)
     k = ensemble_size or default_ensemble_size(cfg.recipe, device, int(np.prod(ds.image_shape)))
     batches = pending_batches(finished_trials(out), trials, k, parse_shard(shard))
-    data = _tensors(ds, device if n_jobs == 1 and scheduler is None else "cpu")
+    local = n_jobs == 1 and scheduler is None
+    data = _tensors(ds, device) if local else DataSpec(cfg.dataset, None if data_root is None else str(data_root),
+                                                      cfg.limit, cfg.label_noise, cfg.seed, ds.fingerprint)
     m = plan.subset_size(len(ds.y_train), cfg.ratio)
     total_steps = sum(len(b) for b in batches) * cfg.recipe.steps(m)
     if batches:
         say = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None)
         say(f"memtool estimate: {sum(map(len, batches))} trials to train ({trials - sum(map(len, batches))} "
             f"already in {out}), {k} models at a time on {device}")
-        if n_jobs == 1 and scheduler is None:
+        if local:
             with tqdm(total=total_steps, unit="step", disable=not progress, desc="models x steps",
                       unit_scale=True, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
                 for ids in batches:
-                    log = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=bar.update)
-                    bar.set_postfix(trials=f"{log['trials'][1] + 1}", test_acc=f"{log['test_acc']:.3f}")
+                    logs = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=bar.update)
+                    trained = sum(log["trials"][1] - log["trials"][0] + 1 for log in logs)
+                    bar.update((len(ids) - trained) * cfg.recipe.steps(m))  # held or finished by another process
+                    if logs:
+                        bar.set_postfix(trials=f"{logs[-1]['trials'][1] + 1}", test_acc=f"{logs[-1]['test_acc']:.3f}")
         else:
             _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress)
     missing = set(range(trials)) - finished_trials(out)
     if missing or not tables:
-        return {"status": "partial", "missing_trials": len(missing), "out": str(out)}
+        held = sum(claim_path(out, t).exists() for t in missing)
+        if held and progress:
+            tqdm.write(f"memtool estimate: {held} of the {len(missing)} missing trials are being trained by other "
+                       f"processes; the last one to finish writes the score tables", file=sys.stderr)
+        return {"status": "partial", "missing_trials": len(missing), "held_by_others": held, "out": str(out)}
     summary = compute_tables(out, **asdict(thr))
     return {"status": "complete", "out": str(out), **summary}
+
+
+def se_p95(run, trials: int) -> float:
+    """The 95th percentile over the training samples of mem_se from the first ``trials`` trials."""
+    from .scores import memorization
+    from .store import load_trials
+
+    t = load_trials(run)
+    t = t.subset(t.trial_ids < trials)
+    return float(np.nanpercentile(memorization(t.member, t.train_correct)["mem_se"], 95))
+
+
+def _until_se(out, cfg, ex: Execution, thr: Thresholds, progress: bool, tables: bool) -> dict:
+    """Train in rounds until the 95th percentile of mem_se is <= ex.until_se or ex.trials are
+    done. mem_se falls like 1/sqrt(trials), so each round aims at the count that should reach
+    the target (at least 16 trials more, at most twice as many)."""
+    goal, most = ex.until_se, ex.trials
+    t = min(most, max(16, len(finished_trials(out)) if Path(out, "run.json").exists() else 0))
+    while True:
+        estimate(out, config=cfg, progress=progress, tables=False, **{**asdict(ex), "until_se": None, "trials": t})
+        q = se_p95(out, t)
+        if q <= goal or t >= most:
+            break
+        t = min(most, 2 * t, max(t + 16, int(np.ceil(1.05 * t * (q / goal) ** 2))))
+    stopped = "precision" if q <= goal else "trials"
+    note = (f"reached the precision: 95th percentile of mem_se {q:.4f} <= {goal} after {t} trials"
+            if stopped == "precision" else
+            f"reached --trials {most} before the precision: 95th percentile of mem_se {q:.4f} > {goal}")
+    if progress:
+        tqdm.write(f"memtool estimate: {note}", file=sys.stderr)
+    result = compute_tables(out, **asdict(thr)) if tables else {}
+    return {"status": "complete" if tables else "partial", "out": str(out), **result,
+            "until_se": {"target": goal, "mem_se_p95": q, "trials": t, "stopped_by": stopped, "note": note}}
 
 
 def _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress):

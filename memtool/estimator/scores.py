@@ -50,28 +50,40 @@ def agresti_caffo_se(k_in, n_in, k_out, n_out):
     return np.where((n_in > 0) & (n_out > 0), se, np.nan)
 
 
+def _column_blocks(shape, bytes_per_cell: int = 8, budget: int = 64 << 20):
+    """Slices over the columns of a (t, n) array so that a float64 temporary of one block
+    stays within ``budget`` bytes: the scores of t = 4000 models on n = 50,000 samples never
+    hold a full float copy of the trial matrices."""
+    t, n = shape
+    step = max(1, budget // (bytes_per_cell * max(t, 1)))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
 def memorization(member: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
-    """n_in, n_out, acc_in, acc_out, mem, mem_se for every column of (t, n) arrays."""
-    m = member.astype(np.float64)
-    c = correct.astype(np.float64)
-    n_in = m.sum(0)
-    n_out = len(m) - n_in
-    k_in = (m * c).sum(0)
-    k_out = c.sum(0) - k_in
+    """n_in, n_out, acc_in, acc_out, mem, mem_se for every column of (t, n) bool arrays."""
+    n_in = member.sum(0, dtype=np.int64)
+    n_out = len(member) - n_in
+    k_in = np.empty(member.shape[1], np.int64)
+    for b in _column_blocks(member.shape, 1):
+        k_in[b] = (member[:, b] & correct[:, b]).sum(0, dtype=np.int64)
+    k_out = correct.sum(0, dtype=np.int64) - k_in
     acc_in, acc_out = _div(k_in, n_in), _div(k_out, n_out)
-    return {"n_in": n_in.astype(np.int64), "n_out": n_out.astype(np.int64), "acc_in": acc_in,
+    return {"n_in": n_in, "n_out": n_out, "acc_in": acc_in,
             "acc_out": acc_out, "mem": rate_difference(k_in, n_in, k_out, n_out),
             "mem_se": agresti_caffo_se(k_in, n_in, k_out, n_out)}
 
 
 def margin_memorization(member: np.ndarray, margin: np.ndarray) -> dict[str, np.ndarray]:
     """margin_in, margin_out, margin_mem and its Welch standard error (NaN with < 2 on a side)."""
-    m = member.astype(np.float64)
-    x = margin.astype(np.float64)
-    n_in = m.sum(0)
-    n_out = len(m) - n_in
-    s_in, s_out = (m * x).sum(0), ((1 - m) * x).sum(0)
-    q_in, q_out = (m * x * x).sum(0), ((1 - m) * x * x).sum(0)
+    n_in = member.sum(0, dtype=np.int64).astype(np.float64)
+    n_out = len(member) - n_in
+    s_in, s_out, q_in, q_out = (np.empty(member.shape[1]) for _ in range(4))
+    for b in _column_blocks(member.shape):
+        m, x = member[:, b], margin[:, b].astype(np.float64)
+        xin = np.where(m, x, 0.0)
+        s_in[b], q_in[b] = xin.sum(0), (xin * xin).sum(0)
+        x -= xin  # the held-out margins
+        s_out[b], q_out[b] = x.sum(0), (x * x).sum(0)
     mu_in, mu_out = _div(s_in, n_in), _div(s_out, n_out)
     var_in = _div(q_in - n_in * mu_in**2, n_in - 1)
     var_out = _div(q_out - n_out * mu_out**2, n_out - 1)
@@ -120,11 +132,10 @@ def influence_pairs(member, test_correct, train_label, test_label, mem, mem_thre
     Works on blocks of test samples; with ``top_k = 0`` only the high-mem training samples'
     columns are computed."""
     t, n_train = member.shape
-    m = member.astype(np.float32)
-    n_in = m.sum(0)
+    n_in = member.sum(0, dtype=np.int64)
     high_mem = np.flatnonzero(at_least(mem, mem_threshold))
     cand = np.arange(n_train) if top_k else high_mem  # training samples that need scores
-    m_cand = np.ascontiguousarray(m[:, cand])
+    m_cand = (member if top_k else member[:, cand]).astype(np.float32)
     n_in_c = n_in[cand].astype(np.float64)
     n_out_c = t - n_in_c
     den = n_in_c * n_out_c

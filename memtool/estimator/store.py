@@ -5,8 +5,13 @@
     RUN/trials/         one .npz per finished batch of trials, named by its trial ids
     RUN/log.jsonl       one line per finished batch
 
+    RUN/claims/         one file per trial being trained now: which process holds it
+
 Trial files are written to a temporary name and renamed, so a file under its final name is
-always complete; several processes may write to one RUN at once (each its own trials). A
+always complete. Several processes may estimate into one RUN at once: each claims a trial
+before training it (:func:`claim`: an exclusive create), skips trials claimed by a live
+process, and takes over the claims of dead ones (same host: the process is gone; another
+host: no heartbeat for ``STALE_S`` seconds), so no trial is lost and none is trained twice. A
 file damaged anyway (a copy cut short, a bad disk) is detected by its zip checksums, moved
 to RUN/trials/damaged/ with a warning, and its trials count as not finished.
 Every file is plain arrays read with ``allow_pickle=False``.
@@ -18,6 +23,7 @@ import json
 import os
 import platform
 import re
+import socket
 import time
 import warnings
 import zipfile
@@ -77,6 +83,104 @@ def update_run_json(run: str | Path, **fields) -> None:
     meta = read_run_json(run)
     meta.update(fields)
     write_json(Path(run) / "run.json", meta)
+
+
+STALE_S = 900  # a claim from another host without a heartbeat for this long is taken over
+HEARTBEAT_S = 60
+
+
+def claim_path(run, trial: int) -> Path:
+    return Path(run) / "claims" / f"trial_{trial:06d}.claim"
+
+
+def _owner_alive(text: str, mtime: float) -> bool:
+    try:
+        owner = json.loads(text)
+        host, pid = owner["host"], int(owner["pid"])
+    except (ValueError, KeyError, TypeError):
+        return time.time() - mtime < STALE_S  # half-written by a process that died: stale after a while
+    if host != socket.gethostname():
+        return time.time() - mtime < STALE_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _try_claim(path: Path, me: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(me)
+    return True
+
+
+def claim(run: str | Path, trials) -> "Claims":
+    """Claim ``trials`` for this process; the result holds the ones it got. A trial another
+    live process holds is left out; the claim of a dead process is taken over (renamed
+    aside first, so of two processes taking over the same claim only one succeeds)."""
+    (Path(run) / "claims").mkdir(exist_ok=True)
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+    got = []
+    for t in map(int, trials):
+        path = claim_path(run, t)
+        if _try_claim(path, me):
+            got.append(t)
+            continue
+        try:
+            text, mtime = path.read_text(), path.stat().st_mtime
+        except FileNotFoundError:  # released meanwhile: its trial is finished, or free again
+            if _try_claim(path, me):
+                got.append(t)
+            continue
+        if _owner_alive(text, mtime):
+            continue
+        aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            continue  # another process took it over first
+        if aside.read_text() != text:  # a fresh claim was made meanwhile: give it back
+            os.rename(aside, path)
+            continue
+        aside.unlink()
+        if _try_claim(path, me):
+            got.append(t)
+    return Claims(Path(run), got)
+
+
+@dataclass
+class Claims:
+    """The trials this process holds; :meth:`beat` keeps them alive, :meth:`release` frees them."""
+
+    run: Path
+    trials: list
+    last_beat: float = 0.0
+
+    def beat(self, *_):
+        now = time.time()
+        if now - self.last_beat >= HEARTBEAT_S:
+            self.last_beat = now
+            for t in self.trials:
+                try:
+                    os.utime(claim_path(self.run, t))
+                except FileNotFoundError:
+                    pass
+
+    def release(self):
+        for t in self.trials:
+            claim_path(self.run, t).unlink(missing_ok=True)
+        self.trials = []
+
+
+def stored_trials(run: str | Path) -> set[int]:
+    """The trial ids named by the trial files (without reading them)."""
+    return {t for first, last, _ in trial_files(run) for t in range(first, last + 1)}
 
 
 def trial_files(run: str | Path) -> list[tuple[int, int, Path]]:
@@ -166,33 +270,41 @@ class Trials:
 
 
 def load_trials(run: str | Path) -> Trials:
-    """Read every finished trial of ``run`` (duplicates from concurrent writers read once)."""
-    parts: dict[str, list] = {}
-    seen: set[int] = set()
+    """Read every finished trial of ``run`` (duplicates from concurrent writers read once) into
+    arrays allocated once, ordered by trial id."""
+    files = []
     for first, last, path in trial_files(run):
-        if not _readable(path, first, last):
+        if _readable(path, first, last):
+            files.append((first, last, path))
+        else:
             set_aside(run, path, first, last)
-            continue
+    ids = sorted({t for first, last, _ in files for t in range(first, last + 1)})
+    if not ids:
+        raise FileNotFoundError(f"{run} has no finished trials yet")
+    row = {t: r for r, t in enumerate(ids)}
+    arrays: dict[str, np.ndarray] = {"trial_ids": np.array(ids, dtype=np.int64)}
+    filled = np.zeros(len(ids), bool)
+    for first, last, path in files:
         with np.load(path, allow_pickle=False) as z:
-            ids = z["trial_ids"]
-            keep = np.array([t not in seen for t in ids])
+            rows = np.array([row[t] for t in z["trial_ids"].tolist()])
+            keep = ~filled[rows]
             if not keep.any():
                 continue
-            seen.update(ids.tolist())
+            filled[rows] = True
+            rows = rows[keep]
             n = int(z["n_train"])
-            parts.setdefault("trial_ids", []).append(ids[keep])
-            parts.setdefault("member", []).append(np.unpackbits(z["member"], axis=1, count=n).astype(bool)[keep])
+            cols = {"member": (np.unpackbits(z["member"], axis=1, count=n).astype(bool), n)}
             for name in RECORDS:
                 if name in z.files:
                     cnt = int(z[name.replace("margin", "n")])
-                    parts.setdefault(name, []).append(z[name].astype(np.float32)[keep])
                     c = name.replace("margin", "correct")
-                    parts.setdefault(c, []).append(np.unpackbits(z[c], axis=1, count=cnt).astype(bool)[keep])
-    if not parts:
-        raise FileNotFoundError(f"{run} has no finished trials yet")
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    order = np.argsort(arrays["trial_ids"], kind="stable")
-    return Trials(**{k: v[order] for k, v in arrays.items()})
+                    cols[name] = (z[name].astype(np.float32), cnt)
+                    cols[c] = (np.unpackbits(z[c], axis=1, count=cnt).astype(bool), cnt)
+            for key, (a, width) in cols.items():
+                if key not in arrays:
+                    arrays[key] = np.zeros((len(ids), width), a.dtype)
+                arrays[key][rows] = a[keep]
+    return Trials(**arrays)
 
 
 def load_labels(run: str | Path) -> dict[str, np.ndarray]:

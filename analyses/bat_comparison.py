@@ -1,0 +1,344 @@
+"""Benign Adversarial Training against standard training, PGD-AT, TRADES and MART, with its
+ablations (issue 10; PAPER.md sections 4 and 5).
+
+    python -m analyses.bat_comparison RUN --out runs/mnist/bat_comparison --seeds 3
+
+Every variant of :data:`GRID` is trained ``seeds`` times with :func:`memtool.train` on RUN's
+training set (the data RUN's memorization scores belong to), with one recipe: the same
+architecture, epochs, schedule, eps and training attack (PGD-``pgd_steps``) for every method;
+only the PGD-AT eps sweep trains at a smaller eps, to draw PGD-AT's trade-off curve. Seeds are
+paired: seed s of every variant starts from the same initialization and minibatch order.
+Each model is then evaluated with :func:`memtool.evaluate` at ``eps``: clean, PGD-20 and
+CW-20 on every test sample, and AutoAttack (standard version, the authors' code) on the first
+``aa_samples`` for the variants in ``aa_variants`` (default: all). Where AutoAttack is too
+dear for the whole grid (on a CPU), the other variants are ranked by CW-20 on the same
+samples, and the report measures first how CW-20 agrees with AutoAttack on the models that
+have both. Everything resumes: a model per epoch, an evaluation per batch.
+
+Written to OUT:
+
+- ``models/VARIANT-sS/``: each model's checkpoint, per-epoch log (BAT: mean weight of the
+  atypical samples, fraction flagged harmful), ``eval/`` and ``autoattack/`` (per-sample
+  flags, ``robustbench.json``);
+- ``bat_comparison.parquet``: accuracy per (variant, group, metric) with 95 % t-intervals over
+  seeds and the difference to PGD-AT paired by seed; groups: all, typical and atypical test
+  samples (atypical: in a same-class high-influence pair with an atypical training sample);
+- ``bat_comparison.md``: the table as markdown, each BAT variant's distance to the baselines'
+  trade-off curve (under AutoAttack, and under CW-20), and CW-20's agreement with AutoAttack;
+- ``bat_comparison.png``: clean accuracy against AutoAttack accuracy, every variant's point
+  with its intervals, the TRADES and PGD-AT curves.
+
+A BAT point lies beyond the baselines' curve when its AutoAttack accuracy exceeds that of the
+baselines' upper frontier (the Pareto points of standard training, PGD-AT at every eps,
+TRADES and MART, joined by straight lines) at its clean accuracy; the gap is measured per
+seed against that seed's frontier and reported with its t-interval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from memtool.evaluation import evaluate
+from memtool.experiments import experiment_seeds, slug, summarize, t_interval
+from memtool.recipe import Recipe
+from memtool.rundir import read_table, write_table
+from memtool.training import TrainConfig, train
+
+from .study import load_study, study_parser
+
+# name -> the method and its settings (``eps`` as a fraction of the study's eps). BAT's are
+# spelled out, so that a change of BAT's defaults does not change what a variant means.
+BAT = {"method": "bat", "tau": 0.25, "gamma": 1.0, "eta": None, "lam": 1.0, "bat_warmup": 0.2}
+GRID = {
+    "standard": {"method": "standard"},
+    "pgd-at": {"method": "pgd-at"},
+    "pgd-at eps x0.5": {"method": "pgd-at", "eps": 0.5},
+    "pgd-at eps x0.75": {"method": "pgd-at", "eps": 0.75},
+    "trades b=1": {"method": "trades", "beta": 1.0},
+    "trades b=3": {"method": "trades", "beta": 3.0},
+    "trades b=6": {"method": "trades", "beta": 6.0},
+    "mart": {"method": "mart"},
+    "bat": BAT,
+    "bat weights only": {**BAT, "lam": 0.0},
+    "bat clean term only": {**BAT, "gamma": 0.0},
+    "bat tau=0.1": {**BAT, "tau": 0.1},
+    "bat tau=0.5": {**BAT, "tau": 0.5},
+    "bat gamma=3": {**BAT, "gamma": 3.0},
+    "bat eta=0.5": {**BAT, "eta": 0.5},
+    "bat lambda=0.5": {**BAT, "lam": 0.5},
+    "bat lambda=2": {**BAT, "lam": 2.0},
+}
+HEADLINE = ("standard", "pgd-at", "pgd-at eps x0.5", "pgd-at eps x0.75", "trades b=1", "trades b=3", "trades b=6",
+            "mart", "bat")  # the curves and every method's default point
+BASELINES = ("standard", "pgd-at", "pgd-at eps x0.5", "pgd-at eps x0.75", "trades b=1", "trades b=3", "trades b=6",
+             "mart")
+ATTACKS = "clean,pgd20,cw20"
+METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
+
+
+def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10) -> dict[str, Recipe]:
+    """The recipe of every variant: ``base`` with the variant's method at ``eps`` (times the
+    variant's factor), PGD-``pgd_steps`` in training, BAT reading RUN's scores."""
+    flat = {k: v for k, v in base.to_dict().items() if k != "method"}
+    out = {}
+    for name in variants:
+        if name not in GRID:
+            raise ValueError(f"unknown variant {name!r}; choose from {list(GRID)}")
+        spec = dict(GRID[name])
+        if spec["method"] != "standard":
+            spec["eps"] = eps * spec.get("eps", 1.0)
+            spec["pgd_steps"] = pgd_steps
+        if spec["method"] == "bat":
+            spec["scores"] = str(run_dir)
+        out[name] = Recipe.from_flat(**flat, **spec)
+    return out
+
+
+def frontier(clean, robust, at):
+    """AutoAttack accuracy of the upper frontier of the points (clean, robust) at clean
+    accuracy ``at``: the Pareto points joined by straight lines, flat beyond both ends."""
+    order = np.argsort(clean)[::-1]
+    pareto = []  # by clean accuracy descending, robust accuracy ascending strictly
+    for i in order:
+        if not pareto or robust[i] > robust[pareto[-1]]:
+            pareto.append(i)
+    c, r = np.asarray(clean)[pareto][::-1], np.asarray(robust)[pareto][::-1]
+    return np.interp(at, c, r)
+
+
+def frontier_gaps(per_seed: pd.DataFrame, variants, baselines=BASELINES, metric: str = "autoattack") -> pd.DataFrame:
+    """Each variant's robust accuracy (column ``metric``) minus the baselines' frontier at its
+    clean accuracy, per seed (that seed's baselines), with the t-interval over seeds."""
+    rows = []
+    for v in variants:
+        gaps = []
+        for seed, g in per_seed.groupby(level="seed"):
+            g = g.droplevel("seed")
+            base = g.loc[[b for b in baselines if b in g.index]]
+            if v in g.index and len(base):
+                gaps.append(g.loc[v, metric] - frontier(base["clean"].to_numpy(), base[metric].to_numpy(),
+                                                         g.loc[v, "clean"]))
+        if gaps:
+            mean, lo, hi = t_interval(gaps)
+            verdict = ("beyond the curve" if lo > 0 else "inside the curve" if hi < 0 else "on the curve (not resolved)")
+            rows.append({"variant": v, "attack": metric, "seeds": len(gaps), "gap": mean, "gap_low": lo, "gap_high": hi,
+                         "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def agreement(on_aa: pd.DataFrame, evals: pd.DataFrame) -> dict:
+    """How CW-20 agrees with AutoAttack on the models that have both (same samples): per-sample
+    agreement, CW-20's excess accuracy per model, and the rank correlation of the models."""
+    from scipy.stats import spearmanr
+
+    both = on_aa.merge(evals[["variant", "seed", "sample_id", "cw20"]], on=["variant", "seed", "sample_id"])
+    if both.empty:
+        return {}
+    per_model = both.groupby(["variant", "seed"])[["autoattack", "cw20"]].mean()
+    excess = per_model["cw20"] - per_model["autoattack"]
+    robust = per_model[per_model["autoattack"] > 0]
+    rho = float(spearmanr(robust["cw20"], robust["autoattack"])[0]) if len(robust) > 2 else float("nan")
+    return {"models": len(per_model), "samples_per_model": int(len(both) / len(per_model)),
+            "per_sample_agreement": float((both["autoattack"] == both["cw20"]).mean()),
+            "cw20_minus_aa_mean": float(excess.mean()), "cw20_minus_aa_min": float(excess.min()),
+            "cw20_minus_aa_max": float(excess.max()), "spearman_models": rho}
+
+
+def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: float = 0.25,
+        infl_threshold: float = 0.15, *, recipe: Recipe | None = None, pgd_steps: int = 10, variants=None,
+        aa_samples: int = 1000, aa_variants=None, backend: str = "pyautoattack", device: str = "cpu",
+        data_root=None, progress: bool = True) -> pd.DataFrame:
+    """Run the comparison on ``run_dir``'s scores into ``out`` (see the module docstring);
+    ``variants``: names from :data:`GRID` (default: all); ``aa_variants``: those that get
+    AutoAttack (default: all of ``variants``; ``"headline"``: those in :data:`HEADLINE`)."""
+    run_dir, out = Path(run_dir), Path(out)
+    st = load_study(run_dir, eps, mem_threshold, infl_threshold, device, data_root)
+    cfg, eps = st.config, st.eps
+    if cfg.label_noise:
+        raise ValueError(f"{run_dir} planted label noise ({cfg.label_noise}); memtool train seeds label noise with "
+                         "the model seed, so its models would see other labels: use a run without --label-noise")
+    n_test = len(st.atypical_test)
+    if not 1 <= aa_samples <= n_test:
+        raise ValueError(f"aa_samples must be in 1..{n_test} (the test set), got {aa_samples}")
+    todo = recipes(recipe or cfg.recipe, eps, run_dir, variants or list(GRID), pgd_steps)
+    if aa_variants == "headline":
+        aa_variants = [v for v in todo if v in HEADLINE]
+    attacked = [v for v in todo if aa_variants is None or v in aa_variants]
+    unknown = set(aa_variants or ()) - set(todo)
+    if unknown:
+        raise ValueError(f"aa_variants {sorted(unknown)} are not among the variants {list(todo)}")
+    model_seeds = experiment_seeds(cfg.seed, seeds)
+    jobs = [(v, s) for v in todo for s in range(seeds)]
+    dirs = {(v, s): out / "models" / f"{slug(v)}-s{s}" for v, s in jobs}
+    kw = dict(progress=False, device=device, data_root=data_root)
+
+    # stage by stage over all models, so the cheap numbers exist before AutoAttack starts
+    for v, s in tqdm(jobs, desc="train", unit="model", disable=not progress):
+        train(TrainConfig(dataset=cfg.dataset, limit=cfg.limit, seed=model_seeds[s], recipe=todo[v]), dirs[v, s], **kw)
+    for v, s in tqdm(jobs, desc="PGD-20, CW-20", unit="model", disable=not progress):
+        evaluate(dirs[v, s], dirs[v, s] / "eval", attacks=ATTACKS, eps=eps, **kw)
+    for v, s in tqdm([j for j in jobs if j[0] in attacked], desc="AutoAttack", unit="model", disable=not progress):
+        evaluate(dirs[v, s], dirs[v, s] / "autoattack", attacks="clean,autoattack", eps=eps, n_samples=aa_samples,
+                 backend=backend, **kw)
+
+    def records(sub, variants):
+        return pd.concat([read_table(d / sub / "per_sample.parquet").assign(variant=v, seed=s, split="test")
+                          for (v, s), d in dirs.items() if v in variants], ignore_index=True)
+
+    atyp = st.atypical_test
+    groups = {"all test": np.ones(n_test, bool), "typical test": ~atyp, "atypical test": atyp}
+    baseline = "pgd-at" if "pgd-at" in todo else None
+    on_aa, evals = records("autoattack", attacked), records("eval", todo)
+    table = pd.concat([
+        summarize(evals, groups, baseline=baseline, metrics={a: a for a in ATTACKS.split(",")}),
+        summarize(on_aa, {k: m[:aa_samples] for k, m in groups.items()}, baseline=baseline,
+                  metrics={"autoattack": "autoattack"}),
+    ], ignore_index=True)
+    table.insert(1, "method", table["variant"].map(lambda v: todo[v].method.name))
+
+    aa = on_aa.groupby(["variant", "seed"], sort=False)[["clean", "autoattack"]].mean()
+    cw = evals[evals["sample_id"] < aa_samples].groupby(["variant", "seed"], sort=False)[["clean", "cw20"]].mean()
+    others = [v for v in todo if v not in BASELINES]
+    gaps = pd.concat([frontier_gaps(aa, [v for v in others if v in attacked]), frontier_gaps(cw, others, metric="cw20")],
+                     ignore_index=True)
+    agree = agreement(on_aa, evals)
+    info = {"run": str(run_dir), "dataset": st.meta["dataset"], "eps": eps, "seeds": seeds,
+            "train_attack": f"pgd{pgd_steps}", "aa_samples": aa_samples, "n_test": n_test,
+            "n_atypical_test": int(atyp.sum()), "n_atypical_train": int(st.atypical_train.sum()),
+            "mem_threshold": mem_threshold, "recipe": (recipe or cfg.recipe).to_dict(),
+            "aa_variants": attacked, "frontier_gaps": gaps.to_dict("records"), "cw20_vs_autoattack": agree}
+    write_table(table, out / "bat_comparison.parquet", info)
+    (out / "bat_comparison.md").write_text(report(table, gaps, info, cfg.dataset))
+    figure(aa, cw, out / "bat_comparison.png", cfg.dataset, eps, aa_samples)
+    return table
+
+
+def _cell(r) -> str:
+    """mean ± half-width of the 95 % interval, in %."""
+    half = 100 * (r.ci_high - r.accuracy)
+    return f"{100 * r.accuracy:.1f}" + ("" if half != half else f" ± {half:.1f}")
+
+
+def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) -> str:
+    """The markdown report: headline table, typical/atypical table, distance to the curve."""
+    def wide(group, metrics):
+        t = table[table["group"] == group]
+        head = "| variant | " + " | ".join(METRICS[m] for m in metrics) + " |"
+        lines = [head, "|---|" + "---|" * len(metrics)]
+        for v in dict.fromkeys(t["variant"]):
+            cells = []
+            for m in metrics:
+                r = t[(t["variant"] == v) & (t["metric"] == m)]
+                cells.append(_cell(next(r.itertuples())) if len(r) else "-")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    r = info["recipe"]
+    text = [f"# BAT against PGD-AT, TRADES and MART on {dataset} (eps {info['eps']:g})", "",
+            f"Scores: {info['run']} ({info['n_atypical_train']} atypical training samples, mem >= "
+            f"{info['mem_threshold']}). Every model: {r['model']} (hidden {r['hidden']}), {r['epochs']} epochs, "
+            f"batch {r['batch_size']}, lr {r['lr']} {r['schedule']}, {info['train_attack']} in training at eps "
+            f"{info['eps']:g} (the eps sweep excepted); {info['seeds']} seeds per variant, paired. Accuracy in % with "
+            "the half-width of the 95 % t-interval over seeds (mean ± CI). Clean, PGD-20 and CW-20 on all "
+            f"{info['n_test']} test samples; AutoAttack (standard) on the first {info['aa_samples']}.", "",
+            "## All test samples", "", wide("all test", ["clean", "pgd20", "cw20", "autoattack"]), "",
+            f"## Typical and atypical test samples ({info['n_atypical_test']} atypical of {info['n_test']})", "",
+            "### typical", "", wide("typical test", ["clean", "pgd20", "cw20", "autoattack"]), "",
+            "### atypical", "", wide("atypical test", ["clean", "pgd20", "cw20", "autoattack"]), "",
+            "## BAT against the baselines' trade-off curve", "",
+            "Robust accuracy minus the baselines' upper frontier (standard, PGD-AT at every eps, TRADES, MART: "
+            "their Pareto points joined by straight lines) at the variant's clean accuracy, per seed, in points, "
+            f"on the first {info['aa_samples']} test samples. AutoAttack where the variant has it; CW-20 for every "
+            "variant (its agreement with AutoAttack is below).", "",
+            "| variant | attack | gap (95 % CI) | verdict |", "|---|---|---|---|"]
+    for g in gaps.itertuples():
+        text.append(f"| {g.variant} | {METRICS[g.attack]} | {100 * g.gap:+.1f} ({100 * g.gap_low:+.1f} to "
+                    f"{100 * g.gap_high:+.1f}) | {g.verdict} |")
+    a = info.get("cw20_vs_autoattack") or {}
+    if a:
+        text += ["", "## CW-20 against AutoAttack (the cheaper attack that ranks the grid)", "",
+                 f"On the {a['models']} models with both, {a['samples_per_model']} samples each: per-sample agreement "
+                 f"{100 * a['per_sample_agreement']:.1f} %; CW-20 accuracy exceeds AutoAttack's by "
+                 f"{100 * a['cw20_minus_aa_mean']:.1f} points on average ({100 * a['cw20_minus_aa_min']:.1f} to "
+                 f"{100 * a['cw20_minus_aa_max']:.1f} over models); Spearman correlation of the models' CW-20 and "
+                 f"AutoAttack accuracies (robust models) {a['spearman_models']:.3f}. AutoAttack ran on: "
+                 f"{', '.join(info['aa_variants'])}."]
+    diffs = table[(table["group"] == "all test") & table["diff"].notna()] if "diff" in table.columns else []
+    if len(diffs):
+        text += ["", "## Paired differences to PGD-AT (points, 95 % CI)", "",
+                 "| variant | clean | PGD-20 | AutoAttack |", "|---|---|---|---|"]
+        for v in dict.fromkeys(diffs["variant"]):
+            if v == "pgd-at":
+                continue
+            cells = []
+            for m in ("clean", "pgd20", "autoattack"):
+                d = diffs[(diffs["variant"] == v) & (diffs["metric"] == m)]
+                cells.append("-" if not len(d) else
+                             f"{100 * d['diff'].iloc[0]:+.1f} ({100 * d['diff_low'].iloc[0]:+.1f} to "
+                             f"{100 * d['diff_high'].iloc[0]:+.1f})")
+            text.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(text) + "\n"
+
+
+def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n: int):
+    """Clean against robust accuracy on the first ``n`` test samples: AutoAttack (left, the
+    variants that have it) and CW-20 (right, every variant); each variant's mean with its
+    intervals over seeds, the TRADES curve and the PGD-AT eps sweep joined by lines."""
+    import matplotlib.pyplot as plt
+
+    panels = [(aa, "autoattack", "AutoAttack"), (cw, "cw20", "CW-20")]
+    panels = [p for p in panels if len(p[0])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    curves = {"TRADES (beta 1, 3, 6)": ["trades b=1", "trades b=3", "trades b=6"],
+              "PGD-AT (eps x0.5, x0.75, x1)": ["pgd-at eps x0.5", "pgd-at eps x0.75", "pgd-at"]}
+    for ax, (frame, metric, name) in zip(axes[0], panels):
+        pts = {}
+        for v, g in frame.groupby(level="variant", sort=False):
+            pts[v] = (100 * np.array(t_interval(g["clean"])), 100 * np.array(t_interval(g[metric])))
+        for label, names in curves.items():
+            names = [k for k in names if k in pts]
+            if len(names) > 1:
+                ax.plot([pts[k][0][0] for k in names], [pts[k][1][0] for k in names], "-", lw=1, alpha=0.6,
+                        label=label)
+        keyed = []  # BAT's ablations crowd one spot: numbered, with a key
+        for v, (c, a) in pts.items():
+            bat = v.startswith("bat")
+            xerr = None if np.isnan(c[1]) else [[c[0] - c[1]], [c[2] - c[0]]]
+            yerr = None if np.isnan(a[1]) else [[a[0] - a[1]], [a[2] - a[0]]]
+            ax.errorbar(c[0], a[0], xerr=xerr, yerr=yerr, fmt="*" if bat else "o", ms=9 if bat else 6, capsize=2,
+                        color="C3" if v == "bat" else ("C1" if bat else "0.3"), alpha=0.8 if bat else 0.9)
+            if bat and v != "bat":
+                keyed.append(v)
+            ax.annotate(str(len(keyed)) if bat and v != "bat" else v, (c[0], a[0]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=6.5)
+        if keyed:
+            ax.text(0.99, 0.99, "\n".join(f"{i} {v}" for i, v in enumerate(keyed, 1)), transform=ax.transAxes,
+                    ha="right", va="top", fontsize=6.5, color="C1")
+        ax.set(xlabel="clean accuracy (%)", ylabel=f"{name} accuracy (%, eps {eps:g})",
+               title=f"{dataset}: clean vs {name} ({n} test samples, 95 % CI over seeds)")
+        ax.title.set_fontsize(9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(frameon=False, fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = study_parser(__doc__)
+    p.add_argument("--infl-threshold", type=float, default=0.15)
+    p.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(GRID)}")
+    p.add_argument("--aa-samples", type=int, default=1000, help="AutoAttack on the first N test samples")
+    p.add_argument("--aa-variants", nargs="+", default=None, help="the variants AutoAttack runs on, or 'headline' (default: all)")
+    a = p.parse_args(argv)
+    run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, a.infl_threshold, variants=a.variants,
+        aa_samples=a.aa_samples, aa_variants=a.aa_variants, device=a.device, data_root=a.data_root)
+    print(Path(a.out, "bat_comparison.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The BAT comparison end to end at tiny size, and its trade-off frontier by hand."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses import bat_comparison as bc
+from memtool.recipe import Recipe
+from memtool.rundir import read_table
+
+SMALL = Recipe(model="mlp", hidden=64, epochs=6, batch_size=64, lr=0.1)
+
+
+def test_frontier_hand_computed():
+    clean = np.array([0.99, 0.90, 0.80, 0.85])  # (0.85, 0.30) is dominated by (0.90, 0.35)
+    robust = np.array([0.00, 0.35, 0.50, 0.30])
+    assert bc.frontier(clean, robust, 0.945) == pytest.approx(0.175)  # half-way from (0.90, .35) to (0.99, 0)
+    assert bc.frontier(clean, robust, 0.85) == pytest.approx(0.425)  # half-way from (0.80, .50) to (0.90, .35)
+    assert bc.frontier(clean, robust, 0.70) == pytest.approx(0.50)  # flat beyond the most robust point
+
+
+def test_frontier_gaps_paired_by_seed():
+    rows = []
+    for seed, shift in enumerate((0.0, 0.01, -0.01)):
+        rows += [("standard", seed, 0.99, 0.0), ("pgd-at", seed, 0.80 + shift, 0.40 + shift),
+                 ("bat", seed, 0.80 + shift, 0.45 + shift), ("bat worse", seed, 0.70 + shift, 0.30 + shift)]
+    aa = pd.DataFrame(rows, columns=["variant", "seed", "clean", "autoattack"]).set_index(["variant", "seed"])
+    gaps = bc.frontier_gaps(aa, ["bat", "bat worse"], baselines=("standard", "pgd-at")).set_index("variant")
+    assert gaps.loc["bat", "gap"] == pytest.approx(0.05) and gaps.loc["bat", "verdict"] == "beyond the curve"
+    assert gaps.loc["bat worse", "gap"] == pytest.approx(-0.10) and gaps.loc["bat worse", "verdict"] == "inside the curve"
+
+
+@pytest.fixture(scope="module")
+def clean_digits_run(tmp_path_factory):
+    import memtool
+
+    from conftest import DIGITS_FAST
+
+    out = tmp_path_factory.mktemp("runs") / "digits-clean"
+    memtool.estimate(out, trials=16, progress=False, **DIGITS_FAST)
+    return out
+
+
+def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path):
+    out = tmp_path / "bc"
+    variants = ["standard", "pgd-at", "trades b=1", "trades b=6", "bat", "bat weights only"]
+    table = bc.run(clean_digits_run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, variants=variants,
+                   aa_samples=40, aa_variants="headline", progress=False)
+    assert set(table.variant) == set(variants) and (table.seeds == 2).all()
+    assert set(table.group) == {"all test", "typical test", "atypical test"}
+    assert set(table.metric) == {"clean", "pgd20", "cw20", "autoattack"}
+    assert (table[table.metric == "autoattack"].n <= 40).all()
+    # AutoAttack on the headline variants only; the ablation is ranked by CW-20
+    assert set(table[table.metric == "autoattack"].variant) == set(variants) - {"bat weights only"}
+    assert not (out / "models" / "bat_weights_only-s0" / "autoattack").exists()
+    acc = table[table.group == "all test"].set_index(["variant", "metric"])["accuracy"]
+    for v in variants:  # an attack never raises accuracy; adversarial training is more robust than standard
+        assert acc[v, "cw20"] <= acc[v, "clean"] and acc[v, "pgd20"] <= acc[v, "clean"]
+    assert acc["pgd-at", "pgd20"] > acc["standard", "pgd20"]
+    assert np.isclose(table[table.variant == "pgd-at"]["diff"], 0).all()
+    info = read_table(out / "bat_comparison.parquet").attrs["memtool"]
+    gaps = {(g["variant"], g["attack"]) for g in info["frontier_gaps"]}
+    assert gaps == {("bat", "autoattack"), ("bat", "cw20"), ("bat weights only", "cw20")}
+    agree = info["cw20_vs_autoattack"]
+    assert agree["models"] == 10 and agree["samples_per_model"] == 40 and 0.5 <= agree["per_sample_agreement"] <= 1
+    assert agree["cw20_minus_aa_min"] >= -0.05  # AutoAttack is the stronger attack (up to random starts)
+    md = (out / "bat_comparison.md").read_text()
+    assert "## BAT against the baselines' trade-off curve" in md and "| bat weights only | CW-20 |" in md
+    assert "## CW-20 against AutoAttack" in md
+    assert (out / "bat_comparison.png").stat().st_size > 0
+    # every model has its records: BAT's per-epoch log and a RobustBench record of AutoAttack
+    import json
+
+    log = [json.loads(line) for line in (out / "models" / "bat-s0" / "log.jsonl").read_text().splitlines()]
+    assert "atypical_weight" in log[-1] and "harmful_fraction" in log[-1]
+    rb = json.loads((out / "models" / "bat-s0" / "autoattack" / "robustbench.json").read_text())
+    assert rb["n_test_samples"] == 40 and rb["autoattack_acc"] is not None
+    # a rerun trains and attacks nothing: every model and evaluation is reused
+    before = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("checkpoint.pt")}
+    bc.run(clean_digits_run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, variants=variants, aa_samples=40,
+           aa_variants="headline", progress=False)
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "models").rglob("checkpoint.pt")}
+
+
+def test_refuses_unknown_variant_and_noisy_run(digits_run, clean_digits_run, tmp_path):
+    with pytest.raises(ValueError, match="unknown variant 'bat tau=0.3'"):
+        bc.run(clean_digits_run, tmp_path / "x", variants=["bat tau=0.3"], aa_samples=40, progress=False)
+    with pytest.raises(ValueError, match="label noise"):
+        bc.run(digits_run[0], tmp_path / "y", progress=False)
