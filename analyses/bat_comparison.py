@@ -192,11 +192,12 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
     atyp = st.atypical_test
     groups = {"all test": np.ones(n_test, bool), "typical test": ~atyp, "atypical test": atyp}
     baseline = "pgd-at" if "pgd-at" in todo else None
-    on_aa, evals = records("autoattack", attacked), records("eval", todo)
+    evals = records("eval", todo)
+    on_aa = records("autoattack", attacked) if attacked else evals.iloc[:0].assign(autoattack=False)
     table = pd.concat([
         summarize(evals, groups, baseline=baseline, metrics={a: a for a in ATTACKS.split(",")}),
         summarize(on_aa, {k: m[:aa_samples] for k, m in groups.items()}, baseline=baseline,
-                  metrics={"autoattack": "autoattack"}),
+                  metrics={"autoattack": "autoattack"}) if attacked else None,
     ], ignore_index=True)
     table.insert(1, "method", table["variant"].map(lambda v: todo[v].method.name))
 
@@ -292,7 +293,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
 
     panels = [(aa, "autoattack", "AutoAttack"), (cw, "cw20", "CW-20")]
     panels = [p for p in panels if len(p[0])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 4.8), squeeze=False)
     curves = {"TRADES (beta 1, 3, 6)": ["trades b=1", "trades b=3", "trades b=6"],
               "PGD-AT (eps x0.5, x0.75, x1)": ["pgd-at eps x0.5", "pgd-at eps x0.75", "pgd-at"]}
     for ax, (frame, metric, name) in zip(axes[0], panels):
@@ -316,8 +317,15 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
             ax.annotate(str(len(keyed)) if bat and v != "bat" else v, (c[0], a[0]), textcoords="offset points",
                         xytext=(4, 3), fontsize=6.5)
         if keyed:
-            ax.text(0.99, 0.99, "\n".join(f"{i} {v}" for i, v in enumerate(keyed, 1)), transform=ax.transAxes,
-                    ha="right", va="top", fontsize=6.5, color="C1")
+            ax.text(1.02, 1.0, "\n".join(f"{i} {v}" for i, v in enumerate(keyed, 1)), transform=ax.transAxes,
+                    ha="left", va="top", fontsize=6.5, color="C1")
+        low = [a[0] for v, (c, a) in pts.items() if v != "standard"]
+        if "standard" in pts and low and pts["standard"][1][0] < min(low) - 10:  # zoom on the robust models
+            c, a = pts["standard"]
+            ax.set_ylim(min(low) - 4, max(a2[0] for _, a2 in pts.values()) + 3)
+            ax.annotate(f"standard training ({c[0]:.1f}, {a[0]:.1f}) below", (c[0], ax.get_ylim()[0]),
+                        textcoords="offset points", xytext=(-60, 6), fontsize=6.5,
+                        arrowprops={"arrowstyle": "->", "lw": 0.6})
         ax.set(xlabel="clean accuracy (%)", ylabel=f"{name} accuracy (%, eps {eps:g})",
                title=f"{dataset}: clean vs {name} ({n} test samples, 95 % CI over seeds)")
         ax.title.set_fontsize(9)

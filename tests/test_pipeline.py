@@ -110,7 +110,8 @@ def test_paper_config_runs_shrunk_on_a_tiny_synthetic_cifar100(tmp_path, capsys)
     cfg["estimate"].update(trials=2, epochs=1, batch_size=16)
     cfg["finding_a"].update(seeds=1, pgd_steps=1, recipe={**{k: cfg["estimate"][k] for k in (
         "model", "batch_size", "lr", "schedule", "precision")}, "epochs": 1})
-    cfg["bat_comparison"].update(seeds=1, pgd_steps=1, variants=["pgd-at", "bat"], aa_samples=4,
+    # no AutoAttack here: a ResNet's on a CPU takes minutes (its path: tests/test_bat_comparison.py)
+    cfg["bat_comparison"].update(seeds=1, pgd_steps=1, variants=["pgd-at", "bat"], aa_samples=4, aa_variants=[],
                                  recipe={**cfg["bat_comparison"]["recipe"], "epochs": 1, "batch_size": 16})
     for stage in ("validate", "finding_b"):  # need high-influence pairs / atypical samples: none at this size
         cfg.pop(stage)
@@ -141,7 +142,8 @@ def test_paper_tiny_imagenet_config_runs_shrunk(tmp_path):
     cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper-tiny-imagenet.yaml").read_text())
     cfg["runs"] = str(tmp_path / "runs")
     cfg["estimate"].update(trials=2, epochs=1, batch_size=8)
-    cfg["bat_comparison"].update(seeds=1, pgd_steps=1, variants=["pgd-at", "bat"], aa_samples=4,
+    # no AutoAttack here: a ResNet's on a CPU takes minutes (its path: tests/test_bat_comparison.py)
+    cfg["bat_comparison"].update(seeds=1, pgd_steps=1, variants=["pgd-at", "bat"], aa_samples=4, aa_variants=[],
                                  recipe={**cfg["bat_comparison"]["recipe"], "epochs": 1, "batch_size": 8})
     for stage in ("validate", "finding_a", "finding_b"):
         cfg.pop(stage)
