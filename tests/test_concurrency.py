@@ -40,14 +40,14 @@ def _dead_pid() -> int:
 
 def test_two_processes_at_once_lose_nothing_and_train_nothing_twice(tmp_path):
     run = tmp_path / "run"
-    procs = [_cli(run, "--trials=32", "--ensemble-size=2") for _ in range(2)]
+    procs = [_cli(run, "--trials=48", "--ensemble-size=2") for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read().decode()
     trials = [t for t, _ in _trained(run)]
-    assert sorted(trials) == list(range(32))  # every trial, each once
+    assert sorted(trials) == list(range(48))  # every trial, each once
     assert len({pid for _, pid in _trained(run)}) == 2  # both processes did part of the work
     assert not list((run / "claims").iterdir())  # every claim released
-    memtool.estimate(tmp_path / "alone", trials=32, ensemble_size=2, progress=False, **KW)
+    memtool.estimate(tmp_path / "alone", trials=48, ensemble_size=2, progress=False, **KW)
     pd.testing.assert_frame_equal(memtool.load_scores(run), memtool.load_scores(tmp_path / "alone"))
 
 

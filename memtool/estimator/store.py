@@ -4,7 +4,6 @@
     RUN/labels.npz      training labels (as used, and before planted noise), test labels
     RUN/trials/         one .npz per finished batch of trials, named by its trial ids
     RUN/log.jsonl       one line per finished batch
-
     RUN/claims/         one file per trial being trained now: which process holds it
 
 Trial files are written to a temporary name and renamed, so a file under its final name is
