@@ -137,8 +137,9 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
         table = stage(key, lambda: module.run(runs / "estimate", runs / key, progress=progress, **kw, **opts))
-        if key == "bat_comparison":  # the headline: AutoAttack accuracy of every variant
+        if key == "bat_comparison":  # the headline: AutoAttack accuracy of every variant, BAT's first
             table = table[(table["group"] == "all test") & (table["metric"] == "autoattack")]
+            table = table.sort_values("variant", key=lambda v: v != "bat", kind="stable")
         add(_copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"]), data, _key_numbers(table))
     tables = {"standard training": load_scores(runs / "estimate")}  # last: the costliest stage, an illustration
     if cfg.get("robust_estimate"):
