@@ -395,25 +395,24 @@ def load_dataset(
     if name.endswith(".npz"):  # a user-supplied dataset
         (xtr, ytr, xte, yte), k = _load_npz(Path(name))
         k = k or int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
-        info = DatasetInfo(name, k, tuple(xtr.shape[1:]), f"user dataset {name}", "", _load_npz)
         _check_arrays(name, name, xtr, ytr, xte, yte, k)
     else:
         info = _info(name)
-        root = resolve_data_root(data_root)
+        root, k = resolve_data_root(data_root), info.num_classes
         xtr, ytr, xte, yte = info.loader(root)
-        _check_arrays(name, f"the {name} files under {root}", xtr, ytr, xte, yte, info.num_classes, info.image_shape)
+        _check_arrays(name, f"the {name} files under {root}", xtr, ytr, xte, yte, k, info.image_shape)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be a positive number of samples, got {limit}")
         xtr, ytr = xtr[:limit], ytr[:limit]
-    noisy = plant_label_noise(ytr, label_noise, info.num_classes, seed) if label_noise else ytr.copy()
+    noisy = plant_label_noise(ytr, label_noise, k, seed) if label_noise else ytr.copy()
     return Dataset(
         name=name,
         x_train=np.ascontiguousarray(xtr),
         y_train=noisy,
         x_test=np.ascontiguousarray(xte),
         y_test=yte,
-        num_classes=info.num_classes,
+        num_classes=k,
         original_label=ytr,
         meta={"limit": limit, "label_noise": label_noise, "seed": seed},
     )

@@ -247,7 +247,7 @@ def _until_se(out, cfg, ex: Execution, thr: Thresholds, progress: bool, tables: 
     done. mem_se falls like 1/sqrt(trials), so each round aims at the count that should reach
     the target (at least 16 trials more, at most twice as many)."""
     goal, most = ex.until_se, ex.trials
-    t = min(most, max(16, len(finished_trials(out)) if Path(out, "run.json").exists() else 0))
+    t = min(most, max(16, len(finished_trials(out))))
     while True:
         estimate(out, config=cfg, progress=progress, tables=False, **{**asdict(ex), "until_se": None, "trials": t})
         q = se_p95(out, t)
