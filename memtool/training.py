@@ -155,15 +155,18 @@ def epoch_check(model, x_u8, y, eps: float | None, steps: int, seed: int, batch:
             "eval_attack": None if attack is None else f"pgd{steps}", "eval_eps": eps, "eval_n": len(y)}
 
 
-def _settings(config: TrainConfig, ds, excluded, w) -> dict:
+def _settings(config: TrainConfig, ds, excluded, w, method) -> dict:
     cfg = config.to_dict()
     for f in ("exclude_ids", "weights"):  # compared by content below, not by path
         cfg[f] = None
+    # BAT's atypical set, by content too: re-estimating into the same run directory changes it
+    atypical = getattr(method, "atypical", None)
     return {"config": cfg,
             "dataset": {"name": ds.name, "fingerprint": ds.fingerprint, "n_train": len(ds.y_train),
                         "n_test": len(ds.y_test), "num_classes": ds.num_classes, "image_shape": list(ds.image_shape)},
             "samples": {"n_excluded": int(len(excluded)), "excluded_sha": _digest(excluded) if len(excluded) else None,
-                        "weights_sha": _digest(w)}}
+                        "weights_sha": _digest(w),
+                        **({} if atypical is None else {"atypical_sha": _digest(atypical.numpy())})}}
 
 
 def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | None = None, *, weights=None,
@@ -205,14 +208,14 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if len(subset) == 0:
         raise ValueError(f"exclude_ids leaves none of the {n} training samples")
 
-    settings_now = _settings(config, ds, excluded, w)
+    r = replace(config.recipe, method=config.recipe.method.bind(ds))
+    settings_now = _settings(config, ds, excluded, w, r.method)
     start, log = None, []
     if (out / CHECKPOINT).exists():
         ck = load_checkpoint(out / CHECKPOINT, device)
         check_settings(ck["settings"], settings_now, out)
         start, log = {k: ck[k] for k in ("model", "optimizer", "epoch")}, list(ck["log"])
     open_settings(out / "config.json", settings_now)
-    r = replace(config.recipe, method=config.recipe.method.bind(ds))
 
     # torch.tensor copies: the dataset's arrays may be read-only views of its files
     x, y = torch.tensor(ds.x_train, device=device), torch.tensor(ds.y_train, device=device)

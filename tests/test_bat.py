@@ -119,3 +119,21 @@ def test_short_bat_run_trains_and_logs(digits_run, tmp_path, capsys):
     assert log[-1]["clean_acc"] > 0.5 and log[-1]["robust_acc"] > 0.2
     method = json.loads((tmp_path / "bat" / "config.json").read_text())["config"]["recipe"]["method"]
     assert method["name"] == "bat" and method["gamma"] == 2.0 and method["lam"] == 0.5
+
+
+def test_bat_run_refuses_to_resume_on_changed_scores(digits_run, tmp_path):
+    """The score table is named by path, so a re-estimate into the same place must not reuse a
+    model trained on the old atypical set (its content is part of the settings check)."""
+    from memtool.rundir import RunMismatchError
+
+    run, _ = digits_run
+    table = memtool.load_scores(run)
+    scores = tmp_path / "scores.parquet"
+    write_table(table, scores, table.attrs["memtool"])
+    kw = dict(method="bat", scores=str(scores), dataset="digits", label_noise=0.05, hidden=16, epochs=1,
+              batch_size=64, eps=0.1, pgd_steps=1, eval_samples=100, progress=False)
+    memtool.train(out=tmp_path / "bat", **kw)
+    memtool.train(out=tmp_path / "bat", **kw)  # same scores: finished, reused
+    write_table(table.assign(mem=1 - table["mem"]), scores, table.attrs["memtool"])
+    with pytest.raises(RunMismatchError, match="atypical_sha"):
+        memtool.train(out=tmp_path / "bat", **kw)
