@@ -13,7 +13,9 @@ CW-20 on every test sample, and AutoAttack (standard version, the authors' code)
 ``aa_samples`` for the variants in ``aa_variants`` (default: all). Where AutoAttack is too
 dear for the whole grid (on a CPU), the other variants are ranked by CW-20 on the same
 samples, and the report measures first how CW-20 agrees with AutoAttack on the models that
-have both. Everything resumes: a model per epoch, an evaluation per batch.
+have both. Everything resumes: a model per epoch, an evaluation per batch. After RUN is
+re-estimated the BAT models are refused (their atypical set changed): remove OUT/models/bat*;
+the baselines do not read the scores and are reused.
 
 Written to OUT:
 

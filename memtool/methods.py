@@ -292,8 +292,7 @@ class BAT(Adversarial):
     of the atypical samples and the fraction flagged harmful (h >= eta, or >= 0.5 with soft
     weights). Defaults (tau 0.25, gamma 1, lambda 1, warm-up 0.2) as kept by the study
     `analyses/bat_comparison.py` (figures/{mnist,fashion-mnist}/bat_comparison.md): no
-    variant of tau, gamma, eta or lambda beat them beyond its interval on either dataset, and
-    lambda 2 fell inside the baselines' curve on Fashion-MNIST."""
+    variant of tau, gamma, eta or lambda beat them beyond its interval on either dataset."""
 
     scores: str | None = setting(None, "BAT: a run directory or score table (parquet) with mem of every training sample")
     tau: float = setting(0.25, "BAT: atypical training samples are those with mem >= tau")

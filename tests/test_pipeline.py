@@ -89,6 +89,11 @@ def test_shipped_configs_parse(name):
     ex, rest = split_settings(flatten_settings(cfg["estimate"]), Execution)
     EstimateConfig.from_kwargs(**rest)
     Execution(**ex)
+    from memtool.recipe import Recipe
+
+    for stage in ("finding_a", "finding_b", "bat_comparison"):  # the recipes the stages retrain with
+        if "recipe" in (cfg.get(stage) or {}):
+            Recipe.from_flat(**flatten_settings({"recipe": cfg[stage]["recipe"]}))
 
 
 def test_paper_config_runs_shrunk_on_a_tiny_synthetic_cifar100(tmp_path, capsys):
