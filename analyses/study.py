@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from memtool.analysis import atypical_test, atypical_train
-from memtool.datasets import STANDARD_EPS, Dataset, load_dataset
+from memtool.datasets import Dataset, load_dataset, standard_eps
 from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
 from memtool.experiments import Data
 
@@ -40,7 +40,7 @@ def load_study(run, eps: float | None = None, mem_threshold: float = 0.25, infl_
     if ds.fingerprint != meta["dataset"]["fingerprint"]:
         raise ValueError(f"the {cfg.dataset} data on disk differ from the data {run} was estimated on")
     scores, infl = load_scores(run), load_influence(run)
-    return Study(run, meta, cfg, ds, Data.of(ds, device), STANDARD_EPS.get(cfg.dataset, 0.1) if eps is None else eps,
+    return Study(run, meta, cfg, ds, Data.of(ds, device), standard_eps(cfg.dataset) if eps is None else eps,
                  atypical_train(scores, mem_threshold).to_numpy(),
                  atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy())
 

@@ -12,9 +12,11 @@ from .checkpoints import load_model  # noqa: E402
 from .training import TrainConfig, train  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 from .fz import import_fz  # noqa: E402
+from .proxies import proxies  # noqa: E402
+from .compare import compare  # noqa: E402
 from .cscore import import_cscore  # noqa: E402
 from .validate import validate  # noqa: E402
 
-__all__ = ["EstimateConfig", "METHODS", "Recipe", "TrainConfig", "build_method", "estimate", "evaluate", "fit",
-           "import_cscore", "import_fz", "load_dataset", "load_influence", "load_model", "load_scores", "load_trials", "scores",
+__all__ = ["EstimateConfig", "METHODS", "Recipe", "TrainConfig", "build_method", "compare", "estimate", "evaluate", "fit",
+           "import_cscore", "import_fz", "load_dataset", "load_influence", "load_model", "load_scores", "load_trials", "proxies", "scores",
            "train", "validate"]

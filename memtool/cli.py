@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .config import Runtime, add_flags, flag_values, load_config_file
@@ -37,6 +38,8 @@ def print_summary(s: dict, run: str | Path, file=None) -> None:
     if "noise_auroc_mem" in s:
         lines.append(f"planted label noise ({s['n_label_corrupted']} flipped): AUROC of mem "
                      f"{_fmt(s['noise_auroc_mem'])}, of margin_mem {_fmt(s['noise_auroc_margin_mem'])}")
+    if "fit_warning" in s:
+        lines.append(f"WARNING: {s['fit_warning']}")
     if "split_half" in s:
         lines.append("split-half agreement (even vs odd trials): "
                      + ", ".join(f"{k} {_fmt(v)}" for k, v in s["split_half"].items()))
@@ -73,7 +76,9 @@ def cmd_estimate(a: argparse.Namespace) -> int:
 
     kw = _settings(a, EstimateConfig, Recipe, Execution, Thresholds)
     out = _out(a, kw)
-    result = estimate(out, progress=not a.quiet, **kw)
+    with warnings.catch_warnings():  # the summary prints the fit warning
+        warnings.simplefilter("ignore", UserWarning)
+        result = estimate(out, progress=not a.quiet, **kw)
     if result["status"] == "partial":
         print(f"{result['missing_trials']} trials of this run are not finished yet (other shards?); "
               f"when all are, run `memtool scores {out}`. Trial files are in {Path(out) / 'trials'}")
@@ -103,7 +108,8 @@ def cmd_validate(a: argparse.Namespace) -> int:
     from . import validate
 
     out = getattr(a, "out", None) or Path(a.run) / "validate"
-    table = validate(a.run, out, a.seeds, progress=not a.quiet, **flag_values(a, Runtime))
+    recipe = _settings(a, Recipe)  # flags given: override the run's recipe
+    table = validate(a.run, out, a.seeds, recipe=recipe or None, progress=not a.quiet, **flag_values(a, Runtime))
     cols = ["variant", "group", "metric", "accuracy", "ci_low", "ci_high", "diff"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {Path(out) / 'validate.md'}, {Path(out) / 'validate.parquet'}, {Path(out) / 'validate.png'}")
@@ -124,7 +130,8 @@ def cmd_figures(a: argparse.Namespace) -> int:
     if a.config:
         from .pipeline import make_figures
 
-        paths = make_figures(a.config, a.out, progress=not a.quiet, **flag_values(a, Runtime))
+        stages = a.stages.split(",") if a.stages else None
+        paths = make_figures(a.config, a.out, stages=stages, progress=not a.quiet, **flag_values(a, Runtime))
         print(f"wrote {Path(a.out) / 'README.md'}")
     else:
         from .figures import run_figures
@@ -134,6 +141,27 @@ def cmd_figures(a: argparse.Namespace) -> int:
         run_manifest(a.run, a.out, paths, f"memtool figures {a.run} --out {a.out}")
     for p in paths:
         print(f"wrote {p}")
+    return 0
+
+
+def cmd_proxies(a: argparse.Namespace) -> int:
+    from .proxies import ProxiesConfig, ProxySettings, proxies
+
+    kw = _settings(a, ProxiesConfig, Recipe, ProxySettings, Runtime)
+    out = _out(a, kw)
+    table = proxies(out, calibrate=a.calibrate, progress=not a.quiet, **kw)
+    tr = table[table["split"] == "train"]
+    print(tr[[c for c in tr.columns if c not in ("sample_id", "split", "label", "label_corrupted",
+                                                   "original_label")]].describe().T[["mean", "50%", "max"]]
+          .to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import compare, format_comparison
+
+    r = compare(a.a, a.b, a.column_a, a.column_b, a.mem_threshold)
+    print(json.dumps(r, indent=2) if a.json else format_comparison(r))
     return 0
 
 
@@ -235,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: RUN/validate; resumable)")
     p.add_argument("--seeds", type=int, default=3, help="models per variant (default: 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _recipe_flags(p)  # given: they override the run's recipe (e.g. --model cnn: a CNN on an MLP's scores)
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_validate)
 
@@ -251,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, Runtime, skip=("device",))
     p.set_defaults(func=cmd_import_cscore)
 
-    p = sub.add_parser("train", help="train one model: standard, PGD-AT, TRADES or MART (resumable)")
+    p = sub.add_parser("train", help="train one model: standard, PGD-AT, TRADES, MART, GAIRAT or BAT (resumable)")
     _common(p, "output directory (created, or resumed)")
     add_flags(p.add_argument_group("run (must match when resuming)"), TrainConfig)
     _recipe_flags(p)
@@ -270,9 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="a run directory: its mem histogram, galleries, high-influence pairs")
     p.add_argument("--config", help="a study config (configs/reference-*.yaml): runs every stage, resumable")
     p.add_argument("--out", required=True, help="folder for the figures (with --config: OUT/NAME/ and OUT/README.md)")
+    p.add_argument("--stages", default=None, help="with --config: only these comma-separated sections (e.g. "
+                                                  "score_cost); the estimate is always read (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_figures)
+
+    from .proxies import ProxiesConfig, ProxySettings
+
+    p = sub.add_parser("proxies", help="one-run proxies of memorization (csl, forgetting, ...) and TracIn pairs")
+    _common(p, "output directory (created, or resumed)")
+    add_flags(p.add_argument_group("run (must match when resuming)"), ProxiesConfig)
+    _recipe_flags(p)
+    add_flags(p.add_argument_group("measurement"), ProxySettings)
+    p.add_argument("--calibrate", default=None, metavar="RUN",
+                   help="a few-trial `memtool estimate` run of the same data: estimate mem and the high-influence "
+                        "pairs from it and the proxies, and make OUT a run directory (memtool.hybrid)")
+    add_flags(p.add_argument_group("execution"), Runtime)
+    p.set_defaults(func=cmd_proxies)
+
+    p = sub.add_parser("compare", help="agreement of two score tables of the same data (B against A)")
+    p.add_argument("a", help="reference: a run directory or a scores .parquet file")
+    p.add_argument("b", help="the table to check against it")
+    p.add_argument("--column-a", default="mem", help="A's column (default: mem)")
+    p.add_argument("--column-b", default=None, help="B's column (default: the same as A's)")
+    p.add_argument("--mem-threshold", type=float, default=0.25, help="A's high set: column-a >= this (default: 0.25)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("datasets", help="list the datasets and whether each is on disk")
     add_flags(p, Runtime, skip=("device",))

@@ -378,9 +378,18 @@ def plant_label_noise(y: np.ndarray, fraction: float, num_classes: int, seed: in
 
 
 # The usual L-inf radius of each dataset's robustness numbers (PAPER.md section 5), on the
-# [0, 1] pixel scale: what analyses use unless told otherwise.
+# [0, 1] pixel scale: the one owner of every default eps (training attacks, robust scores,
+# evaluation, analyses), through :func:`standard_eps`.
 STANDARD_EPS = {"mnist": 0.3, "fashion-mnist": 0.1, "digits": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255,
                 "tiny-imagenet": 8 / 255}
+
+
+def standard_eps(dataset: str) -> float:
+    """The default L-inf radius for ``dataset``; a user dataset (.npz) has none."""
+    if dataset not in STANDARD_EPS:
+        raise ValueError(f"dataset {dataset!r} has no standard eps (known: "
+                         f"{', '.join(f'{k} {v:.4g}' for k, v in STANDARD_EPS.items())}): give one, e.g. --eps 0.1")
+    return STANDARD_EPS[dataset]
 
 
 def load_dataset(

@@ -72,18 +72,22 @@ def _builder(recipe: Recipe, x: torch.Tensor, num_classes: int) -> Callable[[], 
 
 def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int], *, num_classes: int,
                 weights: torch.Tensor | None = None, start: dict | None = None,
-                on_epoch: Callable | None = None, on_step: Callable[[int], None] | None = None) -> nn.Module:
+                on_epoch: Callable | None = None, on_step: Callable[[int], None] | None = None,
+                recorder=None, positions: Sequence[int] | None = None) -> nn.Module:
     """Train ``len(seeds)`` models on the equal-size ``subsets`` ((K, m) indices) at once:
     an :class:`Ensemble` for K > 1, a plain module for K = 1.
 
     ``start``: {"model", "optimizer", "epoch"} state to resume from; ``on_epoch(epochs_done,
     model, optimizer, stats)`` runs after every epoch (checkpoints; ``stats["loss"]``: each
     model's mean batch loss, plus the method's own statistics, e.g. BAT's weights, pooled over
-    the stack); ``on_step(k)`` after every step."""
+    the stack); ``on_step(k)`` after every step. ``recorder`` (:class:`memtool.proxies.Recorder`)
+    sees every step's per-sample losses and the model after every epoch, as models
+    ``positions`` (default 0..K-1) of its own numbering."""
     device = x.device
     build = _builder(recipe, x, num_classes)
     k, m = subsets.shape
     stacked = k > 1
+    positions = list(range(k)) if positions is None else list(positions)
     modules = [init_model(build, int(s)).to(device) for s in seeds]
     model = Ensemble(modules, build) if stacked else modules[0]
     opt = recipe.make_optimizer(model.parameters())
@@ -119,6 +123,8 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
                 out = method.loss(model, xb, yb, batch)
             if out.weight is not None:
                 wb = out.weight.detach() if wb is None else wb * out.weight.detach()
+            if recorder is not None:
+                recorder.visit(positions, ids, out.per_sample)
             loss = weighted_mean(out.per_sample, wb)
             if out.extra is not None:
                 loss = loss + out.extra
@@ -135,6 +141,8 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
             if on_step is not None:
                 on_step(k)
         model.eval()
+        if recorder is not None:
+            recorder.epoch_end(positions, model, epoch + 1)
         if on_epoch is not None:
             stats = {name: float(num / den) if float(den) > 0 else float("nan") for name, (num, den) in stat_sums.items()}
             on_epoch(epoch + 1, model, opt, {"loss": (loss_sum / per_epoch).cpu(), **stats})
@@ -194,13 +202,14 @@ def _margins(model, x, y, recipe, seeds, robust, steps, batch, key) -> torch.Ten
 
 def fit(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, subsets, seeds: Sequence[int], *, num_classes: int,
         weights=None, ensemble_size: int | None = None, start: dict | None = None, on_epoch=None,
-        on_step=None) -> Models:
+        on_step=None, recorder=None) -> Models:
     """Train one model per subset (``subsets``: K index arrays into ``x``) with ``seeds[k]``.
 
     ``weights``: optional per-sample weights, (n,) shared or (K, n) per model. Models whose
     subsets have equal size are stacked ``ensemble_size`` at a time where the architecture
     allows (default: :func:`default_ensemble_size`). ``start`` / ``on_epoch`` (resume and
-    checkpoints, see :func:`train_stack`) need a single model."""
+    checkpoints, see :func:`train_stack`) need a single model; ``recorder`` records proxies of
+    every model (:mod:`memtool.proxies`)."""
     subsets = [np.asarray(s, dtype=np.int64) for s in subsets]
     if len(subsets) != len(seeds):
         raise ValueError(f"fit needs one seed per subset, got {len(subsets)} subsets and {len(seeds)} seeds")
@@ -231,6 +240,7 @@ def fit(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, subsets, seeds: Sequen
         w = None if weights is None or weights.dim() == 1 else weights[g]
         w = weights if weights is not None and weights.dim() == 1 else w
         model = train_stack(recipe, x, y, np.stack([subsets[k] for k in g]), [seeds[k] for k in g],
-                            num_classes=num_classes, weights=w, start=start, on_epoch=on_epoch, on_step=on_step)
+                            num_classes=num_classes, weights=w, start=start, on_epoch=on_epoch, on_step=on_step,
+                            recorder=recorder, positions=g)
         stacks.append((g, model))
     return Models(recipe, seeds, stacks)

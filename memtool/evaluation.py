@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from .attacks import build_attack
 from .attacks.autoattack import BACKENDS
 from .config import check_int, check_number, setting
-from .datasets import load_dataset
+from .datasets import load_dataset, standard_eps
 from .rundir import RunMismatchError, atomic_write, open_settings, write_json, write_table
-from .checkpoints import checkpoint_path, load_checkpoint, model_from_checkpoint
+from .checkpoints import checkpoint_path, load_checkpoint, model_from_checkpoint, selected_epoch
 
 
 def parse_attacks(attacks) -> list[str]:
@@ -116,8 +116,8 @@ class Evaluation:
     """What an evaluation measures (checked when its output directory is reopened)."""
 
     dataset: str | None = setting(None, "dataset (default: the one the model was trained on)")
-    attacks: str = setting("clean,pgd20", "comma-separated: clean,fgsm,pgdK[-l2][-rR],cwK,autoattack")
-    eps: float | None = setting(None, "radius on the [0, 1] scale (default: the training eps)")
+    attacks: str = setting("clean,pgd20", "comma-separated: clean,fgsm,pgdK[-l2][-rR],cwK,apgd,autoattack")
+    eps: float | None = setting(None, "radius on the [0, 1] scale (default: the training eps, else the dataset's)")
     n_samples: int | None = setting(None, "first N test samples only (default: all)")
     batch_size: int = setting(200, "samples per attack batch; per-sample flags are saved after each")
     seed: int = setting(0, "seed of the attacks' random starts")
@@ -147,10 +147,9 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
         p.requires_grad_(False)
     trained = ck["settings"]["config"]
     dataset = dataset or trained["dataset"]
-    if eps is None:
+    if eps is None:  # the training eps, else the dataset's standard one
         eps = trained["recipe"]["method"].get("eps")
-        if eps is None:
-            raise ValueError("eps must be given for a model trained without an attack (e.g. --eps 0.3), got None")
+        eps = standard_eps(dataset) if eps is None else eps
     check_number("eps", eps, 0)
     eps = float(eps)
     ds = load_dataset(dataset, data_root)
@@ -195,8 +194,8 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
 
 def robustbench_record(summary: dict, ck: dict, backend: str) -> dict:
     """A RobustBench-style record of one evaluation: what a leaderboard entry states. The
-    AutoAttack number is null unless the standard version ran; the checkpoint rule is
-    memtool's (the last epoch; no checkpoint is ever chosen on the test set)."""
+    AutoAttack number is null unless the standard version ran; the checkpoint rule is the
+    run's (:func:`memtool.checkpoints.selected_epoch`; never chosen on the test set)."""
     from importlib.metadata import PackageNotFoundError, version
 
     attacks = summary["attacks"]
@@ -213,7 +212,7 @@ def robustbench_record(summary: dict, ck: dict, backend: str) -> dict:
             "seed": summary["seed"], "train_seed": summary["train_config"]["seed"],
             "method": summary["train_config"]["recipe"]["method"]["name"],
             "architecture": summary["train_config"]["recipe"]["model"],
-            "checkpoint_rule": f"last epoch ({ck['epoch']}); never selected on the test set",
+            "checkpoint_rule": f"{selected_epoch(ck)[1]}; never selected on the test set",
             "checkpoint": summary["checkpoint"]}
 
 

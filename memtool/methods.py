@@ -1,4 +1,4 @@
-"""Training methods as configured objects: standard, PGD-AT, TRADES, MART and BAT.
+"""Training methods as configured objects: standard, PGD-AT, TRADES, MART, GAIRAT and BAT.
 
 A method is a frozen dataclass holding its own hyper-parameters; its :meth:`Method.loss`
 returns per-sample losses for one batch, and the engine (:mod:`memtool.engine`) reduces them
@@ -172,12 +172,17 @@ class Method:
         """The method ready for ``dataset`` (methods that read per-sample scores load them here)."""
         return self
 
+    def for_dataset(self, dataset: str) -> "Method":
+        """The method with its dataset-dependent defaults resolved (the adversarial ones: eps)."""
+        return self
+
 
 @dataclass(frozen=True)
 class Adversarial(Method):
     """The training attack shared by the adversarial methods: L-inf PGD."""
 
-    eps: float = setting(0.3, "L-inf radius of the training attack, on the [0, 1] pixel scale")
+    eps: float | None = setting(None, "L-inf radius of the training attack, on the [0, 1] pixel scale (default: the "
+                                      "dataset's: 0.3 MNIST, 0.1 Fashion-MNIST, 8/255 CIFAR, Tiny ImageNet)")
     pgd_steps: int = setting(10, "PGD steps of the training attack")
     step_size: float | None = setting(None, "PGD step size (default: 2.5 * eps / pgd-steps)")
     eps_warmup: float = setting(0.3, "fraction of the training over which eps (and the step size) ramp "
@@ -189,15 +194,24 @@ class Adversarial(Method):
     adversarial: ClassVar[bool] = True
 
     def __post_init__(self):
-        check_number("eps", self.eps, 0)
+        check_number("eps", self.eps, 0, optional=True)
         check_int("pgd_steps", self.pgd_steps, 1)
         check_number("step_size", self.step_size, 0, low_open=True, optional=True)
         check_number("eps_warmup", self.eps_warmup, 0, 1)
         check_choice("attack_bn", self.attack_bn, ATTACK_BN)
 
+    def for_dataset(self, dataset: str) -> "Adversarial":
+        """The method with ``eps`` resolved to the dataset's standard radius when unset."""
+        from .datasets import standard_eps
+
+        return self if self.eps is not None else replace(self, eps=standard_eps(dataset))
+
     @property
     def alpha(self) -> float:
         """The step size at full eps."""
+        if self.eps is None:
+            raise ValueError(f"method {self.name} has no eps: give one, or build it through a config of a "
+                             "dataset (which resolves the dataset's standard eps)")
         return self.step_size if self.step_size is not None else default_step_size(self.eps, self.pgd_steps)
 
     def radius(self, progress: float) -> tuple[float, float]:
@@ -211,7 +225,7 @@ class Adversarial(Method):
         with ctx, torch.enable_grad():
             yield
 
-    def pgd(self, model, x, y, batch: Batch, loss_fn=ce, start: str = "uniform") -> torch.Tensor:
+    def pgd(self, model, x, y, batch: Batch, loss_fn=ce, start: str = "uniform", on_iterate=None) -> torch.Tensor:
         """PGD maximizing ``loss_fn(model(x'), y)`` in the current eps-ball; random start
         uniform in the ball (Madry et al.) or x + 0.001 N(0, 1) (official TRADES / MART)."""
         eps, alpha = self.radius(batch.progress)
@@ -221,7 +235,7 @@ class Adversarial(Method):
         else:
             x0 = x + 0.001 * batch.randn_like(x)
         with self.attacking(model):
-            return pgd(model, x, y, loss_fn, eps, alpha, self.pgd_steps, "linf", x0)
+            return pgd(model, x, y, loss_fn, eps, alpha, self.pgd_steps, "linf", x0, on_iterate)
 
 
 @dataclass(frozen=True)
@@ -232,6 +246,64 @@ class PGDAT(Adversarial):
 
     def loss(self, model, x, y, batch):
         return LossOutput(ce(model(self.pgd(model, x, y, batch)), y))
+
+
+GAIR_FUNCTIONS = ("tanh", "sigmoid", "discrete")
+
+
+def gair_weights(kappa: torch.Tensor, steps: int, lam: float, function: str = "tanh") -> torch.Tensor:
+    """GAIRAT's instance weights (official ``GAIR``, normalised to mean 1 over the last axis)
+    from ``kappa``, the number of PGD iterates (of ``steps``) the model still classifies
+    correctly: with half = int(steps / 2),
+
+        tanh:     w = (tanh(lam + 5 (half - kappa) / half) + 1) / 2
+        sigmoid:  w = sigmoid(lam + 5 (half - kappa) / half)
+        discrete: w = (steps + 1 - kappa) / (steps + 1)
+
+    so samples the attack flips quickly (close to the decision boundary) weigh most."""
+    kappa = kappa.to(torch.float32)
+    half = int(steps / 2)
+    if function == "discrete":
+        w = ((steps + 1) - kappa) / (steps + 1)
+    else:
+        z = lam + (half - kappa) * 5 / half
+        w = (z.tanh() + 1) / 2 if function == "tanh" else z.sigmoid()
+    return w * w.shape[-1] / w.sum(-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class GAIRAT(Adversarial):
+    """GAIRAT (Zhang et al. 2021, github.com/zjfheart/Geometry-aware-Instance-reweighted-Adversarial-Training):
+    PGD-AT whose per-sample losses are weighted by :func:`gair_weights` of Kappa, counted
+    over the training attack's iterates (start included, final point not) as in the official
+    ``GA_PGD``. Plain PGD-AT for the first ``gair_burnin`` of the training (the official
+    begin_epoch 60 of 120), then Lambda fixed at ``gair_lambda`` (the official 'fixed'
+    schedule, Lambda -1). The official batch loss mean(w_i l_i) with w normalised to mean 1
+    is the engine's sum(w_i l_i) / sum(w_i)."""
+
+    gair_lambda: float = setting(-1.0, "GAIRAT: Lambda of the weight function (larger: flatter weights)")
+    gair_function: str = setting("tanh", "GAIRAT: weight function tanh | sigmoid | discrete", choices=GAIR_FUNCTIONS)
+    gair_burnin: float = setting(0.5, "GAIRAT: fraction of the training that is plain PGD-AT before the weights act")
+
+    name: ClassVar[str] = "gairat"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("gair_lambda", self.gair_lambda)
+        check_choice("gair_function", self.gair_function, GAIR_FUNCTIONS)
+        check_number("gair_burnin", self.gair_burnin, 0, 1)
+
+    def loss(self, model, x, y, batch):
+        kappa = torch.zeros(y.shape, device=y.device)
+
+        def count(logits):
+            kappa.add_((logits.argmax(-1) == y).to(kappa.dtype))
+
+        per_sample = ce(model(self.pgd(model, x, y, batch, on_iterate=count)), y)
+        if batch.progress < self.gair_burnin:
+            return LossOutput(per_sample)
+        w = gair_weights(kappa, self.pgd_steps, self.gair_lambda, self.gair_function)
+        return LossOutput(per_sample, w, stats={"mean_kappa": (kappa.sum(), torch.ones_like(kappa).sum())})
 
 
 @dataclass(frozen=True)
@@ -345,7 +417,7 @@ class BAT(Adversarial):
                                                  "harmful_fraction": ((harmful & a).to(h.dtype).sum(), af.sum())})
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, PGDAT, TRADES, MART, BAT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, PGDAT, TRADES, MART, GAIRAT, BAT)}
 
 
 def method_fields(name: str) -> set[str]:

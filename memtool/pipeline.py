@@ -12,6 +12,7 @@ resumes by itself, so an interrupted pipeline trains only what is missing:
     finding_a: {seeds: 3, pgd_steps: 10, recipe: {...}}           # optional: analyses.finding_a
     finding_b: {seeds: 3, fractions: [0.125, 0.25, 0.5]}          # optional: analyses.finding_b
     bat_comparison: {seeds: 3, recipe: {...}}                     # optional: analyses.bat_comparison
+    score_cost: {}                                                # optional: analyses.score_cost
 
 It writes OUT/NAME/*.png and the small result tables (*.md, *.parquet), OUT/NAME/manifest.json
 (per figure: the command, the data, the date and the key numbers; per stage: wall time) and
@@ -31,7 +32,7 @@ from .config import flatten_settings
 from .recipe import Recipe
 from .rundir import read_json, write_json
 
-STAGES = ("estimate", "validate", "finding_a", "finding_b", "bat_comparison", "robust_estimate")
+STAGES = ("estimate", "validate", "finding_a", "finding_b", "bat_comparison", "score_cost", "robust_estimate")
 
 
 def _load(path) -> dict:
@@ -81,12 +82,19 @@ def mem_distributions(scores: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def make_figures(config, out, *, progress: bool = True, device: str = "cpu", data_root=None) -> list[Path]:
-    """Run (or resume) every stage of ``config`` and write its figures to ``out``/NAME."""
+def make_figures(config, out, *, stages=None, progress: bool = True, device: str = "cpu", data_root=None) -> list[Path]:
+    """Run (or resume) every stage of ``config`` (or only ``stages``, names of its sections;
+    the estimate is always read) and write its figures to ``out``/NAME."""
     from . import estimate, load_scores, validate
     from .figures import run_figures
 
     cfg = _load(config)
+    if stages is not None:
+        stages = [stages] if isinstance(stages, str) else list(stages)
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; valid: {', '.join(STAGES)}")
+        cfg = {k: v for k, v in cfg.items() if k not in STAGES or k == "estimate" or k in stages}
     name, runs = cfg["name"], Path(cfg.get("runs", "runs")) / cfg["name"]
     dest = Path(out) / name
     dest.mkdir(parents=True, exist_ok=True)
@@ -113,21 +121,29 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
             manifest["figures"][p.name] = {"command": command, "data": data, "date": date, "numbers": numbers}
 
     est = flatten_settings(cfg["estimate"])
-    summary = stage("estimate", lambda: estimate(runs / "estimate", progress=progress, **{**kw, **est}))
+    est_run = committed_reference(Path(config), name, est, runs / "estimate")
+    if est_run is None:
+        est_run = runs / "estimate"
+        summary = stage("estimate", lambda: estimate(est_run, progress=progress, **{**kw, **est}))
+    else:  # the committed score tables of this very estimate: every later stage reads them
+        summary = read_json(est_run / "run.json")["summary"]
+        if progress:
+            print(f"memtool figures: estimate: using the committed tables in {est_run} "
+                  f"(remove them, or train into {runs / 'estimate'}, to re-estimate)")
     sh = summary.get("split_half", {})
     data = (f"{est.get('dataset', 'mnist')}, first {est.get('limit') or 'all'} training samples, "
             f"{summary['n_trials']} trials")
     numbers = {"n_trials": summary["n_trials"], "frac_high_mem": summary["frac_high_mem"],
                "n_high_pairs": summary["n_high_pairs"], "split_half_jaccard_pairs": sh.get("jaccard_high_pairs"),
                "split_half_spearman_mem": sh.get("spearman_mem")}
-    add(run_figures(runs / "estimate", dest, data_root=data_root), data, numbers)
+    add(run_figures(est_run, dest, data_root=data_root), data, numbers)
     if cfg.get("validate") is not None:
         v = cfg["validate"] or {}
-        table = stage("validate", lambda: validate(runs / "estimate", runs / "validate", v.get("seeds", 3),
+        table = stage("validate", lambda: validate(est_run, runs / "validate", v.get("seeds", 3),
                                                    progress=progress, **kw))
         add(_copy(runs / "validate", dest, ["validate.png", "validate.md", "validate.parquet"]), data,
             _key_numbers(table, ["full", "without high-influence", "without random"]))
-    for key in ("finding_a", "finding_b", "bat_comparison"):
+    for key in ("finding_a", "finding_b", "bat_comparison", "score_cost"):
         if cfg.get(key) is None:
             continue
         import importlib
@@ -136,12 +152,13 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
         opts = dict(cfg[key] or {})
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
-        table = stage(key, lambda: module.run(runs / "estimate", runs / key, progress=progress, **kw, **opts))
+        table = stage(key, lambda: module.run(est_run, runs / key, progress=progress, **kw, **opts))
         if key == "bat_comparison":  # the headline: AutoAttack accuracy of every variant, BAT's first
             table = table[(table["group"] == "all test") & (table["metric"] == "autoattack")]
             table = table.sort_values("variant", key=lambda v: v != "bat", kind="stable")
-        add(_copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"]), data, _key_numbers(table))
-    tables = {"standard training": load_scores(runs / "estimate")}  # last: the costliest stage, an illustration
+        numbers = _cost_numbers(table) if key == "score_cost" else _key_numbers(table)
+        add(_copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"]), data, numbers)
+    tables = {"standard training": load_scores(est_run)}  # last: the costliest stage, an illustration
     if cfg.get("robust_estimate"):
         rob = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]})
         rs = stage("robust_estimate", lambda: estimate(runs / "robust_estimate", progress=progress, **{**kw, **rob}))
@@ -151,6 +168,28 @@ def make_figures(config, out, *, progress: bool = True, device: str = "cpu", dat
     write_json(dest / "manifest.json", manifest)
     write_index(Path(out))
     return [dest / n for n in manifest["figures"]]
+
+
+def committed_reference(config: Path, name: str, settings: dict, run: Path) -> Path | None:
+    """references/NAME/ (beside the configs folder) when it holds the score tables of exactly
+    this estimate and ``run`` has no trials of its own: a fresh clone reruns every later stage
+    without re-estimating."""
+    from .config import split_settings
+    from .estimator import EstimateConfig
+    from .estimator.run import Execution
+    from .estimator.store import finished_trials
+    from .estimator.tables import Thresholds
+    from .rundir import diff_settings
+
+    ref = config.resolve().parent.parent / "references" / name
+    if not (ref / "scores.parquet").exists() or ((run / "trials").exists() and finished_trials(run)):
+        return None
+    ex, _, rest = split_settings(settings, Execution, Thresholds)
+    meta = read_json(ref / "run.json")
+    if diff_settings(meta["config"], EstimateConfig.from_kwargs(**rest).to_dict()) or \
+            meta["summary"]["n_trials"] < Execution(**ex).trials:
+        return None
+    return ref
 
 
 def run_manifest(run, out, paths, command: str) -> Path:
@@ -186,6 +225,13 @@ def _key_numbers(table, variants=None) -> dict:
         out[key] = {k: round(float(r[k]), 4) for k in ("accuracy", "ci_low", "ci_high", "diff", "diff_low", "diff_high")
                     if k in r and r[k] == r[k]}
     return out
+
+
+def _cost_numbers(table) -> dict:
+    """score_cost: the hybrids first (precision at k / pairs Jaccard / compute fraction)."""
+    t = table.sort_values("method", key=lambda m: ~m.str.startswith("hybrid"), kind="stable")
+    return {r["method"]: f"precision {r['precision_at_k']:.3f}, pairs Jaccard {r.get('pairs_jaccard', float('nan')):.3f}, "
+                         f"compute {r['compute_fraction']:.3f}" for r in t.to_dict("records")}
 
 
 def write_index(out: Path) -> Path:

@@ -12,7 +12,10 @@ content: a digest of the ids and of the weights).
 The output directory::
 
     OUT/checkpoint.pt   model and optimizer state, epoch, config, data digests and log (written
-                        atomically after every epoch; memtool.load_model(OUT))
+                        atomically after every epoch; memtool.load_model(OUT)); with
+                        ``--val-samples N --select best-pgd`` also the weights of the epoch with
+                        the best PGD accuracy on N held-out training samples after ``--limit``
+                        (never the test set), which load_model and evaluate then use
     OUT/config.json     the settings of this run (config, dataset, excluded ids and weights)
     OUT/log.jsonl       one line per epoch: mean training loss, clean and PGD accuracy on the
                         first eval_samples test samples, wall and CPU time
@@ -37,11 +40,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attacks import PGD
 from .checkpoints import CHECKPOINT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import check_int, check_number, setting
+from .config import check_choice, check_int, check_number, setting
 from .datasets import load_dataset
 from .engine import fit
 from .recipe import EVAL, Recipe, WithRecipe, stream
 from .rundir import check_settings, open_settings, write_jsonl
+
+
+SELECTIONS = ("last", "best-pgd")
 
 
 @dataclass(frozen=True)
@@ -53,19 +59,36 @@ class TrainConfig(WithRecipe):
     exclude_ids: str | None = setting(None, "file of training sample ids to leave out: text, one id per line, "
                                             "or parquet with a sample_id column")
     weights: str | None = setting(None, "parquet file with sample_id and weight columns (every training sample)")
-    eval_samples: int = setting(1000, "first N test samples checked after every epoch")
-    eval_steps: int = setting(20, "PGD steps of that check")
-    eval_eps: float | None = setting(None, "eps of that check (default: the method's eps; none for standard)")
+    eval_samples: int = setting(1000, "first N test samples checked after every --eval-every epochs (0: none)")
+    eval_every: int = setting(1, "epochs between those checks (the last epoch is always checked)")
+    eval_steps: int = setting(20, "PGD steps of the checks (test and validation)")
+    eval_eps: float | None = setting(None, "eps of the checks (default: the method's eps; none for standard)")
+    val_samples: int = setting(0, "hold out N training samples from beyond --limit (never trained on) as a "
+                                  "validation set, checked after every epoch")
+    select: str = setting("last", "the checkpoint memtool.load_model and evaluate use: last (epoch) | best-pgd "
+                                  "(best PGD accuracy on the validation samples; needs --val-samples)",
+                          choices=SELECTIONS)
     recipe: Recipe = setting(None, "how the model is trained", cli=False, factory=Recipe)
 
     def __post_init__(self):
         check_int("limit", self.limit, 2, optional=True)
         check_number("label_noise", self.label_noise, 0, 1, high_open=True)
         check_int("seed", self.seed, 0)
-        check_int("eval_samples", self.eval_samples, 1)
+        check_int("eval_samples", self.eval_samples, 0)
+        check_int("eval_every", self.eval_every, 1)
         check_int("eval_steps", self.eval_steps, 1)
         check_number("eval_eps", self.eval_eps, 0, optional=True)
+        check_int("val_samples", self.val_samples, 0)
+        check_choice("select", self.select, SELECTIONS)
+        if self.val_samples and self.limit is None:
+            raise ValueError("val_samples needs --limit: the validation samples are taken from beyond it, so "
+                             "that the training set (and its scores) stays the first --limit samples")
+        if self.select == "best-pgd" and not self.val_samples:
+            raise ValueError("select best-pgd needs --val-samples N (held-out training samples to select on; "
+                             "the test set is never used for selection)")
         self._resolve_recipe()
+        if self.select == "best-pgd" and self.check_eps is None:
+            raise ValueError("select best-pgd needs an eps: an adversarial method, or --eval-eps")
 
     @property
     def check_eps(self) -> float | None:
@@ -151,8 +174,35 @@ def epoch_check(model, x_u8, y, eps: float | None, steps: int, seed: int, batch:
             if attack is not None:
                 with torch.no_grad():
                     rob += int((model(attack(model, xb, yb)).argmax(1) == yb).sum())
+    if not len(y):
+        return {}
     return {"clean_acc": clean / len(y), "robust_acc": None if attack is None else rob / len(y),
             "eval_attack": None if attack is None else f"pgd{steps}", "eval_eps": eps, "eval_n": len(y)}
+
+
+def validation_samples(config: TrainConfig, data_root, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``val_samples`` training samples right after the first ``limit`` (true labels)."""
+    if not config.val_samples:
+        return torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    full = load_dataset(config.dataset, data_root)
+    if n + config.val_samples > len(full.y_train):
+        raise ValueError(f"val_samples {config.val_samples} does not fit beyond limit {n}: {config.dataset} has "
+                         f"{len(full.y_train)} training samples")
+    sl = slice(n, n + config.val_samples)
+    return torch.tensor(full.x_train[sl], device=device), torch.tensor(full.y_train[sl], device=device)
+
+
+def epoch_line(record: dict, epochs: int, stats: dict) -> str:
+    """One progress line per epoch: loss, the method's statistics, the checks that ran."""
+    line = f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}" + "".join(f"  {k} {v:.3f}" for k, v in stats.items())
+    if "clean_acc" in record:
+        line += f"  clean {record['clean_acc']:.3f}"
+        if record["robust_acc"] is not None:
+            line += f"  {record['eval_attack']}@{record['eval_eps']:g} {record['robust_acc']:.3f}"
+        line += f" (n={record['eval_n']})"
+    if record.get("val_robust_acc") is not None:
+        line += f"  val {record['eval_attack'] if 'eval_attack' in record else 'pgd'} {record['val_robust_acc']:.3f}"
+    return line + f"  ({record['time_s']:.1f} s)"
 
 
 def _settings(config: TrainConfig, ds, excluded, w, method) -> dict:
@@ -221,6 +271,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     x, y = torch.tensor(ds.x_train, device=device), torch.tensor(ds.y_train, device=device)
     n_eval = min(config.eval_samples, len(ds.y_test))
     xt, yt = torch.tensor(ds.x_test[:n_eval], device=device), torch.tensor(ds.y_test[:n_eval], device=device)
+    xv, yv = validation_samples(config, data_root, n, device)
     done = 0 if start is None else int(start["epoch"])
     if done >= r.epochs:
         if progress:
@@ -231,21 +282,27 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
                disable=not progress, desc=f"train {r.method.name}", dynamic_ncols=True)
     clock = [time.time(), time.process_time()]
 
+    best = {k: ck[k] for k in ("best_model", "best_epoch", "best_val") if k in ck} if start is not None else {}
+
     def on_epoch(epoch, model, opt, stats):
-        record = {"epoch": epoch, "loss": float(stats.pop("loss")), **stats, "train_time_s": time.time() - clock[0],
-                  **epoch_check(model, xt, yt, config.check_eps, config.eval_steps, stream(config.seed, EVAL, epoch))}
+        record = {"epoch": epoch, "loss": float(stats.pop("loss")), **stats, "train_time_s": time.time() - clock[0]}
+        if epoch % config.eval_every == 0 or epoch == r.epochs:
+            record.update(epoch_check(model, xt, yt, config.check_eps, config.eval_steps,
+                                      stream(config.seed, EVAL, epoch)))
+        if len(yv):
+            val = epoch_check(model, xv, yv, config.check_eps, config.eval_steps, stream(config.seed, EVAL, epoch, 1))
+            record.update({f"val_{k}": v for k, v in val.items() if k in ("clean_acc", "robust_acc")})
+            if val["robust_acc"] is not None and val["robust_acc"] > best.get("best_val", -1.0):
+                best.update(best_model={k: v.clone() for k, v in model.state_dict().items()}, best_epoch=epoch,
+                            best_val=val["robust_acc"])
         record["time_s"], record["cpu_s"] = time.time() - clock[0], time.process_time() - clock[1]
         log.append(record)
         save_checkpoint({"format": "memtool-train/2", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "epoch": epoch, "settings": settings_now, "log": log,
+                         "epoch": epoch, "settings": settings_now, "log": log, **best,
                          "versions": {"memtool": __version__, "torch": str(torch.__version__)}}, out / CHECKPOINT)
         write_jsonl(out / "log.jsonl", log)
         if progress:
-            rob = "" if record["robust_acc"] is None else \
-                f"  {record['eval_attack']}@{record['eval_eps']:g} {record['robust_acc']:.3f}"
-            extra = "".join(f"  {k} {v:.3f}" for k, v in stats.items())
-            tqdm.write(f"epoch {epoch}/{r.epochs}  loss {record['loss']:.4f}{extra}  clean {record['clean_acc']:.3f}{rob}  "
-                       f"(n={record['eval_n']}, {record['time_s']:.1f} s)")
+            tqdm.write(epoch_line(record, r.epochs, stats))
         clock[:] = [time.time(), time.process_time()]
 
     models = fit(r, x, y, [subset], [config.seed], num_classes=ds.num_classes,
@@ -254,4 +311,6 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     bar.close()
     if progress:
         print(f"wrote {out / CHECKPOINT}")
+    if config.select != "last":
+        return model_from_checkpoint(load_checkpoint(out / CHECKPOINT, device), device)
     return models[0]

@@ -24,15 +24,18 @@ import pandas as pd
 from .datasets import load_dataset
 from .estimator import EstimateConfig, load_influence, read_run_json
 from .experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
-from .recipe import stream
+from .recipe import Recipe, flat_recipe, stream
 from .rundir import write_table
 
 VARIANTS = ("full", "without high-influence", "without random")
 
 
-def validate(run, out=None, seeds: int = 3, *, progress: bool = True, device: str = "cpu",
+def validate(run, out=None, seeds: int = 3, *, recipe=None, progress: bool = True, device: str = "cpu",
              data_root=None) -> pd.DataFrame:
-    """Retrain and compare (see the module docstring); returns the summary table."""
+    """Retrain and compare (see the module docstring); returns the summary table.
+    ``recipe``: retrain with another recipe than the run's (do one learner's pairs predict
+    another learner's retraining?), a :class:`memtool.Recipe` or flat overrides of the run's
+    (``{"model": "cnn", "lr": 0.05}``)."""
     run = Path(run)
     out = Path(out) if out is not None else run / "validate"
     meta = read_run_json(run)
@@ -40,6 +43,9 @@ def validate(run, out=None, seeds: int = 3, *, progress: bool = True, device: st
         raise ValueError(f"{run} was imported ({meta['config'].get('source')}), not estimated: validate retrains "
                          "with a run's recipe, so it needs a `memtool estimate` run")
     cfg = EstimateConfig.from_dict(meta["config"])
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_flat(**{**flat_recipe(cfg.recipe), **recipe})
+    recipe = (recipe or cfg.recipe).for_dataset(cfg.dataset)
     ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
     if ds.fingerprint != meta["dataset"]["fingerprint"]:
         raise ValueError(f"the {cfg.dataset} data on disk differ from the data {run} was estimated on "
@@ -54,13 +60,13 @@ def validate(run, out=None, seeds: int = 3, *, progress: bool = True, device: st
     influenced = np.isin(np.arange(n_test), pairs["test_id"].to_numpy())
     rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(removed)))
     variants = dict(zip(VARIANTS, ([], removed, rng.choice(n, len(removed), replace=False))))
-    records = retrain(out, Data.of(ds, device), cfg.recipe, variants, seeds, seed=cfg.seed,
+    records = retrain(out, Data.of(ds, device), recipe, variants, seeds, seed=cfg.seed,
                       robust_eps=cfg.robust_eps if cfg.robust else None,
                       settings={"run": str(run), "fingerprint": ds.fingerprint}, progress=progress)
     groups = {"influenced test samples": influenced, "all test samples": np.ones(n_test, bool)}
     table = summarize(records, groups, baseline="full")
     info = {"run": str(run), "n_removed": int(len(removed)), "n_influenced": int(influenced.sum()),
-            "seeds": seeds, "recipe": cfg.recipe.to_dict(), "dataset": meta["dataset"]}
+            "seeds": seeds, "recipe": recipe.to_dict(), "dataset": meta["dataset"]}
     write_table(table, out / "validate.parquet", info)
     (out / "validate.md").write_text(
         f"# Do the scores predict retraining? ({run})\n\nRemoved: the {len(removed)} training samples of the "

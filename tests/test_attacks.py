@@ -197,3 +197,27 @@ def test_restarts_only_attack_samples_not_yet_fooled():
     PGD(eps=1.0, steps=2, restarts=3)(model, x, y)  # eps 1: everything is fooled at once
     assert calls[:3] == [32, 32, 32]  # restart 1: two steps and the check of which samples it fooled
     assert np.sum(calls) < 3 * 3 * 32  # later restarts saw fewer samples (or none)
+
+
+def test_apgd_is_the_standard_autoattacks_first_two_attacks():
+    """apgd (APGD-CE + APGD-T, the standard budget, same seed) runs exactly the standard
+    version's first two attacks: every sample standard AutoAttack leaves robust, apgd does too,
+    and apgd is at most as strong as standard."""
+    pytest.importorskip("pyautoattack")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    ds = load_dataset("digits")
+    x, y = torch.from_numpy(ds.x_test[:24]).float() / 255, torch.from_numpy(ds.y_test[:24])
+    with torch.no_grad():  # label the points by the model itself, so that some stay robust
+        y = model(x).argmax(1)
+    robust = {}
+    for name in ("apgd", "autoattack"):
+        attack = build_attack(name, eps=0.05)
+        x_adv = attack(model, x, y)
+        assert (x_adv - x).abs().max() <= 0.05 + 1e-5
+        with torch.no_grad():
+            robust[name] = model(x_adv).argmax(1) == y
+    assert 0 < int(robust["autoattack"].sum()) and bool((robust["apgd"] | ~robust["autoattack"]).all())
+    assert build_attack("apgd", eps=0.1).describe()["attacks"] == ["apgd-ce", "apgd-t"]
+    with pytest.raises(ValueError, match="apgd version runs with backend pyautoattack only"):
+        build_attack("apgd", eps=0.1, backend="torchattacks")

@@ -31,6 +31,8 @@ def _recipe(model="mlp", method="standard", **kw):
     adv = {} if method == "standard" else dict(eps=0.1, pgd_steps=2)
     if method == "bat":
         adv["bat_warmup"] = 0.0
+    if method == "gairat":
+        adv["gair_burnin"] = 0.0
     base = dict(model=model, hidden=32, epochs=2, batch_size=40, lr=0.05, schedule="onecycle", method=method)
     r = Recipe.from_flat(**{**base, **adv, **kw})
     if method == "bat":  # every third sample atypical

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memtool.attacks.pgd import pgd, project
-from memtool.methods import (METHODS, Batch, build_method, ce, mart_per_sample, trades_per_sample,
+from memtool.methods import (METHODS, Batch, build_method, ce, gair_weights, mart_per_sample, trades_per_sample,
                              weighted_mean)
 from memtool.models import build_model
 
@@ -146,7 +146,7 @@ def test_method_parameters_belong_to_their_method():
     assert build_method("trades").beta == 6.0 and build_method("mart", beta=3).beta == 3
     with pytest.raises(ValueError, match=r"beta does not apply to method 'pgd-at' \(it applies to trades, mart\)"):
         build_method("pgd-at", beta=1.0)
-    with pytest.raises(ValueError, match="method must be one of standard, pgd-at, trades, mart, bat, got 'fgsm-at'"):
+    with pytest.raises(ValueError, match="method must be one of standard, pgd-at, trades, mart, gairat, bat, got 'fgsm-at'"):
         build_method("fgsm-at")
     with pytest.raises(ValueError, match="eps does not apply to method 'standard'"):
         build_method("standard", eps=0.3)
@@ -201,3 +201,52 @@ def test_training_attack_batchnorm_convention(mode):
     other = build_method("pgd-at", eps=0.2, pgd_steps=3, eps_warmup=0.0,
                          attack_bn="train" if mode == "eval" else "eval").pgd(net, x, y, _batch(seed=5))
     assert not torch.allclose(x_adv, other)  # the two conventions really differ on this net
+
+
+def test_gair_weights_equal_the_official_formula():
+    """GAIR (official GAIRAT.py) on a tiny batch, 10 steps, Lambda -1: half = 5 and
+    z = -1 + (5 - kappa) * 5 / 5 = 4 - kappa, weights normalised to mean 1."""
+    kappa = torch.tensor([0.0, 5.0, 10.0])
+    z = torch.tensor([4.0, -1.0, -6.0])
+    for function, raw in (("tanh", (z.tanh() + 1) / 2), ("sigmoid", z.sigmoid()),
+                          ("discrete", (11 - kappa) / 11)):
+        got = gair_weights(kappa, 10, -1.0, function)
+        torch.testing.assert_close(got, raw * 3 / raw.sum())
+        assert float(got.mean()) == pytest.approx(1.0)
+    tanh = gair_weights(kappa, 10, -1.0)
+    assert tanh[0] > tanh[1] > tanh[2]  # flipped at once (kappa 0) weighs most
+    # numbers by hand: tanh(4) = 0.999329, tanh(-1) = -0.761594, tanh(-6) = -0.999988
+    raw = torch.tensor([(0.999329 + 1) / 2, (1 - 0.761594) / 2, (1 - 0.999988) / 2])
+    torch.testing.assert_close(tanh, raw * 3 / raw.sum(), atol=1e-5, rtol=1e-5)
+
+
+def _official_ga_pgd(model, x, y, eps, step_size, steps, x0):
+    """The official GA_PGD loop (category Madry, eval mode): Kappa counts the iterates the
+    model classifies correctly, checked before every step."""
+    kappa = torch.zeros(len(x))
+    x_adv = x0.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        output = model(x_adv)
+        kappa += (output.argmax(1) == y).float()
+        loss = F.cross_entropy(output, y)
+        (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv, kappa
+
+
+def test_gairat_loss_is_the_official_weighted_loss():
+    model, x, y, method = _setup("gairat", eps=0.3, gair_burnin=0.0)
+    model.eval()  # so the official loop sees the same function
+    gen = torch.Generator().manual_seed(5)
+    x0 = project(x + (torch.rand(x.shape, generator=gen) * 2 - 1) * 0.3, x, 0.3, "linf")
+    x_adv, kappa = _official_ga_pgd(model, x, y, 0.3, method.alpha, 5, x0)
+    assert 0 < kappa.sum() < 5 * len(y)  # some samples flip, not all at once
+    out = method.loss(model, x, y, Batch(None, 0, 0.5, [torch.Generator().manual_seed(5)], False))
+    torch.testing.assert_close(out.per_sample, F.cross_entropy(model(x_adv), y, reduction="none"))
+    torch.testing.assert_close(out.weight, gair_weights(kappa, 5, -1.0))
+    official = (F.cross_entropy(model(x_adv), y, reduction="none") * gair_weights(kappa, 5, -1.0)).mean()
+    torch.testing.assert_close(weighted_mean(out.per_sample, out.weight), official)
+    # before the burn-in ends it is PGD-AT: no weights
+    burn = build_method("gairat", eps=0.3, pgd_steps=5, eps_warmup=0.0)
+    assert burn.loss(model, x, y, Batch(None, 0, 0.4, [torch.Generator().manual_seed(5)], False)).weight is None

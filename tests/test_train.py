@@ -240,3 +240,49 @@ def test_per_epoch_check_measures_clean_and_pgd_accuracy(mnist_at):
     assert r["robust_acc"] < r["clean_acc"]
     assert PGD(eps=0.1, steps=10).alpha == pytest.approx(0.025)
     assert Recipe().method.name == "standard"
+
+
+def test_best_pgd_selection_keeps_the_best_validation_epoch(tmp_path):
+    """--val-samples N holds out the N training samples after --limit (never trained on, never
+    the test set); --select best-pgd keeps the epoch with the best PGD accuracy on them, and
+    load_model and the RobustBench record use it."""
+    from memtool.checkpoints import load_checkpoint, selected_epoch
+    from memtool.datasets import load_dataset
+    from memtool.training import validation_samples
+
+    kw = dict(dataset="digits", limit=600, method="pgd-at", eps=0.1, pgd_steps=2, epochs=5, lr=0.1, hidden=32,
+              batch_size=64, eval_samples=50, eval_every=2, eval_steps=3, val_samples=150, select="best-pgd")
+    model = memtool.train(out=tmp_path / "m", progress=False, **kw)
+    ck = load_checkpoint(tmp_path / "m")
+    val = [r["val_robust_acc"] for r in ck["log"]]
+    assert ck["best_epoch"] == 1 + int(np.argmax(val)) and ck["best_val"] == max(val)
+    assert [("clean_acc" in r) for r in ck["log"]] == [False, True, False, True, True]  # every 2nd and the last
+    epoch, rule = selected_epoch(ck)
+    assert epoch == ck["best_epoch"] and "150 held-out training samples" in rule
+    best = memtool.load_model(tmp_path / "m")
+    for a, b in zip(best.state_dict().values(), ck["best_model"].values()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(model.state_dict().values(), ck["best_model"].values()):
+        torch.testing.assert_close(a, b)
+    # the validation samples: the 150 after the first 600, not the training set, not the test set
+    full = load_dataset("digits")
+    xv, yv = validation_samples(memtool.TrainConfig.from_kwargs(**kw), None, 600, "cpu")
+    np.testing.assert_array_equal(xv.numpy(), full.x_train[600:750])
+    np.testing.assert_array_equal(yv.numpy(), full.y_train[600:750])
+    with pytest.raises(ValueError, match="needs --val-samples"):
+        memtool.TrainConfig.from_kwargs(dataset="digits", limit=600, method="pgd-at", select="best-pgd")
+    with pytest.raises(ValueError, match="needs --limit"):
+        memtool.TrainConfig.from_kwargs(dataset="digits", method="pgd-at", val_samples=10)
+
+
+def test_the_per_epoch_checks_do_not_change_the_model(tmp_path):
+    """Checking every epoch, every 3rd, or never (``--eval-samples 0``) trains the same model:
+    a study can turn the checks down to spend its time on training."""
+    kw = dict(dataset="digits", method="pgd-at", eps=0.1, pgd_steps=2, epochs=3, hidden=32, batch_size=64, progress=False)
+    models = [memtool.train(out=tmp_path / name, eval_samples=n, eval_every=k, **kw)
+              for name, n, k in (("every", 100, 1), ("third", 100, 3), ("never", 0, 1))]
+    for m in models[1:]:
+        for a, b in zip(models[0].state_dict().values(), m.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    log = json.loads((tmp_path / "never" / "log.jsonl").read_text().splitlines()[-1])
+    assert "clean_acc" not in log and log["epoch"] == 3

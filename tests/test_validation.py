@@ -13,7 +13,7 @@ TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--quiet"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (EST + ["--method", "pgd-at", "--eps", "-1"], "eps must be >= 0, got -1.0"),
+    (EST + ["--method", "pgd-at", "--eps", "-1"], "eps must be >= 0 (or None), got -1.0"),
     (EST + ["--method", "pgd-at", "--pgd-steps", "0"], "pgd_steps must be an integer >= 1, got 0"),
     (EST + ["--trials", "1"], "trials must be an integer >= 2, got 1"),
     (EST + ["--ratio", "1.5"], "ratio must be in (0, 1), got 1.5"),
@@ -22,11 +22,12 @@ TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--quiet"]
     (EST + ["--method", "trades", "--eps-warmup", "2"], "eps_warmup must be in [0, 1], got 2.0"),
     (EST + ["--model", "resnet50"], "model must be one of mlp, cnn, preact-resnet18, wrn-D-W"),
     (EST + ["--beta", "3"], "beta does not apply to method 'standard' (it applies to trades, mart)"),
-    (EST + ["--robust"], "robust_eps must be given for robust scores of a standard-trained run"),
+    (EST + ["--robust", "--robust-eps", "-0.1"], "robust_eps must be >= 0 (or None), got -0.1"),
     (EST + ["--shard", "2/2"], "shard index must be in 0..N-1, got 2/2"),
     (TRAIN + ["--method", "mart", "--beta", "-1"], "beta must be >= 0, got -1.0"),
     (TRAIN + ["--label-noise", "1"], "label_noise must be in [0, 1), got 1.0"),
-    (TRAIN + ["--eval-samples", "0"], "eval_samples must be an integer >= 1, got 0"),
+    (TRAIN + ["--eval-samples", "-1"], "eval_samples must be an integer >= 0, got -1"),
+    (TRAIN + ["--select", "best-pgd"], "select best-pgd needs --val-samples N"),
 ])
 def test_bad_flags_are_named(tmp_path, capsys, args, message):
     assert main(args + ["--out", str(tmp_path / "out")]) == 2
@@ -45,7 +46,7 @@ def test_argparse_refuses_wrong_types_and_unknown_methods(tmp_path, capsys, flag
 
 @pytest.mark.parametrize("line, message", [
     ("epochs: 2.5", "epochs must be an integer >= 1, got 2.5"),
-    ("method: fgsm-at", "method must be one of standard, pgd-at, trades, mart, bat, got 'fgsm-at'"),
+    ("method: fgsm-at", "method must be one of standard, pgd-at, trades, mart, gairat, bat, got 'fgsm-at'"),
     ("trials: 1", "trials must be an integer >= 2, got 1"),
     ("learning_rate: 0.1", "unknown EstimateConfig setting(s) ['learning_rate']"),
 ])

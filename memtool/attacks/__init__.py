@@ -10,6 +10,7 @@
 ``pgdK-rR``        R restarts (also ``pgdK-l2-rR``)
 ``cwK``            CW-inf: PGD-K on the margin loss (also ``-rR``)
 ``autoattack``     AutoAttack, standard version (``autoattack-l2`` for L2)
+``apgd``           its APGD-CE + APGD-T alone, standard budget (a ranking attack)
 =================  ==========================================================
 """
 
@@ -34,6 +35,8 @@ def build_attack(name: str, eps: float, **overrides) -> Attack:
         return Clean(eps=0.0)
     if key == "fgsm":
         return FGSM(eps=eps, **overrides)
+    if key == "apgd":
+        return AutoAttack(eps=eps, version="apgd", **overrides)
     if key in ("autoattack", "autoattack-l2"):
         return AutoAttack(eps=eps, norm="l2" if key.endswith("l2") else "linf", **overrides)
     m = _PGD_NAME.match(key)
@@ -41,7 +44,7 @@ def build_attack(name: str, eps: float, **overrides) -> Attack:
         cls = PGD if m[1] == "pgd" else CW
         kw = {"steps": int(m[2]), "norm": "l2" if m[3] else "linf", "restarts": int(m[4] or 1)}
         return cls(eps=eps, **{**kw, **overrides})
-    raise ValueError(f"unknown attack {name!r}; use clean, fgsm, pgdK, pgdK-l2, pgdK-rR, cwK or autoattack "
+    raise ValueError(f"unknown attack {name!r}; use clean, fgsm, pgdK, pgdK-l2, pgdK-rR, cwK, apgd or autoattack "
                      "(K steps, R restarts, e.g. pgd20, cw20, pgd50-r5)")
 
 

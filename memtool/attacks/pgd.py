@@ -65,14 +65,19 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def pgd(model, x, y, loss_fn: LossFn, eps: float, step_size: float, steps: int, norm: str = "linf",
-        x_init: torch.Tensor | None = None) -> torch.Tensor:
+        x_init: torch.Tensor | None = None, on_iterate: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """One PGD run from ``x_init`` (default: ``x``) ascending ``loss_fn(model(x_adv), y).sum()``.
 
-    The caller decides the model's mode (attacks put it in eval mode)."""
+    ``on_iterate(logits)`` sees the logits of every iterate before its step (the start
+    included, the final point not: GAIRAT counts its Kappa there). The caller decides the
+    model's mode (attacks put it in eval mode)."""
     x_adv = (x if x_init is None else x_init).detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_fn(model(x_adv), y).sum(), x_adv)
+        logits = model(x_adv)
+        if on_iterate is not None:
+            on_iterate(logits.detach())
+        (g,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
         step = g.sign() if norm == "linf" else g / (_l2(g) + 1e-12)
         x_adv = project(x_adv.detach() + step_size * step, x, eps, norm)
     return x_adv.detach()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check_int, check_number, setting
+from ..datasets import standard_eps
 from ..recipe import Recipe, WithRecipe
 
 
@@ -20,7 +21,7 @@ class EstimateConfig(WithRecipe):
     ratio: float = setting(0.7, "subset size / training set size, in (0, 1)")
     seed: int = setting(0, "seed of the plan, label noise, model inits and minibatch orders")
     robust: bool | None = setting(None, "also record correctness under PGD (default: on for adversarial methods)")
-    robust_eps: float | None = setting(None, "L-inf radius of that PGD (default: the method's eps)")
+    robust_eps: float | None = setting(None, "L-inf radius of that PGD (default: the method's eps, else the dataset's)")
     recipe: Recipe = setting(None, "how each model is trained", cli=False, factory=Recipe)
 
     def __post_init__(self):
@@ -32,8 +33,6 @@ class EstimateConfig(WithRecipe):
         if self.robust is None:
             object.__setattr__(self, "robust", self.recipe.method.adversarial)
         if self.robust and self.robust_eps is None:
-            if not self.recipe.method.adversarial:
-                raise ValueError("robust_eps must be given for robust scores of a standard-trained run "
-                                 "(e.g. --robust-eps 0.3), got None")
-            object.__setattr__(self, "robust_eps", self.recipe.method.eps)
+            eps = getattr(self.recipe.method, "eps", None)
+            object.__setattr__(self, "robust_eps", standard_eps(self.dataset) if eps is None else eps)
         check_number("robust_eps", self.robust_eps, 0, optional=True)

@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,11 +24,28 @@ from tqdm.auto import tqdm
 from ..config import Runtime, check_int, check_number, setting, split_settings
 from ..datasets import load_dataset
 from ..engine import default_ensemble_size, fit
+from ..proxies import Recorder
 from ..recipe import trial_seed
 from . import plan
 from .config import EstimateConfig
 from .store import claim_path, append_log, claim, finished_trials, init_run, stored_trials, write_trials
 from .tables import Thresholds, compute_tables
+
+
+FIT_THRESHOLD = 0.99  # mean accuracy of a standard-trained model on its own subset below which it warns
+
+
+def fit_warning(cfg: EstimateConfig, train_acc_in_subset: float) -> str | None:
+    """A warning when standard-trained models do not fit their own subsets: memorization is
+    defined for models that interpolate their training data, so mem is then underestimated
+    (planted label noise is not recovered). Adversarial methods are not expected to fit."""
+    if cfg.recipe.method.adversarial or not train_acc_in_subset < FIT_THRESHOLD:
+        return None
+    r = cfg.recipe
+    return (f"the models reach only {train_acc_in_subset:.3f} mean accuracy on their own training subsets "
+            f"(< {FIT_THRESHOLD}): they do not fit them, so mem underestimates memorization. Train longer "
+            f"(--epochs, now {r.epochs})" + (f" or at a constant learning rate (--schedule constant, now {r.schedule})"
+                                             if r.schedule != "constant" else "") + " in a new run directory")
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -62,17 +80,21 @@ def pending_batches(done: set[int], trials: int, k: int, shard=(0, 1)) -> list[n
 
 
 def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: str = "cpu",
-                eval_batch: int = 1024, on_step=None) -> dict:
+                eval_batch: int = 1024, on_step=None, record_proxies: bool = False) -> dict:
     """Train the trials ``trial_ids`` (stacked where the architecture allows) and return their
-    (K, n) margin records."""
+    (K, n) margin records, and with ``record_proxies`` their (K, n_train) proxies
+    (``proxy_<name>``, :mod:`memtool.proxies`; NaN where a trial did not train on a sample)."""
     n = len(data["y_train"])
     members = plan.subset_indices(n, cfg.ratio, cfg.seed, trial_ids)
     seeds = [trial_seed(cfg.seed, int(t)) for t in trial_ids]
     dev = torch.device(device)  # a no-op when the data already lives there (estimate moves it once)
     xy = {split: (data[f"x_{split}"].to(dev), data[f"y_{split}"].to(dev)) for split in ("train", "test")}
+    recorder = Recorder(*xy["train"], seeds, cfg.recipe) if record_proxies else None
     models = fit(cfg.recipe, *xy["train"], members, seeds, num_classes=data["num_classes"],
-                 ensemble_size=len(trial_ids), on_step=on_step)
+                 ensemble_size=len(trial_ids), on_step=on_step, recorder=recorder)
     rec = {f"{split}_margin": models.margins(*xy[split], batch=eval_batch).numpy() for split in xy}
+    if recorder is not None:
+        rec.update({f"proxy_{k}": v for k, v in recorder.result().items()})
     if cfg.robust:
         rec.update({f"{split}_rob_margin": models.margins(*xy[split], robust=cfg.robust_eps, batch=eval_batch,
                                                           key=key).numpy() for key, split in enumerate(xy)})
@@ -113,7 +135,7 @@ def load_data(spec: DataSpec) -> dict:
     return _tensors(ds)
 
 
-def _run_batch(run, cfg, data, ids, device, eval_batch, threads=None, on_step=None) -> list[dict]:
+def _run_batch(run, cfg, data, ids, device, eval_batch, threads=None, on_step=None, record_proxies=False) -> list[dict]:
     """Claim the trials ``ids``, train those no other process holds or has finished, store
     them; returns one log record per trial file written."""
     if threads:
@@ -124,15 +146,15 @@ def _run_batch(run, cfg, data, ids, device, eval_batch, threads=None, on_step=No
     try:
         done = stored_trials(run)  # after claiming: a trial finished meanwhile is not trained again
         step = (lambda n: (claims.beat(), on_step(n))) if on_step else claims.beat  # noqa: E731
-        return [_train_and_store(run, cfg, data, part, device, eval_batch, step)
+        return [_train_and_store(run, cfg, data, part, device, eval_batch, step, record_proxies)
                 for part in consecutive([t for t in claims.trials if t not in done])]
     finally:
         claims.release()
 
 
-def _train_and_store(run, cfg, data, ids, device, eval_batch, on_step) -> dict:
+def _train_and_store(run, cfg, data, ids, device, eval_batch, on_step, record_proxies=False) -> dict:
     t0 = time.perf_counter()
-    rec = train_batch(cfg, data, ids, device, eval_batch, on_step)
+    rec = train_batch(cfg, data, ids, device, eval_batch, on_step, record_proxies)
     member = plan.membership(len(data["y_train"]), cfg.ratio, cfg.seed, ids)
     path = write_trials(run, ids, member, rec)
     log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "trials": [int(ids[0]), int(ids[-1])],
@@ -156,6 +178,8 @@ class Execution(Runtime):
     scheduler: str | None = setting(None, "Dask scheduler address, e.g. tcp://host:8786")
     shard: str | None = setting(None, "i/N: train only this share of the trial batches (SLURM arrays)")
     eval_batch: int = setting(1024, "samples per evaluation batch")
+    record_proxies: bool = setting(False, "also record each trial's one-run proxies (memtool.proxies: csl, "
+                                          "forgetting, ...; score-table columns) from its own training")
     until_se: float | None = setting(None, "add trials in batches until the 95th percentile of mem_se over the "
                                            "training samples is <= X; --trials is then the most it trains")
 
@@ -214,13 +238,16 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
             with tqdm(total=total_steps, unit="step", disable=not progress, desc="models x steps",
                       unit_scale=True, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
                 for ids in batches:
-                    logs = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=bar.update)
+                    logs = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=bar.update,
+                                      record_proxies=ex.record_proxies)
                     trained = sum(log["trials"][1] - log["trials"][0] + 1 for log in logs)
                     bar.update((len(ids) - trained) * cfg.recipe.steps(m))  # held or finished by another process
+                    if logs and ids is batches[0] and fit_warning(cfg, logs[0]["train_acc_in_subset"]):
+                        say(f"memtool estimate: warning: {fit_warning(cfg, logs[0]['train_acc_in_subset'])}")
                     if logs:
                         bar.set_postfix(trials=f"{logs[-1]['trials'][1] + 1}", test_acc=f"{logs[-1]['test_acc']:.3f}")
         else:
-            _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress)
+            _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress, ex.record_proxies)
     missing = set(range(trials)) - finished_trials(out)
     if missing or not tables:
         held = sum(claim_path(out, t).exists() for t in missing)
@@ -229,7 +256,16 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
                        f"processes; the last one to finish writes the score tables", file=sys.stderr)
         return {"status": "partial", "missing_trials": len(missing), "held_by_others": held, "out": str(out)}
     summary = compute_tables(out, **asdict(thr))
-    return {"status": "complete", "out": str(out), **summary}
+    return {"status": "complete", "out": str(out), **summary, **_fit(cfg, summary)}
+
+
+def _fit(cfg: EstimateConfig, summary: dict) -> dict:
+    """``fit_warning`` for the summary (also raised as a UserWarning) when the models do not fit."""
+    msg = fit_warning(cfg, summary["train_acc_in_subset"])
+    if msg is None:
+        return {}
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    return {"fit_warning": msg}
 
 
 def se_p95(run, trials: int) -> float:
@@ -261,11 +297,12 @@ def _until_se(out, cfg, ex: Execution, thr: Thresholds, progress: bool, tables: 
     if progress:
         tqdm.write(f"memtool estimate: {note}", file=sys.stderr)
     result = compute_tables(out, **asdict(thr)) if tables else {}
+    result.update(_fit(cfg, result) if result else {})
     return {"status": "complete" if tables else "partial", "out": str(out), **result,
             "until_se": {"target": goal, "mem_se_p95": q, "trials": t, "stopped_by": stopped, "note": note}}
 
 
-def _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress):
+def _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress, record_proxies=False):
     """Trial batches over joblib workers (loky processes, or a Dask cluster at ``scheduler``)."""
     from joblib import Parallel, delayed, parallel_config
 
@@ -275,7 +312,8 @@ def _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler
         from dask.distributed import Client
 
         client = Client(scheduler)
-    jobs = (delayed(_run_batch)(out, cfg, data, ids, device, eval_batch, threads) for ids in batches)
+    jobs = (delayed(_run_batch)(out, cfg, data, ids, device, eval_batch, threads, None, record_proxies)
+            for ids in batches)
     with parallel_config(backend="dask" if client else "loky", n_jobs=-1 if client else n_jobs):
         for _ in tqdm(Parallel(return_as="generator_unordered")(jobs), total=len(batches), unit="batch",
                       disable=not progress, desc="trial batches"):

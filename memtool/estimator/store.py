@@ -234,6 +234,9 @@ def write_trials(run: str | Path, trial_ids: np.ndarray, member: np.ndarray, rec
         raise ValueError("a trial file holds consecutive trial ids")
     arrays = {"trial_ids": trial_ids, "member": np.packbits(member, axis=1), "n_train": np.array(member.shape[1])}
     for name, m in records.items():
+        if name.startswith("proxy_"):  # per-trial proxies (memtool.proxies), kept as they are
+            arrays[name] = np.asarray(m, dtype=np.float32)
+            continue
         m = np.asarray(m, dtype=np.float32)
         arrays[name] = m.astype(np.float16)
         arrays[name.replace("margin", "correct")] = np.packbits(m > 0, axis=1)
@@ -248,7 +251,8 @@ class Trials:
     """Everything the trained models recorded, ordered by trial id.
 
     ``member``: (t, n_train) bool; ``*_correct``: (t, n) bool; ``*_margin``: (t, n) float32.
-    Robust records are None where the run did not record them."""
+    Robust records are None where the run did not record them; ``proxies``: name -> (t,
+    n_train) float32 (:mod:`memtool.proxies`, NaN for trials that did not record them), or None."""
 
     trial_ids: np.ndarray
     member: np.ndarray
@@ -260,12 +264,16 @@ class Trials:
     train_rob_margin: np.ndarray | None = None
     test_rob_correct: np.ndarray | None = None
     test_rob_margin: np.ndarray | None = None
+    proxies: dict | None = None
 
     def __len__(self):
         return len(self.trial_ids)
 
     def subset(self, rows) -> "Trials":
-        return Trials(**{k: (None if v is None else v[rows]) for k, v in vars(self).items()})
+        def pick(v):
+            return None if v is None else {k: a[rows] for k, a in v.items()} if isinstance(v, dict) else v[rows]
+
+        return Trials(**{k: pick(v) for k, v in vars(self).items()})
 
 
 def load_trials(run: str | Path) -> Trials:
@@ -299,11 +307,16 @@ def load_trials(run: str | Path) -> Trials:
                     c = name.replace("margin", "correct")
                     cols[name] = (z[name].astype(np.float32), cnt)
                     cols[c] = (np.unpackbits(z[c], axis=1, count=cnt).astype(bool), cnt)
+            for name in z.files:
+                if name.startswith("proxy_"):
+                    cols[name] = (z[name], n)
             for key, (a, width) in cols.items():
                 if key not in arrays:
-                    arrays[key] = np.zeros((len(ids), width), a.dtype)
+                    arrays[key] = (np.full if key.startswith("proxy_") else np.zeros)(
+                        (len(ids), width), *((np.nan,) if key.startswith("proxy_") else ()), dtype=a.dtype)
                 arrays[key][rows] = a[keep]
-    return Trials(**arrays)
+    proxies = {k[len("proxy_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("proxy_")}
+    return Trials(**arrays, proxies=proxies or None)
 
 
 def load_labels(run: str | Path) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import pandas as pd
 from ..config import check_int, check_number, setting
 from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtool.estimator.read_table)
 
+from ..proxies import mean_over_members
 from . import scores as S
 from .store import Trials, load_labels, load_trials, read_run_json, update_run_json
 
@@ -35,6 +36,9 @@ def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
             rob = S.memorization(member, getattr(trials, f"{split}_rob_correct"))
             rob.update(S.margin_memorization(member, getattr(trials, f"{split}_rob_margin")))
             stats.update({f"rob_{k}": v for k, v in rob.items() if not k.startswith("n_")})
+        if trials.proxies:  # the mean over the trials that trained on the sample; none for test samples
+            stats.update({k: mean_over_members(v, member) if split == "train" else np.full(len(y), np.nan)
+                          for k, v in trials.proxies.items()})
         parts.append(pd.DataFrame({"sample_id": np.arange(len(y)), "split": split, "label": y, **stats, **extra}))
     df = pd.concat(parts, ignore_index=True)
     df["split"] = pd.Categorical(df["split"], categories=["train", "test"])
