@@ -1,5 +1,5 @@
-"""Benign Adversarial Training against standard training, PGD-AT, TRADES and MART, with its
-ablations (issue 10; PAPER.md sections 4 and 5).
+"""Benign Adversarial Training against standard training, PGD-AT (an eps sweep from 0.5x to
+1.25x), TRADES, MART and GAIRAT, with its ablations (issue 10; PAPER.md sections 4 and 5).
 
     python -m analyses.bat_comparison RUN --out runs/mnist/bat_comparison --seeds 3
 
@@ -59,11 +59,15 @@ GRID = {
     "standard": {"method": "standard"},
     "pgd-at": {"method": "pgd-at"},
     "pgd-at eps x0.5": {"method": "pgd-at", "eps": 0.5},
+    "pgd-at eps x0.625": {"method": "pgd-at", "eps": 0.625},
     "pgd-at eps x0.75": {"method": "pgd-at", "eps": 0.75},
+    "pgd-at eps x0.875": {"method": "pgd-at", "eps": 0.875},
+    "pgd-at eps x1.25": {"method": "pgd-at", "eps": 1.25},
     "trades b=1": {"method": "trades", "beta": 1.0},
     "trades b=3": {"method": "trades", "beta": 3.0},
     "trades b=6": {"method": "trades", "beta": 6.0},
     "mart": {"method": "mart"},
+    "gairat": {"method": "gairat", "gair_lambda": -1.0, "gair_function": "tanh", "gair_burnin": 0.5},
     "bat": BAT,
     "bat weights only": {**BAT, "lam": 0.0},
     "bat clean term only": {**BAT, "gamma": 0.0},
@@ -74,10 +78,10 @@ GRID = {
     "bat lambda=0.5": {**BAT, "lam": 0.5},
     "bat lambda=2": {**BAT, "lam": 2.0},
 }
-HEADLINE = ("standard", "pgd-at", "pgd-at eps x0.5", "pgd-at eps x0.75", "trades b=1", "trades b=3", "trades b=6",
-            "mart", "bat")  # the curves and every method's default point
-BASELINES = ("standard", "pgd-at", "pgd-at eps x0.5", "pgd-at eps x0.75", "trades b=1", "trades b=3", "trades b=6",
-             "mart")
+PGD_CURVE = ("pgd-at eps x0.5", "pgd-at eps x0.625", "pgd-at eps x0.75", "pgd-at eps x0.875", "pgd-at",
+             "pgd-at eps x1.25")
+BASELINES = ("standard", *PGD_CURVE, "trades b=1", "trades b=3", "trades b=6", "mart", "gairat")
+HEADLINE = (*BASELINES, "bat")  # the curves and every method's default point
 ATTACKS = "clean,pgd20,cw20"
 METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
 
@@ -297,7 +301,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
     panels = [p for p in panels if len(p[0])]
     fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 4.8), squeeze=False)
     curves = {"TRADES (beta 1, 3, 6)": ["trades b=1", "trades b=3", "trades b=6"],
-              "PGD-AT (eps x0.5, x0.75, x1)": ["pgd-at eps x0.5", "pgd-at eps x0.75", "pgd-at"]}
+              "PGD-AT (eps x0.5 to x1.25)": list(PGD_CURVE)}
     for ax, (frame, metric, name) in zip(axes[0], panels):
         pts = {}
         for v, g in frame.groupby(level="variant", sort=False):

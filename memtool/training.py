@@ -201,7 +201,7 @@ def epoch_line(record: dict, epochs: int, stats: dict) -> str:
             line += f"  {record['eval_attack']}@{record['eval_eps']:g} {record['robust_acc']:.3f}"
         line += f" (n={record['eval_n']})"
     if record.get("val_robust_acc") is not None:
-        line += f"  val {record['eval_attack'] if 'eval_attack' in record else 'pgd'} {record['val_robust_acc']:.3f}"
+        line += f"  val PGD {record['val_robust_acc']:.3f}"
     return line + f"  ({record['time_s']:.1f} s)"
 
 

@@ -160,3 +160,37 @@ def test_paper_tiny_imagenet_config_runs_shrunk(tmp_path):
                      .read_text())
     assert bat["dataset"]["image_shape"] == [3, 64, 64] and bat["config"]["recipe"]["augment"] is True
     assert (tmp_path / "figs" / "tiny-imagenet" / "bat_comparison.png").stat().st_size > 0
+
+
+def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_path, monkeypatch):
+    """configs/X.yaml with references/NAME/ beside it (run.json, labels, tables; no trials):
+    `--stages validate` retrains only validate's models and never an estimator trial; a
+    reference of other settings is not used."""
+    import shutil
+
+    from memtool import estimate
+    from memtool.config import flatten_settings
+    from memtool.pipeline import committed_reference
+
+    est = {"dataset": "digits", "trials": 4, "model": "mlp", "hidden": 32, "epochs": 5, "batch_size": 32, "lr": 0.1}
+    estimate(tmp_path / "made", progress=False, **est)
+    (tmp_path / "configs").mkdir()
+    ref = tmp_path / "references" / "tiny"
+    ref.mkdir(parents=True)
+    for f in ("run.json", "labels.npz", "scores.parquet", "influence.parquet"):
+        shutil.copyfile(tmp_path / "made" / f, ref / f)
+    config = tmp_path / "configs" / "tiny.yaml"
+    config.write_text(f"name: tiny\nruns: {tmp_path / 'runs'}\nestimate: {json.dumps(est)}\nvalidate: {{seeds: 1}}\n"
+                      "finding_a: {seeds: 1}\n")
+    calls = []
+    real = engine.train_stack
+    monkeypatch.setattr(engine, "train_stack", lambda *a, **kw: (calls.append(len(a[3])), real(*a, **kw))[1])
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figures"), "--quiet",
+                 "--stages", "validate"]) == 0
+    assert len(calls) == 3 and not (tmp_path / "runs" / "tiny" / "estimate").exists()  # 3 variants x 1 seed
+    manifest = json.loads((tmp_path / "figures" / "tiny" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"validate"} and "validate.md" in manifest["figures"]
+    other = flatten_settings({**est, "epochs": 6})
+    assert committed_reference(config, "tiny", other, tmp_path / "runs" / "tiny" / "estimate") is None
+    assert committed_reference(config, "tiny", {**est, "trials": 8}, tmp_path / "x") is None  # more trials asked
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "f2"), "--stages", "nope"]) == 2

@@ -242,8 +242,9 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
                                       record_proxies=ex.record_proxies)
                     trained = sum(log["trials"][1] - log["trials"][0] + 1 for log in logs)
                     bar.update((len(ids) - trained) * cfg.recipe.steps(m))  # held or finished by another process
-                    if logs and ids is batches[0] and fit_warning(cfg, logs[0]["train_acc_in_subset"]):
-                        say(f"memtool estimate: warning: {fit_warning(cfg, logs[0]['train_acc_in_subset'])}")
+                    early = logs and ids is batches[0] and fit_warning(cfg, logs[0]["train_acc_in_subset"])
+                    if early:  # after the first batch, so that a run that will not fit can be stopped
+                        say(f"memtool estimate: warning: {early}")
                     if logs:
                         bar.set_postfix(trials=f"{logs[-1]['trials'][1] + 1}", test_acc=f"{logs[-1]['test_acc']:.3f}")
         else:
