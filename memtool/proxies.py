@@ -35,6 +35,7 @@ turns it into an influence table.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -196,9 +197,9 @@ def mean_over_members(per_model: np.ndarray, member: np.ndarray | None = None) -
     a = per_model.astype(np.float64)
     if member is not None:
         a = np.where(member, a, np.nan)
-    with np.errstate(invalid="ignore"):
-        ok = np.isfinite(a)
-        return np.where(ok.any(0), np.nansum(np.where(ok, a, 0), 0) / np.maximum(ok.sum(0), 1), np.nan)
+    with warnings.catch_warnings():  # a sample no model trained on: NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, 0)
 
 
 # ----------------------------------------------------------------------------- memtool proxies

@@ -50,3 +50,18 @@ def test_calibrated_proxies_are_a_run_every_stage_accepts(tmp_path):
     assert set(v["variant"]) == {"full", "without high-influence", "without random"}
     with pytest.raises(ValueError, match="calibration run .* belongs to other data"):
         memtool.proxies(tmp_path / "px2", seeds=1, calibrate=tmp_path / "few", **{**kw, "label_noise": 0.0})
+
+
+def test_shrinkage_is_the_empirical_bayes_posterior_mean():
+    """One bin, prior 0, se 0.2 everywhere: tau^2 = mean(noisy^2) - 0.04, and every estimate
+    is scaled by tau^2 / (tau^2 + 0.04); a missing estimate keeps the prior."""
+    from memtool.hybrid import shrink
+
+    rng = np.random.default_rng(1)
+    noisy = rng.normal(0, 0.2, 2000) + rng.normal(0, 0.2, 2000)  # truth spread 0.2, noise 0.2
+    noisy[0] = np.nan
+    se = np.full(2000, 0.2)
+    got = shrink(noisy, se, np.zeros(2000), bins=1)
+    tau2 = np.nanmean(noisy ** 2) - 0.04
+    np.testing.assert_allclose(got[1:], tau2 / (tau2 + 0.04) * noisy[1:])
+    assert got[0] == 0.0 and 0.4 < tau2 / (tau2 + 0.04) < 0.6
