@@ -31,7 +31,6 @@ import argparse
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from memtool import estimate, load_influence, load_scores, validate
@@ -81,8 +80,9 @@ def _row(method, compute, ref_compute, ref_mem, high, score, pairs=None, ref_pai
     return r
 
 
-def run(reference, out, *, trials=TRIALS, seeds=SEEDS, mem_threshold: float = 0.25, infl_threshold: float = 0.15,
-        validate_seeds: int = 3, device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
+def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIALS, mem_threshold: float = 0.25,
+        infl_threshold: float = 0.15, validate_seeds: int = 3, device: str = "cpu", data_root=None,
+        progress: bool = True) -> pd.DataFrame:
     reference, out = Path(reference), Path(out)
     meta = read_run_json(reference)
     cfg = meta["config"]
@@ -128,7 +128,7 @@ def run(reference, out, *, trials=TRIALS, seeds=SEEDS, mem_threshold: float = 0.
 
     # hybrids: T trials calibrate the proxies; pairs from TracIn (alone, and regressed on the T trials' infl)
     cheap = {}
-    for t in HYBRID_TRIALS:
+    for t in hybrid_trials:
         st = sub_trials.subset(slice(0, t))
         scores, fused = hybrid_tables(st, px[best], tracin, mem_threshold, infl_threshold)
         mem_hat = scores.loc[scores["split"] == "train", "mem"].to_numpy()
@@ -142,7 +142,7 @@ def run(reference, out, *, trials=TRIALS, seeds=SEEDS, mem_threshold: float = 0.
     table = pd.DataFrame(rows)
 
     # downstream: validate the cheapest hybrid's pairs against the reference's, same seeds
-    t = min(HYBRID_TRIALS)
+    t = min(hybrid_trials)
     cheap_run = write_hybrid_run(out / "runs" / f"hybrid-{t}", sub, *cheap[t],
                                  {"calibration_trials": t, "proxy_models": best}, mem_threshold, infl_threshold)
     downstream = pd.concat([validate(cheap_run, out / "runs" / "validate-hybrid", validate_seeds, progress=progress,

@@ -194,3 +194,24 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
     assert committed_reference(config, "tiny", other, tmp_path / "runs" / "tiny" / "estimate") is None
     assert committed_reference(config, "tiny", {**est, "trials": 8}, tmp_path / "x") is None  # more trials asked
     assert main(["figures", "--config", str(config), "--out", str(tmp_path / "f2"), "--stages", "nope"]) == 2
+
+
+def test_score_cost_study_on_a_tiny_reference(tmp_path):
+    """analyses.score_cost end to end at toy size: every kind of row, compute fractions that
+    add up, the reference's split half against itself, the table, the figure, validate."""
+    from analyses import score_cost
+    from memtool import estimate
+
+    est = {"dataset": "digits", "label_noise": 0.05, "model": "mlp", "hidden": 32, "epochs": 10, "batch_size": 32}
+    estimate(tmp_path / "ref", trials=16, progress=False, **est)
+    table = score_cost.run(tmp_path / "ref", tmp_path / "out", trials=(4, 8), seeds=(1, 2), hybrid_trials=(4,),
+                           validate_seeds=1, progress=False)
+    methods = table["method"].tolist()
+    assert methods[0] == "reference split half (8 vs 8 trials)" and "subsampling, 8 trials" in methods
+    assert "csl, 2 runs" in methods and any(m.startswith("hybrid: 4 trials") for m in methods)
+    sub8 = table.set_index("method").loc["subsampling, 8 trials"]
+    assert sub8["compute_fraction"] == pytest.approx(0.5) and 0 <= sub8["precision_at_k"] <= 1
+    csl = table.set_index("method").loc["csl, 2 runs"]
+    assert csl["compute_fraction"] == pytest.approx(2 * 1437 / (16 * round(0.7 * 1437)))
+    for f in ("score_cost.md", "score_cost.png", "score_cost.parquet", "score_cost_validate.parquet"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
