@@ -27,6 +27,9 @@ def _split(scores: pd.DataFrame, split: str) -> pd.DataFrame:
 
 def atypical_train(scores: pd.DataFrame, mem_threshold: float = 0.25) -> pd.Series:
     """Whether each training sample is atypical (mem >= ``mem_threshold``), by sample_id."""
+    from .bat import require_mem
+
+    require_mem(scores, "given")
     mem = _split(scores, "train")["mem"]
     return pd.Series(at_least(mem, mem_threshold), index=mem.index, name="atypical")  # NaN: typical
 

@@ -26,9 +26,17 @@ def read_scores(scores) -> "pd.DataFrame":  # noqa: F821
     return read_table(path)
 
 
+def require_mem(table, source) -> None:
+    """A score table without ``mem`` (one-run proxies only) cannot say who is atypical: say how to get it."""
+    if "mem" not in table.columns:
+        raise ValueError(f"score table {source} has no mem column (a `memtool proxies` table?): calibrate it with "
+                         "`memtool proxies ... --calibrate RUN` (RUN: a few-trial `memtool estimate` of the same data)")
+
+
 def atypical_mask(scores, dataset, tau: float) -> np.ndarray:
     """(n_train,) bool: mem >= tau (NaN: typical) for every training sample of ``dataset``."""
     table = read_scores(scores)
+    require_mem(table, scores)
     meta = table.attrs.get("memtool", {})
     fp = (meta.get("dataset") or {}).get("fingerprint")
     train = table[table["split"] == "train"].sort_values("sample_id")

@@ -65,3 +65,15 @@ def test_shrinkage_is_the_empirical_bayes_posterior_mean():
     tau2 = np.nanmean(noisy ** 2) - 0.04
     np.testing.assert_allclose(got[1:], tau2 / (tau2 + 0.04) * noisy[1:])
     assert got[0] == 0.0 and 0.4 < tau2 / (tau2 + 0.04) < 0.6
+
+
+def test_an_uncalibrated_proxies_table_is_refused_naming_the_fix(tmp_path):
+    from memtool.analysis import atypical_train
+    from memtool.bat import atypical_mask
+
+    table = memtool.proxies(tmp_path / "px", dataset="digits", limit=200, seeds=1, epochs=1, hidden=16,
+                            pairs=False, progress=False)
+    with pytest.raises(ValueError, match="no mem column .* --calibrate RUN"):
+        atypical_mask(tmp_path / "px", memtool.load_dataset("digits", limit=200), 0.25)
+    with pytest.raises(ValueError, match="no mem column"):
+        atypical_train(table)
