@@ -34,10 +34,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from memtool import estimate, load_influence, load_scores, validate
-from memtool.compare import agreement, pair_agreement
+from memtool.compare import agreement, high_pairs, pair_agreement
 from memtool.estimator import load_trials, read_run_json
-from memtool.estimator.scores import at_least, influence_pairs, memorization
+from memtool.estimator.scores import at_least, memorization
 from memtool.estimator.store import load_labels
+from memtool.estimator.tables import high_pair_set
 from memtool.hybrid import cheap_influence, hybrid_tables, load_tracin, write_hybrid_run
 from memtool.proxies import PROXIES, proxies
 from memtool.recipe import Recipe, flat_recipe
@@ -46,12 +47,6 @@ from memtool.rundir import write_table
 TRIALS = (16, 64, 256)
 SEEDS = (1, 4, 16)
 HYBRID_TRIALS = (16, 64)
-
-
-def _pairs(trials, labels, mem, mem_threshold, infl_threshold) -> set:
-    p = influence_pairs(trials.member, trials.test_correct, labels["train_label"], labels["test_label"], mem,
-                        mem_threshold, infl_threshold, top_k=0)
-    return set(zip(p["train_id"].tolist(), p["test_id"].tolist()))
 
 
 def _split_half_row(reference, meta, labels, cost, ref_compute, mem_threshold, infl_threshold) -> dict:
@@ -67,7 +62,7 @@ def _split_half_row(reference, meta, labels, cost, ref_compute, mem_threshold, i
                 "spearman": sh["spearman_mem"], "pairs_jaccard": sh["jaccard_high_pairs"]}
     halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
     mems = [memorization(h.member, h.train_correct)["mem"] for h in halves]
-    hp = [_pairs(h, labels, mm, mem_threshold, infl_threshold) for h, mm in zip(halves, mems)]
+    hp = [high_pair_set(h, labels, mm, mem_threshold, infl_threshold) for h, mm in zip(halves, mems)]
     return _row(name, len(halves[1]) * cost, ref_compute, mems[0], at_least(mems[0], mem_threshold), mems[1],
                 hp[1], hp[0])
 
@@ -91,8 +86,7 @@ def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIA
     ref_tr = ref[ref["split"] == "train"]
     ref_mem = ref_tr["mem"].to_numpy()
     high = at_least(ref_mem, mem_threshold)
-    ref_pairs_t = load_influence(reference)
-    ref_pairs = set(zip(*(ref_pairs_t.loc[ref_pairs_t["high"], c].tolist() for c in ("train_id", "test_id"))))
+    ref_pairs = high_pairs(load_influence(reference))
     n = len(ref_mem)
     m = int(round(cfg["ratio"] * n))
     epochs = recipe["epochs"]
@@ -110,7 +104,7 @@ def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIA
         st = sub_trials.subset(slice(0, t))
         mem_t = memorization(st.member, st.train_correct)["mem"]
         rows.append(_row(f"subsampling, {t} trials", t * epochs * m, ref_compute, ref_mem, high, mem_t,
-                         _pairs(st, labels, mem_t, mem_threshold, infl_threshold), ref_pairs))
+                         high_pair_set(st, labels, mem_t, mem_threshold, infl_threshold), ref_pairs))
 
     # one-run proxies, 1 / 4 / 16 runs
     px_flat = {k: v for k, v in flat.items() if k not in ("ratio", "robust", "robust_eps")}
@@ -135,9 +129,8 @@ def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIA
         compute = t * epochs * m + px_compute
         alone = cheap_influence(tracin, mem_hat, None, mem_threshold, infl_threshold)
         for label, infl in (("TracIn pairs", alone), ("TracIn pairs + trial infl", fused)):
-            pairs = set(zip(infl.loc[infl["high"], "train_id"].tolist(), infl.loc[infl["high"], "test_id"].tolist()))
             rows.append(_row(f"hybrid: {t} trials + {best}-run proxies, {label}", compute, ref_compute, ref_mem,
-                             high, mem_hat, pairs, ref_pairs))
+                             high, mem_hat, high_pairs(infl), ref_pairs))
         cheap[t] = (scores, fused)
     table = pd.DataFrame(rows)
 

@@ -62,7 +62,8 @@ def _column(table, column, name) -> np.ndarray:
     return _train(table)[column].to_numpy(dtype=np.float64)
 
 
-def _high_pairs(infl: pd.DataFrame) -> set:
+def high_pairs(infl: pd.DataFrame) -> set:
+    """The (train_id, test_id) pairs an influence table calls high."""
     h = infl[infl["high"]]
     return set(zip(h["train_id"].tolist(), h["test_id"].tolist()))
 
@@ -102,7 +103,7 @@ def compare(a, b, column_a: str = "mem", column_b: str | None = None, mem_thresh
     if flipped.any():
         out["noise_auroc_a"], out["noise_auroc_b"] = auroc(xa, flipped), auroc(xb, flipped)
     if ia is not None and ib is not None:
-        out.update(pair_agreement(_high_pairs(ia), _high_pairs(ib)))
+        out.update(pair_agreement(high_pairs(ia), high_pairs(ib)))
     return out
 
 

@@ -11,15 +11,16 @@ say little keeps the prior; one they pin down keeps its own estimate.
 
 Pairs: TracIn's cosine between a training and a test sample (``tracin.npz`` of
 ``memtool proxies``) says how much training on i moves j's loss, relative to i's move of its
-own; ``infl_hat(i, j) = mem_hat(i) * cos(i, j)``, and where trials are given, the noisy
-subsampled infl(i, j) of the candidate pairs is regressed on (infl_hat, cos, mem_hat) the
-same way. High pairs are then called with the run's thresholds, like the estimator's.
+own; ``infl_hat(i, j) = mem_hat(i) * cos(i, j)``, and where trials are given, their noisy
+infl(i, j) of the candidate pairs is shrunk the same way towards a prior regressed on
+(infl_hat, cos, the cosine's rank among the test sample's candidates, mem_hat). High pairs are then called with the run's thresholds, like the estimator's.
 
     memtool proxies ... --calibrate RUN     # RUN: a few-trial `memtool estimate` run of the same data
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.model_selection import KFold
 
-from .estimator.scores import at_least, influence_at
+from .estimator.scores import at_least, influence_at, memorization
+from .proxies import PROXIES
+from .rundir import read_json, write_json, write_table
 
 FOLDS = 5
 
@@ -121,9 +124,6 @@ def hybrid_tables(trials, proxy_table: pd.DataFrame, tracin: dict | None, mem_th
     """(score table, influence table) of the hybrid: ``proxy_table``'s columns plus ``mem``
     calibrated on ``trials`` (kept as ``mem_subsampled``), and the pairs of
     :func:`cheap_influence` when ``tracin`` is given."""
-    from .estimator.scores import memorization
-    from .proxies import PROXIES
-
     m = memorization(trials.member, trials.train_correct)
     noisy = m["mem"]
     table = proxy_table.copy()
@@ -141,10 +141,6 @@ def write_hybrid_run(dest, calibration_run, table: pd.DataFrame, infl: pd.DataFr
     """``dest`` as a run directory that every stage reads like an estimator run: the
     calibration run's run.json (its config and recipe: what `memtool validate` retrains) and
     labels, and the hybrid tables."""
-    import shutil
-
-    from .rundir import read_json, write_json, write_table
-
     dest, calibration_run = Path(dest), Path(calibration_run)
     dest.mkdir(parents=True, exist_ok=True)
     meta = read_json(calibration_run / "run.json")

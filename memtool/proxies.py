@@ -28,8 +28,8 @@ whether trained alone, stacked, or with the recording off, and trains to the sam
 TracIn (Pruthi et al. 2020) over the epoch checkpoints, last layer: for training sample i
 and test sample j of the same class, T(i, j) = sum over epochs of lr * (e_i . e_j)(h_i . h_j)
 with e = softmax - onehot and h the last layer's input (and a 1 for its bias), summed over the
-models; ``tracin_cos`` = T(i, j) / sqrt(T(i, i) T(j, j)). :func:`memtool.cheap.cheap_pairs`
-turns it into an influence table.
+models; ``tracin.npz`` holds per class c ``cos_c`` = T(i, j) / sqrt(T(i, i) T(j, j)), and
+:func:`memtool.hybrid.cheap_influence` turns it into an influence table.
 """
 
 from __future__ import annotations
@@ -235,6 +235,7 @@ def proxies(out, *, calibrate=None, progress: bool = True, **settings) -> pd.Dat
     (validate, the analyses, BAT's ``--scores``)."""
     from .datasets import load_dataset
     from .engine import default_ensemble_size, fit
+    from .estimator.store import dataset_info
     from .rundir import atomic_write, open_settings, read_table, write_table
 
     rt, opts, rest = split_settings(settings, Runtime, ProxySettings)
@@ -243,8 +244,7 @@ def proxies(out, *, calibrate=None, progress: bool = True, **settings) -> pd.Dat
     out, device = Path(out), torch.device(rt.device)
     ds = load_dataset(cfg.dataset, rt.data_root, cfg.limit, cfg.label_noise, cfg.seed)
     recipe = replace(cfg.recipe, method=cfg.recipe.method.bind(ds))
-    info = {"name": ds.name, "fingerprint": ds.fingerprint, "n_train": len(ds.y_train), "n_test": len(ds.y_test),
-            "num_classes": ds.num_classes}
+    info = dataset_info(ds)
     open_settings(out / "config.json", {"config": cfg.to_dict(), "proxy_settings": asdict(opts), "dataset": info})
     x, y = torch.tensor(ds.x_train, device=device), torch.tensor(ds.y_train, device=device)
     test = (torch.tensor(ds.x_test, device=device), torch.tensor(ds.y_test, device=device)) if cfg.pairs else None

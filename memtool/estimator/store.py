@@ -55,11 +55,16 @@ def read_run_json(run: str | Path) -> dict:
     return meta
 
 
+def dataset_info(dataset) -> dict:
+    """What a run records of its data (and compares when it is reopened)."""
+    return {"name": dataset.name, "fingerprint": dataset.fingerprint, "n_train": len(dataset.y_train),
+            "n_test": len(dataset.y_test), "num_classes": dataset.num_classes}
+
+
 def init_run(run: str | Path, config: dict, dataset, command: list[str] | None = None) -> dict:
     """Create ``run`` or check that it was made with the same config and dataset."""
     run = Path(run)
-    info = {"name": dataset.name, "fingerprint": dataset.fingerprint, "n_train": len(dataset.y_train),
-            "n_test": len(dataset.y_test), "num_classes": dataset.num_classes}
+    info = dataset_info(dataset)
     if (run / "run.json").exists():
         meta = read_run_json(run)
         check_settings({"config": meta["config"], "dataset": meta["dataset"]}, {"config": config, "dataset": info},

@@ -74,17 +74,21 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
     return df.sort_values(["test_id", "train_id"], ignore_index=True)
 
 
+def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=0.25, infl_threshold=0.15,
+                  prefix: str = "") -> set:
+    """The high-influence pairs (train_id, test_id) that ``trials`` estimate, given ``mem``."""
+    p = S.influence_pairs(trials.member, getattr(trials, f"test_{prefix}correct"), labels["train_label"],
+                          labels["test_label"], mem, mem_threshold, infl_threshold, top_k=0)
+    return set(zip(p["train_id"].tolist(), p["test_id"].tolist()))
+
+
 def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=0.25, infl_threshold=0.15) -> dict:
     """Agreement of scores from even- and odd-numbered trials (PAPER.md section 1)."""
     halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
     correct = f"train_{prefix}correct"
     mems = [S.memorization(h.member, getattr(h, correct))["mem"] for h in halves]
     margins = [S.margin_memorization(h.member, getattr(h, f"train_{prefix}margin"))["margin_mem"] for h in halves]
-    pair_sets = []
-    for h, mem in zip(halves, mems):
-        p = S.influence_pairs(h.member, getattr(h, f"test_{prefix}correct"), labels["train_label"],
-                              labels["test_label"], mem, mem_threshold, infl_threshold, top_k=0)
-        pair_sets.append(set(zip(p["train_id"].tolist(), p["test_id"].tolist())))
+    pair_sets = [high_pair_set(h, labels, mem, mem_threshold, infl_threshold, prefix) for h, mem in zip(halves, mems)]
     high = [set(np.flatnonzero(S.at_least(m, mem_threshold)).tolist()) for m in mems]
     return {f"{prefix}spearman_mem": S.spearman(*mems), f"{prefix}spearman_margin_mem": S.spearman(*margins),
             f"{prefix}jaccard_high_mem": S.jaccard(*high), f"{prefix}jaccard_high_pairs": S.jaccard(*pair_sets)}
