@@ -1,5 +1,5 @@
 """Benign Adversarial Training against standard training, PGD-AT (an eps sweep from 0.5x to
-1.25x), TRADES, MART and GAIRAT, with its ablations (issue 10; PAPER.md sections 4 and 5).
+1.25x), TRADES, MART and GAIRAT, with its ablations (issue 10; docs/science.md sections 4 and 5).
 
     python -m analyses.bat_comparison RUN --out runs/mnist/bat_comparison --seeds 3
 
@@ -31,42 +31,47 @@ Written to OUT:
   with its intervals, the TRADES and PGD-AT curves.
 
 A BAT point lies beyond the baselines' curve when its AutoAttack accuracy exceeds that of the
-baselines' upper frontier (the Pareto points of standard training, PGD-AT at every eps,
-TRADES and MART, joined by straight lines) at its clean accuracy; the gap is measured per
+baselines' upper frontier (the Pareto points of the :data:`BASELINES`: standard training,
+PGD-AT at every eps, TRADES, MART and GAIRAT, joined by straight lines) at its clean accuracy; the gap is measured per
 seed against that seed's frontier and reported with its t-interval.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from memtool.checkpoints import load_checkpoint, selected_epoch
+from memtool.config import setting
+from memtool.estimator import Thresholds
 from memtool.evaluation import evaluate
 from memtool.experiments import experiment_seeds, slug, summarize, t_interval
+from memtool.progress import progress_bar
 from memtool.recipe import Recipe
 from memtool.rundir import read_table, write_table
 from memtool.training import TrainConfig, train
 
-from .study import load_study, study_parser
+from .study import StudySettings, load_study, main as study_main
 
-# name -> the method and its settings (``eps`` as a fraction of the study's eps). BAT's are
+# name -> the method and its settings; ``eps_factor``: training eps as a multiple of the study's eps. BAT's are
 # spelled out, so that a change of BAT's defaults does not change what a variant means.
 BAT = {"method": "bat", "tau": 0.25, "gamma": 1.0, "eta": None, "lam": 1.0, "bat_warmup": 0.2}
 GRID = {
     "standard": {"method": "standard"},
     "pgd-at": {"method": "pgd-at"},
-    "pgd-at eps x0.5": {"method": "pgd-at", "eps": 0.5},
-    "pgd-at eps x0.625": {"method": "pgd-at", "eps": 0.625},
-    "pgd-at eps x0.75": {"method": "pgd-at", "eps": 0.75},
-    "pgd-at eps x0.875": {"method": "pgd-at", "eps": 0.875},
-    "pgd-at eps x1.25": {"method": "pgd-at", "eps": 1.25},
+    "pgd-at eps x0.5": {"method": "pgd-at", "eps_factor": 0.5},
+    "pgd-at eps x0.625": {"method": "pgd-at", "eps_factor": 0.625},
+    "pgd-at eps x0.75": {"method": "pgd-at", "eps_factor": 0.75},
+    "pgd-at eps x0.875": {"method": "pgd-at", "eps_factor": 0.875},
+    "pgd-at eps x1.25": {"method": "pgd-at", "eps_factor": 1.25},
     "trades b=1": {"method": "trades", "beta": 1.0},
     "trades b=3": {"method": "trades", "beta": 3.0},
     "trades b=6": {"method": "trades", "beta": 6.0},
     "mart": {"method": "mart"},
+    "mart lr=0.01": {"method": "mart", "lr": 0.01},  # the lr of the official TRADES / MART MNIST scripts
     "gairat": {"method": "gairat", "gair_lambda": -1.0, "gair_function": "tanh", "gair_burnin": 0.5},
     "bat": BAT,
     "bat weights only": {**BAT, "lam": 0.0},
@@ -80,9 +85,11 @@ GRID = {
 }
 PGD_CURVE = ("pgd-at eps x0.5", "pgd-at eps x0.625", "pgd-at eps x0.75", "pgd-at eps x0.875", "pgd-at",
              "pgd-at eps x1.25")
-BASELINES = ("standard", *PGD_CURVE, "trades b=1", "trades b=3", "trades b=6", "mart", "gairat")
+BASELINES = ("standard", *PGD_CURVE, "trades b=1", "trades b=3", "trades b=6", "mart", "mart lr=0.01", "gairat")
 HEADLINE = (*BASELINES, "bat")  # the curves and every method's default point
 ATTACKS = "clean,pgd20,cw20"
+LAST_EPOCH = ("pgd-at", "bat")  # with val_samples, also reported at their last epoch, as "VARIANT (last epoch)"
+LAST = " (last epoch)"
 METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
 
 
@@ -95,12 +102,13 @@ def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10) ->
         if name not in GRID:
             raise ValueError(f"unknown variant {name!r}; choose from {list(GRID)}")
         spec = dict(GRID[name])
+        factor = spec.pop("eps_factor", 1.0)
         if spec["method"] != "standard":
-            spec["eps"] = eps * spec.get("eps", 1.0)
+            spec["eps"] = eps * factor
             spec["pgd_steps"] = pgd_steps
         if spec["method"] == "bat":
             spec["scores"] = str(run_dir)
-        out[name] = Recipe.from_flat(**flat, **spec)
+        out[name] = Recipe.from_flat(**{**flat, **spec})
     return out
 
 
@@ -154,15 +162,29 @@ def agreement(on_aa: pd.DataFrame, evals: pd.DataFrame) -> dict:
             "cw20_minus_aa_max": float(excess.max()), "spearman_models": rho}
 
 
-def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: float = 0.25,
-        infl_threshold: float = 0.15, *, recipe: Recipe | None = None, pgd_steps: int = 10, variants=None,
-        aa_samples: int = 1000, aa_variants=None, backend: str = "pyautoattack", device: str = "cpu",
-        data_root=None, progress: bool = True) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Comparison(StudySettings):
+    variants: tuple[str, ...] | None = setting(None, f"names from GRID (default: all of {list(GRID)})")
+    val_samples: int = setting(0, "adversarial models keep their best-PGD-20 epoch on this many held-out training "
+                                  "samples (0: the last epoch)")
+    aa_samples: int = setting(1000, "AutoAttack on the first N test samples")
+    aa_variants: tuple[str, ...] | None = setting(None, "the variants AutoAttack runs on, or 'headline' "
+                                                        "(default: all)")
+    aa_seeds: int | None = setting(None, "AutoAttack on the first N seeds of those (default: every seed)")
+
+
+def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, variants=None,
+        val_samples: int = 0, aa_samples: int = 1000, aa_variants=None, aa_seeds: int | None = None,
+        thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None, backend: str = "pyautoattack",
+        device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
     """Run the comparison on ``run_dir``'s scores into ``out`` (see the module docstring);
-    ``variants``: names from :data:`GRID` (default: all); ``aa_variants``: those that get
-    AutoAttack (default: all of ``variants``; ``"headline"``: those in :data:`HEADLINE`)."""
+    ``variants``: names from :data:`GRID` (default: all); ``val_samples``: every adversarial
+    model keeps its epoch of best PGD-20 accuracy on that many held-out training samples
+    (``memtool train --val-samples N --select best-pgd``; 0: the last epoch);
+    ``aa_variants``: those that get AutoAttack (default: all of ``variants``; ``"headline"``:
+    those in :data:`HEADLINE`), on their first ``aa_seeds`` seeds (default: every seed)."""
     run_dir, out = Path(run_dir), Path(out)
-    st = load_study(run_dir, eps, mem_threshold, infl_threshold, device, data_root)
+    st = load_study(run_dir, eps, thresholds, device, data_root)
     cfg, eps = st.config, st.eps
     if cfg.label_noise:
         raise ValueError(f"{run_dir} planted label noise ({cfg.label_noise}); memtool train seeds label noise with "
@@ -171,41 +193,59 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
     if not 1 <= aa_samples <= n_test:
         raise ValueError(f"aa_samples must be in 1..{n_test} (the test set), got {aa_samples}")
     todo = recipes(recipe or cfg.recipe, eps, run_dir, variants or list(GRID), pgd_steps)
-    if aa_variants == "headline":
+    if aa_variants in ("headline", ("headline",), ["headline"]):
         aa_variants = [v for v in todo if v in HEADLINE]
     attacked = [v for v in todo if aa_variants is None or v in aa_variants]
     unknown = set(aa_variants or ()) - set(todo)
     if unknown:
         raise ValueError(f"aa_variants {sorted(unknown)} are not among the variants {list(todo)}")
+    if aa_seeds is not None and not 1 <= aa_seeds <= seeds:
+        raise ValueError(f"aa_seeds must be in 1..{seeds} (the seeds), got {aa_seeds}")
     model_seeds = experiment_seeds(cfg.seed, seeds)
-    jobs = [(v, s) for v in todo for s in range(seeds)]
+    jobs = [(v, s) for s in range(seeds) for v in todo]  # seed by seed: a whole first seed exists early
     dirs = {(v, s): out / "models" / f"{slug(v)}-s{s}" for v, s in jobs}
     kw = dict(progress=False, device=device, data_root=data_root)
 
     # stage by stage over all models, so the cheap numbers exist before AutoAttack starts
-    for v, s in tqdm(jobs, desc="train", unit="model", disable=not progress):
-        train(TrainConfig(dataset=cfg.dataset, limit=cfg.limit, seed=model_seeds[s], recipe=todo[v]), dirs[v, s], **kw)
-    for v, s in tqdm(jobs, desc="PGD-20, CW-20", unit="model", disable=not progress):
+    def config(v, s):  # no test-set check during training: the evaluation below is the measurement
+        select = {"val_samples": val_samples, "select": "best-pgd"} if val_samples and todo[v].method.name != \
+            "standard" else {}
+        return TrainConfig(dataset=cfg.dataset, limit=cfg.limit, seed=model_seeds[s], recipe=todo[v], eval_samples=0,
+                           **select)
+
+    for v, s in progress_bar(jobs, desc="train", unit="model", disable=not progress):
+        train(config(v, s), dirs[v, s], **kw)
+    for v, s in progress_bar(jobs, desc="PGD-20, CW-20", unit="model", disable=not progress):
         evaluate(dirs[v, s], dirs[v, s] / "eval", attacks=ATTACKS, eps=eps, **kw)
-    for v, s in tqdm([j for j in jobs if j[0] in attacked], desc="AutoAttack", unit="model", disable=not progress):
+    # robust overfitting (Rice et al.): PGD-AT and BAT at their last epoch too, where it is not the chosen one
+    best = {j: selected_epoch(load_checkpoint(dirs[j]))[0] for j in jobs if val_samples and j[0] in LAST_EPOCH}
+    last = {j: "eval" if best[j] == todo[j[0]].epochs else "eval-last" for j in best}
+    for j, sub in progress_bar(last.items(), desc="last epoch", unit="model", disable=not progress):
+        if sub == "eval-last":
+            evaluate(dirs[j], dirs[j] / sub, attacks=ATTACKS, eps=eps, weights="last", **kw)
+    aa_jobs = [(v, s) for v, s in jobs if v in attacked and s < (aa_seeds or seeds)]
+    for v, s in progress_bar(aa_jobs, desc="AutoAttack", unit="model", disable=not progress):
         evaluate(dirs[v, s], dirs[v, s] / "autoattack", attacks="clean,autoattack", eps=eps, n_samples=aa_samples,
                  backend=backend, **kw)
 
-    def records(sub, variants):
-        return pd.concat([read_table(d / sub / "per_sample.parquet").assign(variant=v, seed=s, split="test")
-                          for (v, s), d in dirs.items() if v in variants], ignore_index=True)
+    def records(sub, which, suffix=""):
+        subs = sub if isinstance(sub, dict) else dict.fromkeys(which, sub)
+        return pd.concat([read_table(dirs[j] / subs[j] / "per_sample.parquet").assign(variant=j[0] + suffix, seed=j[1],
+                                                                                       split="test")
+                          for j in which], ignore_index=True)
 
     atyp = st.atypical_test
     groups = {"all test": np.ones(n_test, bool), "typical test": ~atyp, "atypical test": atyp}
     baseline = "pgd-at" if "pgd-at" in todo else None
-    evals = records("eval", todo)
-    on_aa = records("autoattack", attacked) if attacked else evals.iloc[:0].assign(autoattack=False)
+    evals = records("eval", jobs)
+    on_aa = records("autoattack", aa_jobs) if aa_jobs else evals.iloc[:0].assign(autoattack=False)
+    with_last = pd.concat([evals, records(last, list(last), LAST)]) if last else evals
     table = pd.concat([
-        summarize(evals, groups, baseline=baseline, metrics={a: a for a in ATTACKS.split(",")}),
+        summarize(with_last, groups, baseline=baseline, metrics={a: a for a in ATTACKS.split(",")}),
         summarize(on_aa, {k: m[:aa_samples] for k, m in groups.items()}, baseline=baseline,
                   metrics={"autoattack": "autoattack"}) if attacked else None,
     ], ignore_index=True)
-    table.insert(1, "method", table["variant"].map(lambda v: todo[v].method.name))
+    table.insert(1, "method", table["variant"].map(lambda v: todo[v.removesuffix(LAST)].method.name))
 
     aa = on_aa.groupby(["variant", "seed"], sort=False)[["clean", "autoattack"]].mean()
     cw = evals[evals["sample_id"] < aa_samples].groupby(["variant", "seed"], sort=False)[["clean", "cw20"]].mean()
@@ -216,8 +256,10 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
     info = {"run": str(run_dir), "dataset": st.meta["dataset"], "eps": eps, "seeds": seeds,
             "train_attack": f"pgd{pgd_steps}", "aa_samples": aa_samples, "n_test": n_test,
             "n_atypical_test": int(atyp.sum()), "n_atypical_train": int(st.atypical_train.sum()),
-            "mem_threshold": mem_threshold, "recipe": (recipe or cfg.recipe).to_dict(),
-            "aa_variants": attacked, "frontier_gaps": gaps.to_dict("records"), "cw20_vs_autoattack": agree}
+            "mem_threshold": thresholds.mem_threshold, "recipe": (recipe or cfg.recipe).to_dict(),
+            "aa_variants": attacked, "aa_seeds": aa_seeds or seeds, "val_samples": val_samples,
+            "best_epochs": {f"{v} s{s}": e for (v, s), e in best.items()},
+            "frontier_gaps": gaps.to_dict("records"), "cw20_vs_autoattack": agree}
     write_table(table, out / "bat_comparison.parquet", info)
     (out / "bat_comparison.md").write_text(report(table, gaps, info, cfg.dataset))
     figure(aa, cw, out / "bat_comparison.png", cfg.dataset, eps, aa_samples)
@@ -245,19 +287,22 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
         return "\n".join(lines) + "\n"
 
     r = info["recipe"]
-    text = [f"# BAT against PGD-AT, TRADES and MART on {dataset} (eps {info['eps']:g})", "",
+    text = [f"# BAT against PGD-AT, TRADES, MART and GAIRAT on {dataset} (eps {info['eps']:g})", "",
             f"Scores: {info['run']} ({info['n_atypical_train']} atypical training samples, mem >= "
             f"{info['mem_threshold']}). Every model: {r['model']} (hidden {r['hidden']}), {r['epochs']} epochs, "
             f"batch {r['batch_size']}, lr {r['lr']} {r['schedule']}, {info['train_attack']} in training at eps "
-            f"{info['eps']:g} (the eps sweep excepted); {info['seeds']} seeds per variant, paired. Accuracy in % with "
-            "the half-width of the 95 % t-interval over seeds (mean ± CI). Clean, PGD-20 and CW-20 on all "
-            f"{info['n_test']} test samples; AutoAttack (standard) on the first {info['aa_samples']}.", "",
+            f"{info['eps']:g} (the eps sweep, and a variant that names another lr, excepted); {info['seeds']} seeds "
+            "per variant, paired. " + (f"Adversarial models: the epoch of best PGD-20 accuracy (at their training eps) "
+            f"on {info['val_samples']} held-out training samples; " if info.get("val_samples") else "Last epoch; ") +
+            "the test set is never used for selection. Accuracy in % with the half-width of the 95 % t-interval over "
+            f"seeds (mean ± CI). Clean, PGD-20 and CW-20 on all {info['n_test']} test samples; AutoAttack (standard) "
+            f"on the first {info['aa_samples']}, on the first {info.get('aa_seeds', info['seeds'])} seed(s).", "",
             "## All test samples", "", wide("all test", ["clean", "pgd20", "cw20", "autoattack"]), "",
             f"## Typical and atypical test samples ({info['n_atypical_test']} atypical of {info['n_test']})", "",
             "### typical", "", wide("typical test", ["clean", "pgd20", "cw20", "autoattack"]), "",
             "### atypical", "", wide("atypical test", ["clean", "pgd20", "cw20", "autoattack"]), "",
             "## BAT against the baselines' trade-off curve", "",
-            "Robust accuracy minus the baselines' upper frontier (standard, PGD-AT at every eps, TRADES, MART: "
+            "Robust accuracy minus the baselines' upper frontier (standard, PGD-AT at every eps, TRADES, MART, GAIRAT: "
             "their Pareto points joined by straight lines) at the variant's clean accuracy, per seed, in points, "
             f"on the first {info['aa_samples']} test samples. AutoAttack where the variant has it; CW-20 for every "
             "variant (its agreement with AutoAttack is below).", "",
@@ -343,15 +388,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
 
 
 def main(argv=None):
-    p = study_parser(__doc__)
-    p.add_argument("--infl-threshold", type=float, default=0.15)
-    p.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(GRID)}")
-    p.add_argument("--aa-samples", type=int, default=1000, help="AutoAttack on the first N test samples")
-    p.add_argument("--aa-variants", nargs="+", default=None, help="the variants AutoAttack runs on, or 'headline' (default: all)")
-    a = p.parse_args(argv)
-    run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, a.infl_threshold, variants=a.variants,
-        aa_samples=a.aa_samples, aa_variants=a.aa_variants, device=a.device, data_root=a.data_root)
-    print(Path(a.out, "bat_comparison.md").read_text())
+    study_main(__doc__, run, Comparison, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Finding (a) of Xu et al.: memorizing atypical samples helps clean accuracy on atypical test
-samples, hardly their adversarial robustness (PAPER.md section 3a).
+samples, hardly their adversarial robustness (docs/science.md section 3a).
 
     python -m analyses.finding_a RUN --out figures/mnist/finding_a --seeds 3
 
@@ -28,25 +28,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memtool.estimator import Thresholds
 from memtool.experiments import EXPERIMENT, bar_panels, markdown, retrain, summarize
 from memtool.methods import PGDAT, Method
 from memtool.recipe import Recipe, stream
 from memtool.rundir import write_table
 
-from .study import load_study, study_parser
+from .study import StudySettings, load_study, main as study_main
 
 VARIANTS = ("full", "without atypical", "without random")
 EVAL_STEPS = 20
 
 
-def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: float = 0.25,
-        infl_threshold: float = 0.15, *, recipe: Recipe | None = None, pgd_steps: int = 10, device: str = "cpu",
-        data_root=None, progress: bool = True) -> pd.DataFrame:
+def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10,
+        thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None, device: str = "cpu", data_root=None,
+        progress: bool = True) -> pd.DataFrame:
     """Run finding (a) on ``run_dir``'s scores into ``out`` (see the module docstring).
     ``recipe``: how the models are retrained (default: the run's), its method replaced by
     standard training and by PGD-AT at ``eps`` with ``pgd_steps`` steps."""
     run_dir, out = Path(run_dir), Path(out)
-    st = load_study(run_dir, eps, mem_threshold, infl_threshold, device, data_root)
+    st = load_study(run_dir, eps, thresholds, device, data_root)
+    mem_threshold, infl_threshold = thresholds.mem_threshold, thresholds.infl_threshold
     cfg, ds, data, eps, meta = st.config, st.dataset, st.data, st.eps, st.meta
     atyp_train, atyp_test, atypical_ids = st.atypical_train, st.atypical_test, st.atypical_ids
     rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))
@@ -83,13 +85,8 @@ def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: f
 
 
 def main(argv=None):
-    p = study_parser(__doc__)
-    p.add_argument("--infl-threshold", type=float, default=0.15)
-    a = p.parse_args(argv)
-    table = run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, a.infl_threshold, device=a.device,
-                data_root=a.data_root)
+    table = study_main(__doc__, run, StudySettings, argv)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {Path(a.out) / 'finding_a.md'}")
 
 
 if __name__ == "__main__":

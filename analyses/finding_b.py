@@ -1,5 +1,5 @@
 """Finding (b) of Xu et al.: memorizing certain atypical samples hurts the typical ones
-(PAPER.md section 3b).
+(docs/science.md section 3b).
 
     python -m analyses.finding_b RUN --out figures/mnist/finding_b --seeds 3
 
@@ -23,21 +23,22 @@ here is the result.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from memtool.config import check_number, setting
 from memtool.engine import fit
-from memtool.estimator import load_scores
+from memtool.estimator import Thresholds, load_scores
 from memtool.experiments import EXPERIMENT, markdown, retrain, summarize
 from memtool.methods import PGDAT, Batch, other_class_confidence
 from memtool.recipe import EVAL, Recipe, stream
 from memtool.rundir import read_table, write_table
 
-from .study import load_study, study_parser
+from .study import StudySettings, load_study, main as study_main
 
 EVAL_STEPS = 20
 REFERENCE = 0xB0  # seed stream of the reference model (independent of the retrained ones)
@@ -57,12 +58,23 @@ def harmfulness(model, x, y, attack: PGDAT, seed: int, batch: int = 512) -> np.n
     return torch.cat(out).numpy()
 
 
-def run(run_dir, out, seeds: int = 3, eps: float | None = None, mem_threshold: float = 0.25,
-        infl_threshold: float = 0.15, fractions=FRACTIONS, *, recipe: Recipe | None = None, pgd_steps: int = 10,
-        device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
+@dataclass(frozen=True)
+class FindingB(StudySettings):
+    fractions: tuple[float, ...] = setting(FRACTIONS, "removal sizes, as fractions of the atypical training set")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f in self.fractions:
+            check_number("fractions", f, 0, 1, low_open=True)
+
+
+def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, fractions=FRACTIONS,
+        thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None, device: str = "cpu", data_root=None,
+        progress: bool = True) -> pd.DataFrame:
     """Run finding (b) on ``run_dir``'s scores into ``out`` (see the module docstring)."""
     run_dir, out = Path(run_dir), Path(out)
-    st = load_study(run_dir, eps, mem_threshold, infl_threshold, device, data_root)
+    st = load_study(run_dir, eps, thresholds, device, data_root)
+    mem_threshold = thresholds.mem_threshold
     cfg, ds, data, eps, meta = st.config, st.dataset, st.data, st.eps, st.meta
     atyp_train, atyp_test, atypical_ids = st.atypical_train, st.atypical_test, st.atypical_ids
     if len(atypical_ids) == 0:
@@ -135,13 +147,8 @@ def figure(table: pd.DataFrame, path, dataset: str, eps: float):
 
 
 def main(argv=None):
-    p = study_parser(__doc__)
-    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
-    a = p.parse_args(argv)
-    table = run(a.run, a.out, a.seeds, a.eps, a.mem_threshold, fractions=a.fractions, device=a.device,
-                data_root=a.data_root)
+    table = study_main(__doc__, run, FindingB, argv)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {Path(a.out) / 'finding_b.md'}")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,16 @@ Writes OUT/score_cost.{parquet,md,png}; the runs it trains go to OUT/runs/ (resu
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from memtool import estimate, load_influence, load_scores, validate
+from memtool.config import setting
 from memtool.compare import agreement, high_pairs, pair_agreement
-from memtool.estimator import load_trials, read_run_json
+from memtool.estimator import Thresholds, load_trials, read_run_json
 from memtool.estimator.scores import at_least, memorization
 from memtool.estimator.store import load_labels
 from memtool.estimator.tables import high_pair_set
@@ -43,6 +44,8 @@ from memtool.hybrid import cheap_influence, hybrid_tables, load_tracin, write_hy
 from memtool.proxies import PROXIES, proxies
 from memtool.recipe import Recipe, flat_recipe
 from memtool.rundir import write_table
+
+from .study import main as study_main
 
 TRIALS = (16, 64, 256)
 SEEDS = (1, 4, 16)
@@ -75,10 +78,19 @@ def _row(method, compute, ref_compute, ref_mem, high, score, pairs=None, ref_pai
     return r
 
 
-def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIALS, mem_threshold: float = 0.25,
-        infl_threshold: float = 0.15, validate_seeds: int = 3, device: str = "cpu", data_root=None,
+@dataclass(frozen=True)
+class ScoreCost:
+    trials: tuple[int, ...] = setting(TRIALS, "subsampling points: the first T trials of one independent run")
+    seeds: tuple[int, ...] = setting(SEEDS, "proxy points: the mean over this many single training runs")
+    hybrid_trials: tuple[int, ...] = setting(HYBRID_TRIALS, "the hybrids' calibration trials (each among --trials)")
+    validate_seeds: int = setting(3, "seeds of the downstream validate of the cheapest hybrid")
+
+
+def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIALS, validate_seeds: int = 3,
+        thresholds: Thresholds = Thresholds(), device: str = "cpu", data_root=None,
         progress: bool = True) -> pd.DataFrame:
     reference, out = Path(reference), Path(out)
+    mem_threshold, infl_threshold = thresholds.mem_threshold, thresholds.infl_threshold
     meta = read_run_json(reference)
     cfg = meta["config"]
     recipe = cfg["recipe"]
@@ -197,13 +209,7 @@ def _figure(table, path: Path, dataset: str) -> Path:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("reference", help="the reference `memtool estimate` run")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-root", default=None)
-    a = p.parse_args(argv)
-    table = run(a.reference, a.out, device=a.device, data_root=a.data_root)
+    table = study_main(__doc__, run, ScoreCost, argv, what="the reference `memtool estimate` run")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
 
 

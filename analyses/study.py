@@ -1,17 +1,19 @@
-"""What every analysis of a run starts from: its config, its data as it was used, and the
-typical / atypical split of PAPER.md section 2."""
+"""What every analysis of a run starts from: its config, its data as it was used, the
+typical / atypical split of docs/science.md section 2, and the command line they share
+(generated from the settings dataclasses, like the rest of memtool's CLI)."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from memtool.analysis import atypical_test, atypical_train
-from memtool.datasets import Dataset, load_dataset, standard_eps
-from memtool.estimator import EstimateConfig, load_influence, load_scores, read_run_json
+from memtool.config import Runtime, add_flags, check_int, check_number, flag_values, setting
+from memtool.datasets import Dataset, standard_eps
+from memtool.estimator import EstimateConfig, Thresholds, load_influence, load_scores, open_run
 from memtool.experiments import Data
 
 
@@ -23,6 +25,7 @@ class Study:
     dataset: Dataset
     data: Data  # the same samples as tensors on the device
     eps: float  # the robustness radius of the analysis
+    thresholds: Thresholds
     atypical_train: np.ndarray  # (n_train,) bool
     atypical_test: np.ndarray  # (n_test,) bool
 
@@ -31,28 +34,41 @@ class Study:
         return np.flatnonzero(self.atypical_train)
 
 
-def load_study(run, eps: float | None = None, mem_threshold: float = 0.25, infl_threshold: float = 0.15,
-               device: str = "cpu", data_root=None) -> Study:
+def load_study(run, eps: float | None = None, thresholds: Thresholds = Thresholds(), device: str = "cpu",
+               data_root=None) -> Study:
     run = Path(run)
-    meta = read_run_json(run)
-    cfg = EstimateConfig.from_dict(meta["config"])
-    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
-    if ds.fingerprint != meta["dataset"]["fingerprint"]:
-        raise ValueError(f"the {cfg.dataset} data on disk differ from the data {run} was estimated on")
+    meta, cfg, ds = open_run(run, data_root)
     scores, infl = load_scores(run), load_influence(run)
     return Study(run, meta, cfg, ds, Data.of(ds, device), standard_eps(cfg.dataset) if eps is None else eps,
-                 atypical_train(scores, mem_threshold).to_numpy(),
-                 atypical_test(scores, infl, mem_threshold, infl_threshold).to_numpy())
+                 thresholds, atypical_train(scores, thresholds.mem_threshold).to_numpy(),
+                 atypical_test(scores, infl, thresholds.mem_threshold, thresholds.infl_threshold).to_numpy())
 
 
-def study_parser(doc: str) -> argparse.ArgumentParser:
-    """The command line every analysis shares: RUN, --out, seeds, eps, threshold, device."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("run", help="a `memtool estimate` run directory")
+@dataclass(frozen=True)
+class StudySettings:
+    """What the retraining analyses share (finding (a), finding (b), the BAT comparison)."""
+
+    seeds: int = setting(3, "models per cell")
+    eps: float | None = setting(None, "robustness radius of training and evaluation (default: the dataset's usual one)")
+    pgd_steps: int = setting(10, "PGD steps of adversarial training")
+
+    def __post_init__(self):
+        check_int("seeds", self.seeds, 1)
+        check_number("eps", self.eps, 0, optional=True)
+        check_int("pgd_steps", self.pgd_steps, 1)
+
+
+def main(doc: str, run, settings_cls, argv=None, what: str = "a `memtool estimate` run directory"):
+    """The command line of an analysis module: RUN, ``--out`` and one flag per field of
+    ``settings_cls``, :class:`Thresholds` and :class:`Runtime`; calls ``run(RUN, OUT,
+    thresholds=..., **settings, **runtime)`` and returns its table."""
+    p = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
+    p.add_argument("run", help=what)
     p.add_argument("--out", required=True, help="output directory (resumable)")
-    p.add_argument("--seeds", type=int, default=3, help="models per cell (default: 3)")
-    p.add_argument("--eps", type=float, default=None, help="default: the dataset's usual radius")
-    p.add_argument("--mem-threshold", type=float, default=0.25, help="atypical: mem >= this (default: 0.25)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-root", default=None)
-    return p
+    seen: set = set()
+    for cls in (settings_cls, Thresholds, Runtime):
+        add_flags(p, cls, seen=seen)
+    a = p.parse_args(argv)
+    settings = asdict(settings_cls(**flag_values(a, settings_cls)))  # validated
+    thresholds = Thresholds(**{k: v for k, v in flag_values(a, Thresholds).items()})
+    return run(a.run, a.out, thresholds=thresholds, **settings, **flag_values(a, Runtime))

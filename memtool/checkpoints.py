@@ -43,22 +43,26 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     return ck
 
 
-def selected_epoch(ck: dict) -> tuple[int, str]:
+def _best(ck: dict) -> bool:
+    return ck["settings"]["config"].get("select", "last") == "best-pgd" and "best_model" in ck
+
+
+def selected_epoch(ck: dict, last: bool = False) -> tuple[int, str]:
     """The epoch whose weights :func:`model_from_checkpoint` returns, and the rule that chose it:
-    the last epoch, or with ``select: best-pgd`` the best on the held-out validation samples."""
+    the last epoch, or with ``select: best-pgd`` the best on the held-out validation samples
+    (``last``: the last epoch whatever the rule)."""
     cfg = ck["settings"]["config"]
-    if cfg.get("select", "last") == "best-pgd" and "best_model" in ck:
+    if _best(ck) and not last:
         return int(ck["best_epoch"]), (f"best PGD-{cfg['eval_steps']} accuracy on {cfg['val_samples']} held-out "
                                         f"training samples (epoch {ck['best_epoch']} of {ck['epoch']})")
     return int(ck["epoch"]), f"last epoch ({ck['epoch']})"
 
 
-def model_from_checkpoint(ck: dict, device="cpu") -> torch.nn.Module:
-    """The model of the selected epoch (:func:`selected_epoch`)."""
+def model_from_checkpoint(ck: dict, device="cpu", last: bool = False) -> torch.nn.Module:
+    """The model of the selected epoch (:func:`selected_epoch`; ``last``: of the last epoch)."""
     recipe, ds = ck["settings"]["config"]["recipe"], ck["settings"]["dataset"]
     model = build_model(recipe["model"], ds["image_shape"], ds["num_classes"], recipe["hidden"])
-    best = ck["settings"]["config"].get("select", "last") == "best-pgd" and "best_model" in ck
-    model.load_state_dict(ck["best_model"] if best else ck["model"])
+    model.load_state_dict(ck["best_model"] if _best(ck) and not last else ck["model"])
     return model.to(device).eval()
 
 

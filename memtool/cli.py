@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import Runtime, add_flags, flag_values, load_config_file
 from .estimator.config import EstimateConfig
 from .estimator.run import Execution
+from .estimator.scores import MEM_THRESHOLD
 from .estimator.tables import Thresholds
 from .evaluation import Evaluation
 from .methods import METHODS
@@ -125,9 +126,19 @@ def cmd_import_cscore(a: argparse.Namespace) -> int:
 
 
 def cmd_figures(a: argparse.Namespace) -> int:
-    if (a.run is None) == (a.config is None):
-        raise ValueError("figures needs either a RUN directory or --config CONFIG (not both)")
-    if a.config:
+    if sum(x is not None for x in (a.run, a.config, a.index)) != 1:
+        raise ValueError("figures needs one of a RUN directory, --config CONFIG or --index OUT")
+    if a.readme and not a.index:
+        raise ValueError("--readme goes with --index OUT (the figures folder whose manifests it renders)")
+    if a.index:
+        from . import manifest
+
+        for m in sorted(Path(a.index).glob("*/manifest.json")):
+            manifest.refresh(m.parent)
+        paths = [manifest.write_index(Path(a.index))] + ([manifest.update_readme(a.readme, a.index)] if a.readme else [])
+    elif not a.out:
+        raise ValueError("figures RUN and figures --config need --out OUT")
+    elif a.config:
         from .pipeline import make_figures
 
         stages = a.stages.split(",") if a.stages else None
@@ -196,7 +207,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def print_evaluation(s: dict, out: str | Path, file=None) -> None:
-    lines = [f"{s['dataset']} test samples: {s['n_samples']}   eps {s['eps']:g}"]
+    radius = "clean only, no eps" if s["eps"] is None else f"eps {s['eps']:g}"
+    lines = [f"{s['dataset']} test samples: {s['n_samples']}   {radius}"]
     for name, r in s["attacks"].items():
         step = r.get("step_size", "")
         step = f"{step:.4g}" if isinstance(step, float) else str(step)
@@ -221,6 +233,21 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         return 130
     print_evaluation(summary, a.out)
     return 0
+
+
+TRAIN_DESCRIPTION = """\
+Train one model; the same command again resumes after the last finished epoch.
+
+methods (--method; their parameters are the flags of the 'training method' group below):
+  standard  cross-entropy on the clean samples
+  pgd-at    PGD adversarial training (Madry et al. 2018): --eps, --pgd-steps, --step-size, ...
+  trades    TRADES (Zhang et al. 2019): PGD-AT's flags and --beta
+  mart      MART (Wang et al. 2020): PGD-AT's flags and --beta
+  gairat    GAIRAT (Zhang et al. 2021), PGD-AT with geometry-aware instance weights: --gair-*
+  bat       BAT, benign adversarial training: PGD-AT that down-weights the atypical training
+            samples (mem >= --tau in --scores RUN, a `memtool estimate` run of the same data)
+            whose adversarial examples are harmful: --scores, --tau, --gamma, --eta, --lambda,
+            --bat-warmup"""
 
 
 def _recipe_flags(p: argparse.ArgumentParser) -> None:
@@ -280,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, Runtime, skip=("device",))
     p.set_defaults(func=cmd_import_cscore)
 
-    p = sub.add_parser("train", help="train one model: standard, PGD-AT, TRADES, MART, GAIRAT or BAT (resumable)")
+    p = sub.add_parser("train", help="train one model: standard, PGD-AT, TRADES, MART, GAIRAT or BAT (resumable)",
+                       description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p, "output directory (created, or resumed)")
     add_flags(p.add_argument_group("run (must match when resuming)"), TrainConfig)
     _recipe_flags(p)
@@ -295,10 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("figures", help="plot a run, or regenerate every figure of a study (--config)")
+    p = sub.add_parser("figures", help="plot a run, regenerate every figure of a study (--config), or re-render "
+                                       "the figures index and README results from the manifests (--index)")
     p.add_argument("run", nargs="?", help="a run directory: its mem histogram, galleries, high-influence pairs")
     p.add_argument("--config", help="a study config (configs/reference-*.yaml): runs every stage, resumable")
-    p.add_argument("--out", required=True, help="folder for the figures (with --config: OUT/NAME/ and OUT/README.md)")
+    p.add_argument("--out", help="folder for the figures (with --config: OUT/NAME/ and OUT/README.md)")
+    p.add_argument("--index", metavar="OUT", help="re-render OUT/README.md from OUT/*/manifest.json, the headline "
+                                                  "numbers read again from each stage's table")
+    p.add_argument("--readme", metavar="README", help="with --index: also its results table (between the "
+                                                      "<!-- results:begin/end --> lines)")
     p.add_argument("--stages", default=None, help="with --config: only these comma-separated sections (e.g. "
                                                   "score_cost); the estimate is always read (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -323,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="the table to check against it")
     p.add_argument("--column-a", default="mem", help="A's column (default: mem)")
     p.add_argument("--column-b", default=None, help="B's column (default: the same as A's)")
-    p.add_argument("--mem-threshold", type=float, default=0.25, help="A's high set: column-a >= this (default: 0.25)")
+    p.add_argument("--mem-threshold", type=float, default=MEM_THRESHOLD,
+                   help=f"A's high set: column-a >= this (default: {MEM_THRESHOLD})")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=cmd_compare)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .estimator.scores import at_least, auroc, jaccard
+from .estimator.scores import MEM_THRESHOLD, at_least, auroc, jaccard
 from .rundir import read_table
 
 
@@ -91,7 +91,7 @@ def pair_agreement(pairs_a: set, pairs_b: set) -> dict:
             "pairs_jaccard": jaccard(pairs_a, pairs_b), "atypical_test_jaccard": jaccard(tests_a, tests_b)}
 
 
-def compare(a, b, column_a: str = "mem", column_b: str | None = None, mem_threshold: float = 0.25) -> dict:
+def compare(a, b, column_a: str = "mem", column_b: str | None = None, mem_threshold: float = MEM_THRESHOLD) -> dict:
     """Agreement of B (``column_b``, default ``column_a``) with A (see the module docstring)."""
     (ta, ia, na), (tb, ib, nb) = _open(a), _open(b)
     check_same_data(ta, tb, na, nb)

@@ -84,12 +84,13 @@ def _flag(f) -> str:
 
 
 def _scalar_type(tp):
-    """(python type, optional) of a field's annotation: int, float, str or bool."""
+    """(python type, optional) of a field's annotation: int, float, str, bool, or a tuple of one
+    of them (``tuple[float, ...]``: a flag that takes one or more values)."""
     if isinstance(tp, str):
         tp = eval(tp, {"typing": typing, "types": types})  # annotations are strings (PEP 563)
     args = typing.get_args(tp)
     optional = type(None) in args
-    if args:
+    if args and typing.get_origin(tp) is not tuple:
         tp = next(a for a in args if a is not type(None))
     return tp, optional
 
@@ -123,6 +124,8 @@ def add_flags(parser, cls, skip=(), defaults: dict | None = None, seen: set | No
             continue
         if f.metadata.get("choices"):
             kw["choices"] = list(f.metadata["choices"])
+        if typing.get_origin(tp) is tuple:
+            tp, kw["nargs"] = typing.get_args(tp)[0], "+"
         parser.add_argument(_flag(f), type=tp if tp in (int, float) else str, metavar=f.name.upper()
                             if not kw.get("choices") else None, **kw)
 
@@ -139,16 +142,28 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(path)
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return flatten_settings(data)
+
+
+def read_yaml(path: Path):
+    """A YAML file's content; bad YAML is one error naming the file, line and problem."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
 
 
 def flatten_settings(data: dict) -> dict:

@@ -4,8 +4,13 @@ The released files (``cifar10-cscores-orig-order.npz``, ``cifar100-cscores-orig-
 ``mnist-cscores-orig-order.npz``, ...) hold ``labels`` and ``scores`` for the training set
 in the dataset's original order, which is memtool's canonical order. The labels are checked
 against the dataset on disk, so scores never land on the wrong samples; the table gets the
-dataset's fingerprint. The C-score is the expected held-out accuracy of a sample, memtool's
-``cscore`` column (``acc_out`` averaged over subset ratios); ``mem`` is NaN.
+dataset's fingerprint. The C-score is a sample's expected accuracy when it is held out,
+averaged over the ratios of the training subsets (Jiang et al. train at ratios 10 % to 90 %);
+the imported table holds it in ``cscore``, and ``mem`` and the other score columns are NaN.
+
+An estimator run trains at one subset ratio, so it cannot compute the C-score: its tables
+have no ``cscore`` column, and their ``acc_out`` (held-out accuracy at the run's ratio) is
+one term of the C-score's average, not the C-score.
 """
 
 from __future__ import annotations

@@ -377,7 +377,7 @@ def plant_label_noise(y: np.ndarray, fraction: float, num_classes: int, seed: in
     return y
 
 
-# The usual L-inf radius of each dataset's robustness numbers (PAPER.md section 5), on the
+# The usual L-inf radius of each dataset's robustness numbers (docs/science.md section 5), on the
 # [0, 1] pixel scale: the one owner of every default eps (training attacks, robust scores,
 # evaluation, analyses), through :func:`standard_eps`.
 STANDARD_EPS = {"mnist": 0.3, "fashion-mnist": 0.1, "digits": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255,

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attacks import PGD, attacked_logits
 from .attacks.base import margins_from_logits
 from .augment import crop_flip
 from .config import check_int
 from .ensemble import Ensemble, stackable
-from .methods import PGDAT, Batch, weighted_mean
+from .methods import Batch, weighted_mean
 from .models import build_model
 from .recipe import EVAL, Recipe, epoch_order, init_model, noise_generator, stream
 
@@ -167,8 +168,10 @@ class Models:
     def margins(self, x, y, robust: float | None = None, steps: int | None = None, batch: int = 1024,
                 key: int = 0) -> torch.Tensor:
         """(K, n) margins (true-class logit minus the largest other; > 0 iff correct) of every
-        model on ``x``, ``y``; with ``robust`` = eps, under L-inf PGD (``steps``: default the
-        method's, else 10; random start from the model's seed and ``key``)."""
+        model on ``x``, ``y``; with ``robust`` = eps, under L-inf PGD (:class:`memtool.attacks.PGD`
+        through :func:`memtool.attacks.attacked_logits`, the evaluation path; ``steps``:
+        default the method's, else 10; random start from a generator of the model's seed and
+        ``key``)."""
         out = torch.empty(len(self), len(y))
         for positions, model in self.stacks:
             out[positions] = _margins(model, x, y, self.recipe, [self.seeds[p] for p in positions], robust,
@@ -180,8 +183,7 @@ def _margins(model, x, y, recipe, seeds, robust, steps, batch, key) -> torch.Ten
     stacked = isinstance(model, Ensemble)
     ac = _autocast(recipe, x.device)
     if robust is not None:
-        steps = steps or getattr(recipe.method, "pgd_steps", 10)
-        attack = PGDAT(eps=float(robust), pgd_steps=steps, eps_warmup=0.0)
+        attack = PGD(eps=float(robust), steps=steps or getattr(recipe.method, "pgd_steps", 10))
         gens = [torch.Generator(device=x.device).manual_seed(stream(s, EVAL, key)) for s in seeds]
     out = []
     for i in range(0, len(y), batch):
@@ -189,14 +191,12 @@ def _margins(model, x, y, recipe, seeds, robust, steps, batch, key) -> torch.Ten
         if robust is None:
             with torch.no_grad(), ac:
                 logits = model.forward_shared(xb) if stacked else model(xb)
-            out.append(margins_from_logits(logits, yb).cpu())
-            continue
-        if stacked:
-            xb, yb = xb.expand(len(seeds), *xb.shape), yb.expand(len(seeds), -1)
-        with ac:
-            x_adv = attack.pgd(model, xb, yb, Batch(None, 0, 1.0, gens, stacked))
-        with torch.no_grad(), ac:
-            out.append(margins_from_logits(model(x_adv), yb).cpu())
+        else:
+            if stacked:
+                xb, yb = xb.expand(len(seeds), *xb.shape), yb.expand(len(seeds), -1)
+            with ac:
+                logits = attacked_logits(attack, model, xb, yb, gens if stacked else gens[0])
+        out.append(margins_from_logits(logits, yb).cpu())
     return torch.cat(out, dim=-1).view(len(seeds), -1)
 
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from .attacks import build_attack
+from .attacks import attacked_logits, build_attack
 from .attacks.autoattack import BACKENDS
 from .config import check_int, check_number, setting
 from .datasets import load_dataset, standard_eps
+from .progress import progress_bar
 from .rundir import RunMismatchError, atomic_write, open_settings, write_json, write_table
 from .checkpoints import checkpoint_path, load_checkpoint, model_from_checkpoint, selected_epoch
 
@@ -79,30 +79,18 @@ class _State:
                                                    cpu_s=np.array(self.cpu_s), settings=np.array(self.settings)))
 
 
-def _norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.flatten(1)
-    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(1)
-
-
 def _run_attack(name, attack, model, x_u8, y, ids, state: _State, seed, batch_size, device, progress):
-    """Attack the samples ``ids`` not done yet, batch by batch, saving flags after each batch."""
+    """Attack the samples ``ids`` not done yet, batch by batch, saving flags after each batch
+    (each batch's random draws from a generator of its own seed, so resuming changes nothing)."""
     todo = ids[~state.done[ids]]
-    desc = attack.describe()
-    bar = tqdm(total=len(todo), desc=name, unit="sample", disable=not progress or len(todo) == 0, leave=False)
-    cuda = [device.index or 0] if device.type == "cuda" else []
+    bar = progress_bar(total=len(todo), desc=name, unit="sample", disable=not progress or len(todo) == 0, leave=False)
     for s in range(0, len(todo), batch_size):
         b = todo[s : s + batch_size]
         t0, cpu0 = time.time(), time.process_time()
         xb = torch.from_numpy(x_u8[b]).to(device).float().div_(255)
         yb = torch.from_numpy(y[b]).to(device)
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(_batch_seed(seed, name, int(b[0])))
-            x_adv = attack(model, xb, yb)
-        excess = float((_norm_of(x_adv - xb, desc.get("norm", "linf")) - desc["eps"]).max())
-        if excess > 1e-4 or x_adv.min() < 0 or x_adv.max() > 1:
-            raise RuntimeError(f"attack {name} left the eps-ball or [0, 1] (by {excess:.2g}); not recording it")
-        with torch.no_grad():
-            state.correct[b] = (model(x_adv).argmax(1) == yb).cpu().numpy()
+        gen = torch.Generator(device=device).manual_seed(_batch_seed(seed, name, int(b[0])))
+        state.correct[b] = (attacked_logits(attack, model, xb, yb, gen).argmax(1) == yb).cpu().numpy()
         state.done[b] = True
         state.time_s += time.time() - t0
         state.cpu_s += time.process_time() - cpu0
@@ -117,19 +105,24 @@ class Evaluation:
 
     dataset: str | None = setting(None, "dataset (default: the one the model was trained on)")
     attacks: str = setting("clean,pgd20", "comma-separated: clean,fgsm,pgdK[-l2][-rR],cwK,apgd,autoattack")
-    eps: float | None = setting(None, "radius on the [0, 1] scale (default: the training eps, else the dataset's)")
+    eps: float | None = setting(None, "radius on the [0, 1] scale (default: the training eps, else the dataset's; "
+                                      "a clean-only evaluation needs none)")
     n_samples: int | None = setting(None, "first N test samples only (default: all)")
     batch_size: int = setting(200, "samples per attack batch; per-sample flags are saved after each")
     seed: int = setting(0, "seed of the attacks' random starts")
     backend: str = setting("pyautoattack", "AutoAttack package: pyautoattack (the authors' code) | torchattacks",
                            choices=BACKENDS)
+    weights: str = setting("selected", "the checkpoint's weights to evaluate: selected (by its rule: the last "
+                                       "epoch, or with --select best-pgd the best) | last (the last epoch's)",
+                           choices=("selected", "last"))
 
 
 def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_root=None,
              attack_options: dict | None = None, **settings) -> dict:
     """Evaluate the model in ``checkpoint`` on the first ``n_samples`` test samples of
     ``dataset`` (default: the training dataset) under ``attacks`` at radius ``eps`` (default:
-    the training eps); write the per-sample table and summary into ``out``; return the summary.
+    the training eps, else the dataset's standard one; none for ``attacks="clean"``); write
+    the per-sample table and summary into ``out``; return the summary.
 
     ``settings``: the fields of :class:`Evaluation`. ``attack_options``: per-attack field
     overrides, e.g. ``{"pgd20": {"step_size": 0.01}}``."""
@@ -142,28 +135,25 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
     check_int("batch_size", batch_size, 1)
     device = torch.device(device)
     ck = load_checkpoint(checkpoint, device)
-    model = model_from_checkpoint(ck, device)
+    model = model_from_checkpoint(ck, device, last=ev.weights == "last")
     for p in model.parameters():
         p.requires_grad_(False)
     trained = ck["settings"]["config"]
     dataset = dataset or trained["dataset"]
-    if eps is None:  # the training eps, else the dataset's standard one
-        eps = trained["recipe"]["method"].get("eps")
-        eps = standard_eps(dataset) if eps is None else eps
-    check_number("eps", eps, 0)
-    eps = float(eps)
+    names = parse_attacks(attacks)
+    eps = _radius(eps, names, trained["recipe"]["method"].get("eps"), dataset)
     ds = load_dataset(dataset, data_root)
     n_test = len(ds.y_test)
     if n_samples is not None and not 1 <= n_samples <= n_test:
         raise ValueError(f"n_samples must be in 1..{n_test} (the {dataset} test set), got {n_samples}")
     n = n_samples or n_test
-    names = parse_attacks(attacks)
     built = {a: build_attack(a, eps, **opts.get(a, {})) for a in names}
 
     out = Path(out)
     _open(out, {"checkpoint_sha": _sha(checkpoint_path(checkpoint)), "dataset": dataset,
                 "dataset_fingerprint": ds.fingerprint, "eps": eps, "seed": seed,
-                "attacks": {a: built[a].describe() for a in names}})
+                "attacks": {a: built[a].describe() for a in names},
+                **({"weights": "last"} if ev.weights == "last" else {})})
     ids = np.arange(n)
     x_u8, y = ds.x_test, ds.y_test
     states = {a: _State(out / "state" / f"{a}.npz", n_test, built[a].describe()) for a in names}
@@ -188,11 +178,28 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
     summary["worst_case"] = {"attacks": names, "eps": eps, "n": n, "n_correct": k, "accuracy": k / n}
     write_json(out / "summary.json", summary)
     write_table(df, out / "per_sample.parquet", summary)
-    write_json(out / "robustbench.json", robustbench_record(summary, ck, ev.backend))
+    write_json(out / "robustbench.json", robustbench_record(summary, ck, ev.backend, last=ev.weights == "last"))
     return summary
 
 
-def robustbench_record(summary: dict, ck: dict, backend: str) -> dict:
+def _radius(eps, names: list[str], trained_eps, dataset: str) -> float | None:
+    """The attacks' eps: as given, else the training eps, else the dataset's standard one.
+    A clean-only evaluation needs none (None); the attacks do, and say so when none is found."""
+    if eps is None and names == ["clean"]:
+        return None
+    if eps is None:
+        eps = trained_eps
+    if eps is None:
+        try:
+            eps = standard_eps(dataset)
+        except ValueError as e:
+            raise ValueError(f"attacks {', '.join(names[1:])} need an eps and the model was trained without one: "
+                             f"{e}") from None
+    check_number("eps", eps, 0)
+    return float(eps)
+
+
+def robustbench_record(summary: dict, ck: dict, backend: str, last: bool = False) -> dict:
     """A RobustBench-style record of one evaluation: what a leaderboard entry states. The
     AutoAttack number is null unless the standard version ran; the checkpoint rule is the
     run's (:func:`memtool.checkpoints.selected_epoch`; never chosen on the test set)."""
@@ -212,7 +219,7 @@ def robustbench_record(summary: dict, ck: dict, backend: str) -> dict:
             "seed": summary["seed"], "train_seed": summary["train_config"]["seed"],
             "method": summary["train_config"]["recipe"]["method"]["name"],
             "architecture": summary["train_config"]["recipe"]["model"],
-            "checkpoint_rule": f"{selected_epoch(ck)[1]}; never selected on the test set",
+            "checkpoint_rule": f"{selected_epoch(ck, last)[1]}; never selected on the test set",
             "checkpoint": summary["checkpoint"]}
 
 

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
-from tqdm.auto import tqdm
 
 from .engine import fit
+from .progress import progress_bar
 from .recipe import Recipe, stream
 from .rundir import atomic_write, open_settings
 
@@ -78,7 +78,7 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
     (out / "models").mkdir(parents=True, exist_ok=True)
     model_seeds = experiment_seeds(seed, seeds)
     todo = [(v, s) for v in variants for s in range(seeds) if not _file(out, v, s).exists()]
-    bar = tqdm(total=len(todo), unit="model", disable=not progress or not todo, desc="retraining")
+    bar = progress_bar(total=len(todo), unit="model", disable=not progress or not todo, desc="retraining")
     for v in variants:
         pending = [s for s in range(seeds) if (v, s) in todo]
         if not pending:

@@ -17,13 +17,14 @@ import pandas as pd
 
 from .datasets import load_dataset
 from .estimator import load_influence, load_scores, read_run_json
+from .estimator.scores import MEM_THRESHOLD
 
 
 def _image(x: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
 
 
-def mem_histogram(scores: pd.DataFrame, threshold: float = 0.25, ax=None):
+def mem_histogram(scores: pd.DataFrame, threshold: float = MEM_THRESHOLD, ax=None):
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]
     train = scores[scores["split"] == "train"]
     bins = np.linspace(-0.5, 1.0, 31)
@@ -111,7 +112,7 @@ def pair_gallery(infl: pd.DataFrame, ds, top: int = 12):
     return fig
 
 
-def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: float = 0.25,
+def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: float = MEM_THRESHOLD,
                 data_root=None) -> list[Path]:
     """Write the run's figures to ``out``; return their paths."""
     run, out = Path(run), Path(out)
@@ -129,3 +130,22 @@ def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: floa
         plt.close(fig)
         paths.append(out / name)
     return paths
+
+
+def mem_distributions(scores: dict, path) -> Path:
+    """Histograms of clean and robust mem, one panel per run (e.g. standard / adversarial
+    training), saved to ``path``."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.3), squeeze=False)
+    bins = np.linspace(-0.5, 1.0, 31)
+    for ax, (name, table) in zip(axes[0], scores.items()):
+        tr = table[table["split"] == "train"]
+        for col, label in (("mem", "clean mem"), ("rob_mem", "robust mem")):
+            if col in tr and tr[col].notna().any():
+                ax.hist(tr[col].dropna(), bins=bins, alpha=0.6, label=f"{label} (median {tr[col].median():.2f})")
+        ax.set(yscale="log", xlabel="memorization score", ylabel="training samples", title=name)
+        ax.legend(frameon=False, fontsize=8)
+    fig.suptitle("Clean and robust memorization under standard and adversarial training", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -23,8 +23,8 @@ import pandas as pd
 from .estimator.scores import at_least
 from .rundir import write_json, write_table
 
-_SCORE_COLUMNS = ["n_in", "n_out", "acc_in", "acc_out", "mem_se", "cscore", "margin_in", "margin_out",
-                  "margin_mem", "margin_mem_se"]
+_SCORE_COLUMNS = ["n_in", "n_out", "acc_in", "acc_out", "mem_se", "margin_in", "margin_out", "margin_mem",
+                  "margin_mem_se"]
 
 
 def _load(path) -> dict:

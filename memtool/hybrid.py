@@ -28,7 +28,7 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.model_selection import KFold
 
-from .estimator.scores import at_least, influence_at, memorization
+from .estimator.scores import INFL_THRESHOLD, MEM_THRESHOLD, at_least, influence_at, memorization
 from .proxies import PROXIES
 from .rundir import read_json, write_json, write_table
 
@@ -78,7 +78,7 @@ def calibrated_mem(noisy_mem: np.ndarray, mem_se: np.ndarray, proxies: pd.DataFr
     return shrink(noisy, mem_se, cross_fit(proxies.to_numpy(dtype=np.float64), noisy))
 
 
-def tracin_pairs(tracin: dict, mem_hat: np.ndarray, mem_threshold: float = 0.25, min_cos: float = 0.0) -> pd.DataFrame:
+def tracin_pairs(tracin: dict, mem_hat: np.ndarray, mem_threshold: float = MEM_THRESHOLD, min_cos: float = 0.0) -> pd.DataFrame:
     """The candidate pairs: same class, mem_hat(i) >= ``mem_threshold``, cos(i, j) > ``min_cos``;
     with ``infl_hat = mem_hat(i) * cos(i, j)``."""
     ytr, yte = tracin["train_label"], tracin["test_label"]
@@ -97,8 +97,8 @@ def tracin_pairs(tracin: dict, mem_hat: np.ndarray, mem_threshold: float = 0.25,
     return df
 
 
-def cheap_influence(tracin: dict, mem_hat: np.ndarray, trials=None, mem_threshold: float = 0.25,
-                    infl_threshold: float = 0.15) -> pd.DataFrame:
+def cheap_influence(tracin: dict, mem_hat: np.ndarray, trials=None, mem_threshold: float = MEM_THRESHOLD,
+                    infl_threshold: float = INFL_THRESHOLD) -> pd.DataFrame:
     """An influence table (train_id, test_id, train_label, test_label, mem, infl, high, ...) from
     TracIn and mem_hat; with ``trials`` (:class:`memtool.estimator.Trials` of the same data), infl
     is the trials' noisy infl shrunk towards its prior from (infl_hat, cos, cos rank among the
@@ -119,8 +119,8 @@ def cheap_influence(tracin: dict, mem_hat: np.ndarray, trials=None, mem_threshol
     return df.sort_values(["test_id", "train_id"], ignore_index=True)
 
 
-def hybrid_tables(trials, proxy_table: pd.DataFrame, tracin: dict | None, mem_threshold: float = 0.25,
-                  infl_threshold: float = 0.15) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def hybrid_tables(trials, proxy_table: pd.DataFrame, tracin: dict | None, mem_threshold: float = MEM_THRESHOLD,
+                  infl_threshold: float = INFL_THRESHOLD) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """(score table, influence table) of the hybrid: ``proxy_table``'s columns plus ``mem``
     calibrated on ``trials`` (kept as ``mem_subsampled``), and the pairs of
     :func:`cheap_influence` when ``tracin`` is given."""
@@ -137,7 +137,7 @@ def hybrid_tables(trials, proxy_table: pd.DataFrame, tracin: dict | None, mem_th
 
 
 def write_hybrid_run(dest, calibration_run, table: pd.DataFrame, infl: pd.DataFrame | None, info: dict,
-                     mem_threshold: float = 0.25, infl_threshold: float = 0.15) -> Path:
+                     mem_threshold: float = MEM_THRESHOLD, infl_threshold: float = INFL_THRESHOLD) -> Path:
     """``dest`` as a run directory that every stage reads like an estimator run: the
     calibration run's run.json (its config and recipe: what `memtool validate` retrains) and
     labels, and the hybrid tables."""

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks.base import eval_mode
+from .attacks.pgd import ce_loss as ce
 from .attacks.pgd import default_step_size, pgd, project
 from .config import check_choice, check_int, check_number, setting
 
@@ -89,11 +90,6 @@ class Batch:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """Half-precision logits (autocast) to float32; float32 / float64 unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy over any leading dims: logits (..., C), y (...)."""
-    return F.cross_entropy(_full(logits).flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
 
 
 def kl_per_sample(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

@@ -25,23 +25,34 @@ import shutil
 import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
-
-from .config import flatten_settings
+from . import manifest
+from .config import flatten_settings, read_yaml
 from .recipe import Recipe
-from .rundir import read_json, write_json
+from .rundir import read_json, read_table
 
 STAGES = ("estimate", "validate", "finding_a", "finding_b", "bat_comparison", "score_cost", "robust_estimate")
 
 
-def _load(path) -> dict:
-    import yaml
+def analyses() -> dict:
+    """The stages that run an analysis on the estimate: section name -> ``run(RUN, OUT, **settings)``,
+    each returning its result table (written beside as OUT/NAME.{md,parquet,png})."""
+    from analyses import bat_comparison, finding_a, finding_b, score_cost
 
+    from .validate import validate
+
+    return {"validate": validate, "finding_a": finding_a.run, "finding_b": finding_b.run,
+            "bat_comparison": bat_comparison.run, "score_cost": score_cost.run}
+
+
+def load_config(path) -> dict:
+    """A study config (YAML), checked: a missing file, bad YAML or an unknown section is one
+    error naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = read_yaml(path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must be a YAML mapping of sections (name, estimate, ...), got {type(cfg).__name__}")
     unknown = set(cfg) - set(STAGES) - {"name", "runs", "description"}
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: name, runs, description, "
@@ -49,13 +60,6 @@ def _load(path) -> dict:
     if "name" not in cfg or "estimate" not in cfg:
         raise ValueError(f"{path} must have a name and an estimate section")
     return cfg
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _copy(src_dir: Path, dst_dir: Path, names) -> list[Path]:
@@ -67,28 +71,20 @@ def _copy(src_dir: Path, dst_dir: Path, names) -> list[Path]:
     return out
 
 
-def mem_distributions(scores: dict, path: Path) -> Path:
-    """Histograms of clean and robust mem, one panel per run (standard / adversarial)."""
-    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.3), squeeze=False)
-    bins = np.linspace(-0.5, 1.0, 31)
-    for ax, (name, table) in zip(axes[0], scores.items()):
-        tr = table[table["split"] == "train"]
-        for col, label in (("mem", "clean mem"), ("rob_mem", "robust mem")):
-            if col in tr and tr[col].notna().any():
-                ax.hist(tr[col].dropna(), bins=bins, alpha=0.6, label=f"{label} (median {tr[col].median():.2f})")
-        ax.set(yscale="log", xlabel="memorization score", ylabel="training samples", title=name)
-        ax.legend(frameon=False, fontsize=8)
-    fig.suptitle("Clean and robust memorization under standard and adversarial training", fontsize=10)
-    return _save(fig, path)
+def _timed(fn):
+    t0 = time.time()
+    result = fn()
+    return result, time.time() - t0
 
 
 def make_figures(config, out, *, stages=None, progress: bool = True, device: str = "cpu", data_root=None) -> list[Path]:
     """Run (or resume) every stage of ``config`` (or only ``stages``, names of its sections;
-    the estimate is always read) and write its figures to ``out``/NAME."""
-    from . import estimate, load_scores, validate
-    from .figures import run_figures
+    the estimate is always read), write its figures and tables to ``out``/NAME, its row of
+    ``out``/NAME/manifest.json as soon as it is done, and the index ``out``/README.md."""
+    from . import estimate, load_scores
+    from .figures import mem_distributions, run_figures
 
-    cfg = _load(config)
+    cfg = load_config(config)
     if stages is not None:
         stages = [stages] if isinstance(stages, str) else list(stages)
         unknown = set(stages) - set(STAGES)
@@ -98,76 +94,43 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
     name, runs = cfg["name"], Path(cfg.get("runs", "runs")) / cfg["name"]
     dest = Path(out) / name
     dest.mkdir(parents=True, exist_ok=True)
-    command = f"memtool figures --config {config} --out {out}"
-    old = read_json(dest / "manifest.json") if (dest / "manifest.json").exists() else {}
-    manifest = {"name": name, "description": cfg.get("description", ""), "command": command,
-                "config": str(config), "stages": old.get("stages", {}), "figures": old.get("figures", {})}
-    date = time.strftime("%Y-%m-%d")
+    m = manifest.load(dest, name=name, description=cfg.get("description", ""),
+                      command=f"memtool figures --config {config} --out {out}")
     kw = dict(device=device, data_root=data_root)
-
-    def stage(key, fn):
-        """Run one stage; its wall time adds up over the invocations that worked on it (a
-        resumed stage continues where the last one stopped), saved as soon as it is done."""
-        t0 = time.time()
-        result = fn()
-        prev = manifest["stages"].get(key, {})
-        manifest["stages"][key] = {**prev, "wall_s": round(prev.get("wall_s", 0) + time.time() - t0, 1),
-                                   "date": date, "invocations": prev.get("invocations", 0) + 1}
-        write_json(dest / "manifest.json", manifest)
-        return result
-
-    def add(paths, data, numbers):
-        for p in paths:
-            manifest["figures"][p.name] = {"command": command, "data": data, "date": date, "numbers": numbers}
 
     est = flatten_settings(cfg["estimate"])
     est_run = committed_reference(Path(config), name, est, runs / "estimate")
+    wall = None
     if est_run is None:
         est_run = runs / "estimate"
-        summary = stage("estimate", lambda: estimate(est_run, progress=progress, **{**kw, **est}))
+        summary, wall = _timed(lambda: estimate(est_run, progress=progress, **{**kw, **est}))
     else:  # the committed score tables of this very estimate: every later stage reads them
         summary = read_json(est_run / "run.json")["summary"]
         if progress:
             print(f"memtool figures: estimate: using the committed tables in {est_run} "
                   f"(remove them, or train into {runs / 'estimate'}, to re-estimate)")
-    sh = summary.get("split_half", {})
     data = (f"{est.get('dataset', 'mnist')}, first {est.get('limit') or 'all'} training samples, "
             f"{summary['n_trials']} trials")
-    numbers = {"n_trials": summary["n_trials"], "frac_high_mem": summary["frac_high_mem"],
-               "n_high_pairs": summary["n_high_pairs"], "split_half_jaccard_pairs": sh.get("jaccard_high_pairs"),
-               "split_half_spearman_mem": sh.get("spearman_mem")}
-    add(run_figures(est_run, dest, data_root=data_root), data, numbers)
-    if cfg.get("validate") is not None:
-        v = cfg["validate"] or {}
-        table = stage("validate", lambda: validate(est_run, runs / "validate", v.get("seeds", 3),
-                                                   progress=progress, **kw))
-        add(_copy(runs / "validate", dest, ["validate.png", "validate.md", "validate.parquet"]), data,
-            _key_numbers(table, ["full", "without high-influence", "without random"]))
-    for key in ("finding_a", "finding_b", "bat_comparison", "score_cost"):
+    files = run_figures(est_run, dest, data_root=data_root)
+    manifest.record(m, dest, "estimate", files, data, manifest.estimate_headline(summary), wall)
+    for key, run_stage in analyses().items():
         if cfg.get(key) is None:
             continue
-        import importlib
-
-        module = importlib.import_module(f"analyses.{key}")
         opts = dict(cfg[key] or {})
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
-        table = stage(key, lambda: module.run(est_run, runs / key, progress=progress, **kw, **opts))
-        if key == "bat_comparison":  # the headline: AutoAttack accuracy of every variant, BAT's first
-            table = table[(table["group"] == "all test") & (table["metric"] == "autoattack")]
-            table = table.sort_values("variant", key=lambda v: v != "bat", kind="stable")
-        numbers = _cost_numbers(table) if key == "score_cost" else _key_numbers(table)
-        add(_copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"]), data, numbers)
-    tables = {"standard training": load_scores(est_run)}  # last: the costliest stage, an illustration
+        _, wall = _timed(lambda: run_stage(est_run, runs / key, progress=progress, **kw, **opts))
+        files = _copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"])
+        manifest.record(m, dest, key, files, data, manifest.headline(key, read_table(dest / f"{key}.parquet")), wall)
     if cfg.get("robust_estimate"):
         rob = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]})
-        rs = stage("robust_estimate", lambda: estimate(runs / "robust_estimate", progress=progress, **{**kw, **rob}))
-        tables["adversarial training"] = load_scores(runs / "robust_estimate")
-        add([mem_distributions(tables, dest / "mem_distributions.png")], data + f"; AT run: {rs['n_trials']} trials",
-            {"robust_test_acc": rs.get("rob_test_acc"), "n_high_rob_mem": rs.get("n_high_rob_mem")})
-    write_json(dest / "manifest.json", manifest)
-    write_index(Path(out))
-    return [dest / n for n in manifest["figures"]]
+        rs, wall = _timed(lambda: estimate(runs / "robust_estimate", progress=progress, **{**kw, **rob}))
+        tables = {"standard training": load_scores(est_run), "adversarial training": load_scores(runs / "robust_estimate")}
+        files = [mem_distributions(tables, dest / "mem_distributions.png")]
+        head = manifest.summary_headline(rs, ("n_trials", "rob_test_acc", "n_high_rob_mem"))
+        manifest.record(m, dest, "robust_estimate", files, data + f"; AT run: {rs['n_trials']} trials", head, wall)
+    manifest.write_index(Path(out))
+    return [dest / f for row in m["stages"].values() for f in row["files"]]
 
 
 def committed_reference(config: Path, name: str, settings: dict, run: Path) -> Path | None:
@@ -201,68 +164,10 @@ def run_manifest(run, out, paths, command: str) -> Path:
     s, c = meta.get("summary", {}), meta["config"]
     data = (f"{c.get('dataset')}, first {c.get('limit') or 'all'} training samples, label noise "
             f"{c.get('label_noise', 0)}, {s.get('n_trials')} trials")
-    numbers = {k: s[k] for k in ("n_trials", "frac_high_mem", "noise_auroc_mem", "n_high_pairs") if k in s}
-    numbers.update({f"split_half_{k}": v for k, v in s.get("split_half", {}).items() if k in ("spearman_mem",
-                                                                                           "jaccard_high_pairs")})
     out = Path(out)
-    date = time.strftime("%Y-%m-%d")
-    write_json(out / "manifest.json", {"name": out.name, "description": f"figures of the run {run}",
-                                       "command": command, "stages": {},
-                                       "figures": {p.name: {"command": command, "data": data, "date": date,
-                                                            "numbers": numbers} for p in paths}})
+    m = manifest.load(out, name=out.name, description=f"figures of the run {run}", command=command)
+    manifest.record(m, out, "estimate", paths, data, manifest.estimate_headline(s))
     index = out.parent / "README.md"
     if index.exists() and index.read_text().startswith("# Figures"):
-        write_index(out.parent)
+        manifest.write_index(out.parent)
     return out / "manifest.json"
-
-
-def _key_numbers(table, variants=None) -> dict:
-    """accuracy (and paired difference) per row, as 'variant / group / metric' -> value."""
-    t = table if variants is None else table[table["variant"].isin(variants)]
-    out = {}
-    for r in t.to_dict("records"):
-        key = " / ".join(str(r[c]) for c in ("method", "variant", "group", "metric") if c in r)
-        out[key] = {k: round(float(r[k]), 4) for k in ("accuracy", "ci_low", "ci_high", "diff", "diff_low", "diff_high")
-                    if k in r and r[k] == r[k]}
-    return out
-
-
-def _cost_numbers(table) -> dict:
-    """score_cost: the hybrids first (precision at k / pairs Jaccard / compute fraction)."""
-    t = table.sort_values("method", key=lambda m: ~m.str.startswith("hybrid"), kind="stable")
-    return {r["method"]: f"precision {r['precision_at_k']:.3f}, pairs Jaccard {r.get('pairs_jaccard', float('nan')):.3f}, "
-                         f"compute {r['compute_fraction']:.3f}" for r in t.to_dict("records")}
-
-
-def write_index(out: Path) -> Path:
-    """OUT/README.md from every OUT/*/manifest.json: which command made each figure."""
-    lines = ["# Figures", "", "Every figure here is regenerated by a command; none is edited by hand. "
-             "This file is written by `memtool figures --config` from the manifests beside the figures.", ""]
-    for path in sorted(out.glob("*/manifest.json")):
-        m = read_json(path)
-        lines += [f"## {m['name']}", "", m.get("description", ""), "", f"Command: `{m['command']}`", ""]
-        if m.get("stages"):
-            lines += ["Wall time per stage, summed over the invocations that worked on it: " + ", ".join(
-                f"{k} {v['wall_s']:.0f} s" + (f" ({v['note']})" if v.get("note") else "")
-                for k, v in m["stages"].items()), ""]
-        lines += ["| file | data | date | key numbers |", "|---|---|---|---|"]
-        for fname, f in m["figures"].items():
-            nums = "; ".join(f"{k}: {_fmt(v)}" for k, v in list(f["numbers"].items())[:6])
-            lines.append(f"| `{m['name']}/{fname}` | {f['data']} | {f['date']} | {nums} |")
-        lines.append("")
-    text = "\n".join(lines) + "\n"
-    (out / "README.md").write_text(text)
-    return out / "README.md"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, dict):
-        acc = v.get("accuracy")
-        s = f"{100 * acc:.1f} %" if acc is not None else ""
-        if "ci_low" in v:
-            s += f" [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}]"
-        if "diff" in v and v["diff"] != 0:
-            s += f", {100 * v['diff']:+.1f} pts"
-        return s
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-

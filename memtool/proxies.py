@@ -34,7 +34,6 @@ models; ``tracin.npz`` holds per class c ``cos_c`` = T(i, j) / sqrt(T(i, i) T(j,
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,11 +43,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attacks.base import margins_from_logits
 from .config import Runtime, check_int, check_number, setting, split_settings
 from .ensemble import Ensemble
+from .progress import progress_bar
 from .recipe import EVAL, Recipe, WithRecipe, lr_at, stream, trial_seed
 
 PROXIES = ("csl", "learning_speed", "forgetting", "aum", "el2n", "grad_norm", "curvature")
@@ -250,8 +249,7 @@ def proxies(out, *, calibrate=None, progress: bool = True, **settings) -> pd.Dat
     test = (torch.tensor(ds.x_test, device=device), torch.tensor(ds.y_test, device=device)) if cfg.pairs else None
     k = min(cfg.seeds, default_ensemble_size(recipe, device, int(np.prod(ds.image_shape))))
     n = len(y)
-    bar = tqdm(total=cfg.seeds, unit="model", disable=not progress, desc="proxies", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 10)
+    bar = progress_bar(total=cfg.seeds, unit="model", disable=not progress, desc="proxies", dynamic_ncols=True)
     for first in range(0, cfg.seeds, k):
         idx = list(range(first, min(first + k, cfg.seeds)))
         path = out / "models" / f"seeds_{idx[0]:04d}-{idx[-1]:04d}.npz"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,11 +39,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .attacks import PGD
+from .attacks import PGD, attacked_logits
 from .checkpoints import CHECKPOINT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import check_choice, check_int, check_number, setting
 from .datasets import load_dataset
 from .engine import fit
+from .progress import progress_bar
 from .recipe import EVAL, Recipe, WithRecipe, stream
 from .rundir import check_settings, open_settings, write_jsonl
 
@@ -98,23 +100,37 @@ class TrainConfig(WithRecipe):
 # ----------------------------------------------------------------------------- sample files
 
 
+IDS_FORMATS = "text with one sample id per line, or parquet with a sample_id column"
+WEIGHTS_FORMAT = "parquet with sample_id and weight columns"
+
+
+def _read_parquet(path: Path, what: str, accepted: str) -> pd.DataFrame:
+    """The parquet file ``path``; another format is one error naming the file and ``accepted``
+    (pyarrow's own message, e.g. "Parquet magic bytes not found in footer", names neither)."""
+    try:
+        return pd.read_parquet(path)
+    except (ValueError, OSError):
+        raise ValueError(f"{what} file {path} is not a parquet file; {what} takes {accepted}") from None
+
+
 def read_ids(path: str | os.PathLike, n: int, what: str = "exclude_ids") -> np.ndarray:
-    """Sample ids from a text file (one per line, '#' comments) or a parquet file with a
-    ``sample_id`` column; each must be a training sample id in 0..n-1."""
+    """Sample ids from a text file (one per line, '#' comments) or a parquet file (``.parquet``)
+    with a ``sample_id`` column; each must be a training sample id in 0..n-1."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} file {path} does not exist")
     if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
+        df = _read_parquet(path, what, IDS_FORMATS)
         if "sample_id" not in df.columns:
             raise ValueError(f"{what} file {path} has no sample_id column (columns: {list(df.columns)})")
         ids = df["sample_id"].to_numpy()
     else:
-        lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
         try:
+            lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
             ids = np.array([int(ln) for ln in lines if ln], dtype=np.int64)
-        except ValueError as e:
-            raise ValueError(f"{what} file {path}: every line must be one integer sample id ({e})") from None
+        except ValueError as e:  # UnicodeDecodeError too: a binary file
+            raise ValueError(f"{what} file {path}: every line must be one integer sample id ({e}); "
+                             f"{what} takes {IDS_FORMATS} (named .parquet)") from None
     ids = np.asarray(ids)
     if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= n):
         raise ValueError(f"{what} file {path} holds ids outside 0..{n - 1} (the training set has {n} samples): "
@@ -128,7 +144,7 @@ def read_weights(path: str | os.PathLike, n: int) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    df = pd.read_parquet(path)
+    df = _read_parquet(path, "weights", WEIGHTS_FORMAT)
     missing = {"sample_id", "weight"} - set(df.columns)
     if missing:
         raise ValueError(f"weights file {path} lacks column(s) {sorted(missing)} (columns: {list(df.columns)})")
@@ -162,18 +178,16 @@ def _digest(a: np.ndarray | None) -> str | None:
 
 def epoch_check(model, x_u8, y, eps: float | None, steps: int, seed: int, batch: int = 500) -> dict:
     """Clean and PGD-``steps`` accuracy at ``eps`` on the given test samples (no robust
-    accuracy without an eps)."""
+    accuracy without an eps); the random starts come from one generator seeded with ``seed``."""
     attack = None if eps is None else PGD(eps=eps, steps=steps)
+    gen = torch.Generator(device=x_u8.device).manual_seed(seed)
     clean = rob = 0
-    with torch.random.fork_rng(devices=[x_u8.device.index or 0] if x_u8.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i in range(0, len(y), batch):
-            xb, yb = x_u8[i : i + batch].float().div_(255), y[i : i + batch]
-            with torch.no_grad():
-                clean += int((model(xb).argmax(1) == yb).sum())
-            if attack is not None:
-                with torch.no_grad():
-                    rob += int((model(attack(model, xb, yb)).argmax(1) == yb).sum())
+    for i in range(0, len(y), batch):
+        xb, yb = x_u8[i : i + batch].float().div_(255), y[i : i + batch]
+        with torch.no_grad():
+            clean += int((model(xb).argmax(1) == yb).sum())
+        if attack is not None:
+            rob += int((attacked_logits(attack, model, xb, yb, gen).argmax(1) == yb).sum())
     if not len(y):
         return {}
     return {"clean_acc": clean / len(y), "robust_acc": None if attack is None else rob / len(y),
@@ -278,8 +292,8 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
             print(f"{out}: already trained for {done} epochs")
         return model_from_checkpoint(ck, device)
 
-    bar = tqdm(total=r.steps(len(subset)), initial=r.steps(len(subset)) * done // r.epochs, unit="step",
-               disable=not progress, desc=f"train {r.method.name}", dynamic_ncols=True)
+    bar = progress_bar(total=r.steps(len(subset)), initial=r.steps(len(subset)) * done // r.epochs, unit="step",
+                       disable=not progress, desc=f"train {r.method.name}", dynamic_ncols=True)
     clock = [time.time(), time.process_time()]
 
     best = {k: ck[k] for k in ("best_model", "best_epoch", "best_val") if k in ck} if start is not None else {}
@@ -303,6 +317,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
         write_jsonl(out / "log.jsonl", log)
         if progress:
             tqdm.write(epoch_line(record, r.epochs, stats))
+            sys.stdout.flush()  # one line per epoch also where stdout is a file or a pipe
         clock[:] = [time.time(), time.process_time()]
 
     models = fit(r, x, y, [subset], [config.seed], num_classes=ds.num_classes,

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .datasets import load_dataset
-from .estimator import EstimateConfig, load_influence, read_run_json
+from .estimator import load_influence, open_run
 from .experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
 from .recipe import Recipe, flat_recipe, stream
 from .rundir import write_table
@@ -38,18 +37,10 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, progress: bool = Tru
     (``{"model": "cnn", "lr": 0.05}``)."""
     run = Path(run)
     out = Path(out) if out is not None else run / "validate"
-    meta = read_run_json(run)
-    if "recipe" not in meta["config"]:
-        raise ValueError(f"{run} was imported ({meta['config'].get('source')}), not estimated: validate retrains "
-                         "with a run's recipe, so it needs a `memtool estimate` run")
-    cfg = EstimateConfig.from_dict(meta["config"])
+    meta, cfg, ds = open_run(run, data_root, "validate")
     if isinstance(recipe, dict):
         recipe = Recipe.from_flat(**{**flat_recipe(cfg.recipe), **recipe})
     recipe = (recipe or cfg.recipe).for_dataset(cfg.dataset)
-    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
-    if ds.fingerprint != meta["dataset"]["fingerprint"]:
-        raise ValueError(f"the {cfg.dataset} data on disk differ from the data {run} was estimated on "
-                         f"(fingerprint {ds.fingerprint} vs {meta['dataset']['fingerprint']})")
     pairs = load_influence(run)
     pairs = pairs[pairs["high"]]
     if pairs.empty:

@@ -2,8 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import memtool
-from memtool.analysis import accuracy_by_group, atypical_test, atypical_train, wilson_interval
+from memtool.analysis import atypical_test, atypical_train
 
 
 def _tables():
@@ -39,40 +38,3 @@ def test_atypical_test_needs_a_same_class_pair_above_both_thresholds():
     assert atypical_test(scores, infl, mem_threshold=0.3).tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="memtool scores RUN --mem-threshold 0.1 --infl-threshold 0.15"):
         atypical_test(scores, infl, mem_threshold=0.1)
-
-
-def test_wilson_interval_matches_hand_computed_values():
-    lo, hi = wilson_interval(8, 10)  # z = 1.96: center 0.71674, half-width 0.22658
-    assert (lo, hi) == (pytest.approx(0.49016, abs=1e-5), pytest.approx(0.94332, abs=1e-5))
-    lo, hi = wilson_interval(0, 20)
-    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.16113, abs=1e-5)
-    assert np.isnan(wilson_interval(0, 0)[0])
-
-
-def test_accuracy_by_group_counts_each_column_per_group():
-    atypical = pd.Series([True, False, False, True], index=[0, 1, 2, 3])
-    per_sample = pd.DataFrame({"sample_id": [0, 1, 2, 3], "label": [5, 6, 7, 6],
-                               "clean": [True, True, True, False], "pgd20": [False, True, False, False]})
-    table = accuracy_by_group(per_sample, atypical).set_index(["column", "group"])
-    assert table.loc[("clean", "atypical"), ["n", "n_correct", "accuracy"]].tolist() == [2, 1, 0.5]
-    assert table.loc[("clean", "typical"), ["n", "n_correct", "accuracy"]].tolist() == [2, 2, 1.0]
-    assert table.loc[("pgd20", "typical"), "n_correct"] == 1
-    assert table.loc[("clean", "atypical"), "ci_low"] < 0.5 < table.loc[("clean", "atypical"), "ci_high"]
-    with pytest.raises(ValueError, match="1 sample ids"):
-        accuracy_by_group(pd.DataFrame({"sample_id": [9], "clean": [True]}), atypical)
-
-
-def test_planted_noisy_labels_are_found_atypical(digits_run):
-    """The digits run flips 5 % of the labels: nearly all of them must come out atypical, and
-    atypical test samples must exist and be classified worse than typical ones."""
-    run, _ = digits_run
-    scores, infl = memtool.load_scores(run), memtool.load_influence(run)
-    train = scores[scores["split"] == "train"].set_index("sample_id")
-    atyp = atypical_train(scores)
-    flipped = train["label_corrupted"]
-    assert atyp[flipped].mean() >= 0.9
-    assert atyp[~flipped].mean() < 0.2
-    test_atyp = atypical_test(scores, infl)
-    acc = scores[scores["split"] == "test"].set_index("sample_id")["acc_out"]
-    assert 0 < test_atyp.sum() < len(test_atyp)
-    assert acc[test_atyp].mean() < acc[~test_atyp].mean()

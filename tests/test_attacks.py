@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from memtool.attacks import CW, FGSM, PGD, AutoAttack, build_attack, eval_mode, margin_loss
+from memtool.attacks.base import attacked_logits, margins_from_logits
 from memtool.datasets import load_dataset
-from memtool.attacks.base import margins_from_logits
 from memtool.models import build_model
 
 
@@ -47,12 +47,14 @@ def test_names_parse_into_settings():
     assert isinstance(aa, AutoAttack) and aa.describe()["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     with pytest.raises(ValueError, match="'pgd'"):
         build_attack("pgd", eps=0.3)
-    with pytest.raises(ValueError, match="steps must be an integer > 0, got 0"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
         build_attack("pgd0", eps=0.3)
     with pytest.raises(ValueError, match="norm must be one of"):
         PGD(eps=0.3, norm="l1")
-    with pytest.raises(ValueError, match="eps must be a number >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="eps must be >= 0, got -0.1"):  # memtool.config's validators
         PGD(eps=-0.1)
+    with pytest.raises(ValueError, match=r"step_size must be > 0 \(or None\), got 0"):
+        PGD(eps=0.1, step_size=0)
 
 
 @pytest.mark.parametrize("name", ["fgsm", "pgd10", "pgd5-r3", "cw10"])
@@ -135,6 +137,41 @@ def test_cw_pushes_the_margin_down(mnist_at):
     assert m_cw.mean() < m_pgd.mean()  # it optimizes the margin itself
     logits = torch.tensor([[2.0, 1.0, -1.0]])
     assert margin_loss(logits, torch.tensor([1])).item() == pytest.approx(1.0)
+
+
+def test_a_stacked_model_is_attacked_model_by_model_with_its_own_generator():
+    """PGD on a stacked model (a leading model axis, one generator per model) gives model k
+    what attacking model k alone with generator k gives, and leaves the global RNG alone."""
+    from memtool.ensemble import Ensemble
+
+    def build():
+        return build_model("mlp", (1, 8, 8), 10, 16)
+
+    torch.manual_seed(0)
+    members = [build() for _ in range(3)]
+    stack = Ensemble(members, build)
+    _, x, y = _toy(4, n=40)
+    xs, ys = x.expand(3, *x.shape), y.expand(3, -1)
+    attack = PGD(eps=0.1, steps=3)
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+
+    state = torch.get_rng_state()
+    stacked = attacked_logits(attack, stack, xs, ys, gens())
+    assert torch.equal(torch.get_rng_state(), state)
+    for k, g in enumerate(gens()):
+        torch.testing.assert_close(stacked[k], attacked_logits(attack, members[k], x, y, g), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(stacked[0], attacked_logits(attack, members[0], x, y, gens()[1]))  # the seed matters
+    with pytest.raises(ValueError, match="L-inf PGD and one restart"):
+        PGD(eps=0.1, restarts=2)(stack, xs, ys, gens())
+
+
+def test_attacked_logits_refuses_examples_outside_the_threat_model(monkeypatch):
+    model, x, y = _toy(5, n=8)
+    monkeypatch.setattr(PGD, "perturb", lambda self, m, x, y, gen=None: (x + 2 * self.eps).clamp(0, 1))
+    with pytest.raises(RuntimeError, match="attack pgd left the eps-ball"):
+        attacked_logits(PGD(eps=0.1, steps=1), model, x, y)
 
 
 def test_fgsm_is_one_full_step():

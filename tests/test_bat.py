@@ -80,6 +80,63 @@ def test_with_every_sample_typical_bat_is_pgd_at_exactly():
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("rule", ["soft", "hard"])
+def test_trained_bat_weights_land_on_the_atypical_samples_by_hand(rule):
+    """Through the engine: two stacked models, shuffled batches, given per-sample weights and
+    every third sample atypical. At eps 0 and a learning rate too small to move a parameter
+    every batch sees the initial models, so each model's epoch loss and the logged statistics
+    follow from the formula (bat.py / methods.BAT) in numpy: wrong samples weighted, wrong
+    ones counted atypical or given weights dropped all change them."""
+    from functools import partial
+
+    from memtool.models import build_model
+    from memtool.recipe import epoch_order, init_model
+
+    g = torch.Generator().manual_seed(0)
+    n, m, bs, seeds = 120, 90, 20, [3, 4]
+    x, y = torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    atypical = torch.arange(n) % 3 == 0
+    given = 0.5 + (torch.arange(n) % 4) * 0.25
+    subsets = [np.sort(np.random.default_rng(s).choice(n, m, replace=False)) for s in seeds]
+    build = partial(build_model, "mlp", (1, 8, 8), 10, 16)
+    p = np.stack([torch.softmax(init_model(build, s)(x), -1).detach().double().numpy() for s in seeds])  # (K, n, C)
+    yn, a = y.numpy(), atypical.numpy()
+    true = p[:, np.arange(n), yn]
+    h = np.where(np.eye(10, dtype=bool)[yn], 0.0, p).max(-1)  # largest other-class probability
+    if rule == "soft":
+        params, w_bat, harmful = {"gamma": 2.0}, np.where(a, (1 - h) ** 2, 1.0), h >= 0.5
+    else:  # eta between two neighbouring h of the atypical samples: about half of them weigh 0
+        hs = np.sort(np.concatenate([h[k][subsets[k]][a[subsets[k]]] for k in range(2)]))
+        i = len(hs) // 2
+        assert hs[i] - hs[i - 1] > 1e-5  # far from float noise
+        eta = float(hs[i - 1] + hs[i]) / 2
+        params, w_bat, harmful = {"eta": eta}, np.where(a & (h >= eta), 0.0, 1.0), h >= eta
+    method = BAT(eps=0.0, pgd_steps=1, eps_warmup=0.0, bat_warmup=0.0, lam=0.5, **params)
+    object.__setattr__(method, "atypical", atypical)
+    recipe = Recipe(model="mlp", hidden=16, epochs=1, batch_size=bs, lr=1e-30, schedule="constant", method=method)
+    logged = {}
+    models = fit(recipe, x, y, subsets, seeds, num_classes=10, weights=given, ensemble_size=2,
+                 on_epoch=lambda epoch, model, opt, stats: logged.update(stats))
+    for k, s in enumerate(seeds):  # the premise: the models did not move
+        assert all(torch.equal(u, v) for u, v in zip(models[k].state_dict().values(),
+                                                     init_model(build, s).state_dict().values()))
+
+    ce, gw = -np.log(true), given.numpy()
+    loss, num, den, hit = np.zeros(2), 0.0, 0.0, 0.0
+    for k, s in enumerate(seeds):
+        order = subsets[k][epoch_order(m, s, 0).numpy()]
+        batches = [order[i : i + bs] for i in range(0, m, bs)]
+        for b in batches:
+            wb = gw[b] * w_bat[k, b]
+            loss[k] += (wb * ce[k, b]).sum() / wb.sum() + 0.5 * ce[k, b][a[b]].sum() / len(b)
+            num, den, hit = num + w_bat[k, b][a[b]].sum(), den + a[b].sum(), hit + harmful[k, b][a[b]].sum()
+        loss[k] /= len(batches)
+    np.testing.assert_allclose(logged["loss"].numpy(), loss, rtol=1e-5)
+    assert logged["atypical_weight"] == pytest.approx(num / den, rel=1e-5)
+    assert logged["harmful_fraction"] == pytest.approx(hit / den, rel=1e-5)
+    assert 0 < num / den < 1
+
+
 def test_bat_needs_its_scores_bound():
     with pytest.raises(ValueError, match="method bat needs scores"):
         BAT().bind(memtool.load_dataset("digits"))

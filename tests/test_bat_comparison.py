@@ -87,3 +87,46 @@ def test_refuses_unknown_variant_and_noisy_run(digits_run, clean_digits_run, tmp
         bc.run(clean_digits_run, tmp_path / "x", variants=["bat tau=0.3"], aa_samples=40, progress=False)
     with pytest.raises(ValueError, match="label noise"):
         bc.run(digits_run[0], tmp_path / "y", progress=False)
+
+
+def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path):
+    """``val_samples``: every adversarial model (not standard training) holds out training
+    samples beyond the run's limit and keeps its best-PGD epoch on them; no model checks the
+    test set while training; ``aa_seeds=1``: AutoAttack on seed 0 of the chosen variants only."""
+    import json
+
+    import torch
+    from conftest import DIGITS_FAST
+
+    import memtool
+
+    run = tmp_path / "run"
+    memtool.estimate(run, trials=4, limit=1000, progress=False, **{**DIGITS_FAST, "epochs": 10})
+    out = tmp_path / "bc"
+    table = bc.run(run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=2, variants=["standard", "pgd-at", "bat"],
+                   val_samples=200, aa_samples=20, aa_variants=["pgd-at", "bat"], aa_seeds=1, progress=False)
+    for v, rule in (("standard", "last"), ("pgd-at", "best-pgd"), ("bat", "best-pgd")):
+        ck = torch.load(out / "models" / f"{v}-s1" / "checkpoint.pt", weights_only=True)
+        cfg = ck["settings"]["config"]
+        assert cfg["select"] == rule and cfg["eval_samples"] == 0 and cfg["val_samples"] == (200 if rule != "last" else 0)
+        log = [json.loads(line) for line in (out / "models" / f"{v}-s1" / "log.jsonl").read_text().splitlines()]
+        assert not any("clean_acc" in r for r in log)  # no test-set check during training
+        assert all(("val_robust_acc" in r) == (rule == "best-pgd") for r in log)
+    assert (out / "models" / "pgd-at-s0" / "autoattack").exists() and not (out / "models" / "pgd-at-s1" / "autoattack").exists()
+    assert not (out / "models" / "standard-s0" / "autoattack").exists()
+    aa = table[table.metric == "autoattack"]
+    assert set(aa.variant) == {"pgd-at", "bat"} and (aa.seeds == 1).all()
+    # PGD-AT and BAT also at their last epoch: evaluated again only where it is not the chosen one
+    info = read_table(out / "bat_comparison.parquet").attrs["memtool"]
+    assert sorted(info["best_epochs"]) == ["bat s0", "bat s1", "pgd-at s0", "pgd-at s1"]
+    for key, epoch in info["best_epochs"].items():
+        v, s = key.split(" s")
+        again = (out / "models" / f"{v}-s{s}" / "eval-last").exists()
+        assert again == (epoch != SMALL.epochs) and 1 <= epoch <= SMALL.epochs
+        if again:
+            rb = json.loads((out / "models" / f"{v}-s{s}" / "eval-last" / "robustbench.json").read_text())
+            assert rb["checkpoint_rule"].startswith(f"last epoch ({SMALL.epochs})")
+    last = table[table.variant.str.endswith(" (last epoch)")]
+    assert set(last.variant) == {"pgd-at (last epoch)", "bat (last epoch)"} and set(last.metric) == {"clean", "pgd20", "cw20"}
+    with pytest.raises(ValueError, match="aa_seeds must be in 1..2"):
+        bc.run(run, out, seeds=2, eps=0.1, recipe=SMALL, variants=["pgd-at"], aa_samples=20, aa_seeds=3, progress=False)

@@ -75,25 +75,41 @@ def test_claims_of_dead_processes_are_taken_over_live_ones_respected(tmp_path):
     assert sorted(t for t, _ in _trained(run)) == list(range(6))
 
 
-def test_sigkill_at_random_points_then_resume_gives_identical_scores(tmp_path):
-    run, rng = tmp_path / "run", np.random.default_rng(0)
-    kills = 0
-    while kills < 5:
-        p = _cli(run, "--trials=24", "--ensemble-size=2")
-        time.sleep(rng.uniform(2.5, 6.0))  # some kills land in the start-up, most in training or writing
-        if p.poll() is not None:
-            break  # finished before the kill: nothing left to interrupt
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        kills += 1
-    assert kills == 5
-    p = _cli(run, "--trials=24", "--ensemble-size=2")
-    assert p.wait(timeout=600) == 0, p.stderr.read().decode()
+def _kill_after_progress(proc, count, rng) -> bool:
+    """SIGKILL ``proc`` at a point the test observed: once ``count()`` (trial files, epochs,
+    saved batches) has grown twice past its value now, a random fraction of the time that
+    last unit took later, so the kill lands in the next unit's work or in its write, at any
+    machine speed. False if ``proc`` finished first."""
+    seen, times = count(), []
+    while len(times) < 2:
+        if proc.poll() is not None:
+            return False
+        now = count()
+        if now > seen:
+            seen, times = now, times + [time.monotonic()]
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, times[1] - times[0]))
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def test_sigkill_during_training_then_resume_gives_identical_scores(tmp_path):
     from memtool.estimator.store import trial_files
 
+    run, rng = tmp_path / "run", np.random.default_rng(0)
+    kills = 0
+    while kills < 5:  # 24 trial files, each kill after two more: the run cannot finish before
+        p = _cli(run, "--trials=48", "--ensemble-size=2")
+        assert _kill_after_progress(p, lambda: len(trial_files(run)), rng), p.stderr.read().decode()
+        kills += 1
+    p = _cli(run, "--trials=48", "--ensemble-size=2")
+    assert p.wait(timeout=600) == 0, p.stderr.read().decode()
     stored = [t for first, last, _ in trial_files(run) for t in range(first, last + 1)]
-    assert sorted(stored) == list(range(24))  # each trial in exactly one file
-    memtool.estimate(tmp_path / "alone", trials=24, ensemble_size=2, progress=False, **KW)
+    assert sorted(stored) == list(range(48))  # each trial in exactly one file
+    memtool.estimate(tmp_path / "alone", trials=48, ensemble_size=2, progress=False, **KW)
     pd.testing.assert_frame_equal(memtool.load_scores(run), memtool.load_scores(tmp_path / "alone"))
 
 
@@ -112,20 +128,6 @@ def test_dask_workers_load_the_data_themselves(tmp_path):
     pd.testing.assert_frame_equal(memtool.load_scores(tmp_path / "dask"), memtool.load_scores(tmp_path / "local"))
 
 
-def _kill_when(proc, path, rng, until):
-    """SIGKILL ``proc`` a random moment after ``path`` appears; False if it finished first."""
-    while not path.exists():
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0, until))
-    if proc.poll() is not None:
-        return False
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return True
-
-
 def _memtool(*args):
     return subprocess.Popen([sys.executable, "-m", "memtool", *map(str, args), "--quiet"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -135,15 +137,27 @@ TRAIN = ["--dataset", "mnist", "--limit", "2000", "--model", "mlp", "--method", 
          "--pgd-steps", "3", "--epochs", "8", "--batch-size", "64", "--eval-samples", "200"]
 
 
+def _lines(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _done(path) -> int:
+    try:
+        with np.load(path) as z:
+            return int(z["done"].sum())
+    except (OSError, ValueError, KeyError):  # not there yet
+        return 0
+
+
 def test_train_and_evaluate_resume_after_sigkill(tmp_path):
     import torch
 
     rng = np.random.default_rng(1)
     run = tmp_path / "train"
     kills = 0
-    for _ in range(6):
+    for _ in range(6):  # killed in epoch 3 or later, each resumed run two epochs on at least
         p = _memtool("train", *TRAIN, "--out", run)
-        if not _kill_when(p, run / "checkpoint.pt", rng, 2.0):
+        if not _kill_after_progress(p, lambda: _lines(run / "log.jsonl"), rng):
             assert p.returncode == 0, p.stderr.read().decode()
             break
         kills += 1
@@ -157,10 +171,11 @@ def test_train_and_evaluate_resume_after_sigkill(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise the uninterrupted model
 
     ev = ["evaluate", run, "--attacks", "clean,pgd30", "--n-samples", "1500", "--batch-size", "100"]
+    state = tmp_path / "ev" / "state" / "pgd30.npz"
     kills = 0
-    for _ in range(4):
+    for _ in range(4):  # 15 batches of pgd30
         p = _memtool(*ev, "--out", tmp_path / "ev")
-        if not _kill_when(p, tmp_path / "ev" / "state" / "pgd30.npz", rng, 1.0):
+        if not _kill_after_progress(p, lambda: _done(state), rng):
             break
         kills += 1
     assert kills >= 1

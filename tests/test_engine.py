@@ -61,6 +61,23 @@ def test_stacked_models_equal_separate_runs(model, method):
         torch.testing.assert_close(stacked[1](x), single[1](x), atol=tol, rtol=tol)
 
 
+def test_robust_margins_are_the_evaluation_pgd_with_the_models_generator():
+    """margins(robust=eps) is attacks.PGD through attacked_logits (the path of evaluate and of
+    the per-epoch check), its random start from a generator of (seed, EVAL, key)."""
+    from memtool.attacks import PGD
+    from memtool.attacks.base import attacked_logits, margins_from_logits
+    from memtool.recipe import EVAL, stream
+
+    x, y = _data()
+    models = fit(_recipe("mlp", "pgd-at"), x, y, _subsets(2), [4, 5], num_classes=10)
+    got = models.margins(x, y, robust=0.1, key=3)
+    for k, seed in enumerate([4, 5]):
+        gen = torch.Generator().manual_seed(stream(seed, EVAL, 3))
+        logits = attacked_logits(PGD(eps=0.1, steps=2), models[k], x, y, gen)  # the method's 2 steps
+        torch.testing.assert_close(got[k], margins_from_logits(logits, y), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, models.margins(x, y, robust=0.1, key=4))
+
+
 def test_a_model_depends_on_its_seed_and_subset_not_on_its_neighbours():
     x, y = _data()
     r = _recipe("mlp", "pgd-at")

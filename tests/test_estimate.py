@@ -31,9 +31,10 @@ def test_planted_label_noise_is_recovered(digits_run):
 def test_score_table_columns_and_run_files(digits_run):
     out, summary = digits_run
     scores = memtool.load_scores(out)
-    for col in ["sample_id", "split", "label", "n_in", "n_out", "acc_in", "acc_out", "mem", "mem_se", "cscore",
+    for col in ["sample_id", "split", "label", "n_in", "n_out", "acc_in", "acc_out", "mem", "mem_se",
                 "margin_mem", "margin_mem_se", "label_corrupted", "original_label"]:
         assert col in scores.columns
+    assert "cscore" not in scores.columns  # one subset ratio: acc_out, not the C-score (memtool/cscore.py)
     train, test = scores[scores.split == "train"], scores[scores.split == "test"]
     assert len(train) == 1437 and len(test) == 360
     assert (train.n_in + train.n_out == 16).all() and (test.n_out == 16).all() and test.mem.isna().all()

@@ -50,11 +50,11 @@ def test_interrupted_evaluation_resumes_where_it_stopped(digits_at, tmp_path, mo
     real = PGD.perturb
     seen = {"sizes": [], "stop_at": 3}
 
-    def perturb_then_stop(self, model, x, y):
+    def perturb_then_stop(self, model, x, y, gen=None):
         seen["sizes"].append(len(x))
         if len(seen["sizes"]) == seen["stop_at"]:
             raise KeyboardInterrupt
-        return real(self, model, x, y)
+        return real(self, model, x, y, gen)
 
     monkeypatch.setattr(PGD, "perturb", perturb_then_stop)
     with pytest.raises(KeyboardInterrupt):
@@ -75,7 +75,7 @@ def test_more_samples_extend_an_evaluation(digits_at, tmp_path, monkeypatch):
     memtool.evaluate(ckpt, attacks="clean,pgd5", eps=0.1, out=tmp_path, n_samples=100, progress=False)
     seen = []
     real = PGD.perturb
-    monkeypatch.setattr(PGD, "perturb", lambda self, m, x, y: seen.append(len(x)) or real(self, m, x, y))
+    monkeypatch.setattr(PGD, "perturb", lambda self, m, x, y, gen=None: seen.append(len(x)) or real(self, m, x, y, gen))
     s = memtool.evaluate(ckpt, attacks="clean,pgd5", eps=0.1, out=tmp_path, n_samples=200, progress=False)
     df = pd.read_parquet(tmp_path / "per_sample.parquet")
     assert len(df) == 200 and s["attacks"]["pgd5"]["n"] == 200
@@ -139,7 +139,7 @@ def test_cli_evaluate(digits_at, tmp_path, capsys):
 
 def test_an_attack_leaving_the_ball_is_not_recorded(digits_at, tmp_path, monkeypatch):
     ckpt, _ = digits_at
-    monkeypatch.setattr(PGD, "perturb", lambda self, m, x, y: (x + 2 * self.eps).clamp(0, 1))
+    monkeypatch.setattr(PGD, "perturb", lambda self, m, x, y, gen=None: (x + 2 * self.eps).clamp(0, 1))
     with pytest.raises(RuntimeError, match="left the eps-ball"):
         memtool.evaluate(ckpt, attacks="clean,pgd5", eps=0.1, out=tmp_path, n_samples=50, progress=False)
 
@@ -159,3 +159,21 @@ def test_robustbench_record_fields(digits_at, tmp_path):
     assert set(rec["other_attacks"]) == {"pgd10"}
     memtool.evaluate(out, tmp_path / "pgd", attacks="clean,pgd10", n_samples=20, progress=False)
     assert json.loads((tmp_path / "pgd" / "robustbench.json").read_text())["autoattack_acc"] is None
+
+
+def test_clean_accuracy_needs_no_eps_and_the_attacks_say_they_do(tmp_path, capsys):
+    """A standard model on a user dataset (no standard eps): --attacks clean runs without
+    --eps and records none; an attack without an eps is refused, naming what it needs."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "toy.npz"
+    np.savez(data, x_train=rng.random((64, 8, 8)), y_train=rng.integers(0, 3, 64), x_test=rng.random((20, 8, 8)),
+             y_test=rng.integers(0, 3, 20))
+    memtool.train(out=tmp_path / "st", dataset=str(data), hidden=8, epochs=1, eval_samples=0, progress=False)
+    assert main(["evaluate", str(tmp_path / "st"), "--attacks", "clean", "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    assert "clean only, no eps" in capsys.readouterr().out
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s["eps"] is None and list(s["attacks"]) == ["clean"] and s["attacks"]["clean"]["n"] == 20
+    assert main(["evaluate", str(tmp_path / "st"), "--attacks", "clean,pgd5", "--out", str(tmp_path / "ev2"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "attacks pgd5 need an eps and the model was trained without one" in err and "--eps" in err

@@ -58,12 +58,42 @@ def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeyp
         assert f in names and (out / "tiny" / f).stat().st_size > 0, f
     assert not any(n.endswith(".npz") for n in names)  # per-model records stay in the runs folder
     manifest = json.loads((out / "tiny" / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"estimate", "robust_estimate", "validate", "finding_a", "finding_b",
-                                   "bat_comparison"}
-    fig = manifest["figures"]["finding_a.png"]
-    assert fig["command"].startswith("memtool figures --config") and "digits" in fig["data"] and fig["numbers"]
+    assert list(manifest["stages"]) == ["estimate", "validate", "finding_a", "finding_b", "bat_comparison",
+                                        "robust_estimate"]
+    assert manifest["command"].startswith("memtool figures --config")
+    row = manifest["stages"]["finding_a"]
+    assert row["files"] == ["finding_a.png", "finding_a.md", "finding_a.parquet"] and "digits" in row["data"]
+    assert row["invocations"] >= 2 and row["wall_s"] > 0 and "torch thread" in row["load"]
+    _check_headlines_against_tables(out / "tiny", manifest)
+    from memtool.manifest import render_index
+
     index = (out / "README.md").read_text()
-    assert "`tiny/validate.png`" in index and "Wall time per stage" in index
+    assert index == render_index(out) and "[validate.png](tiny/validate.png)" in index
+
+
+def _check_headlines_against_tables(dest, manifest):
+    """The manifest's headline numbers are the tables' own, looked up here with plain pandas."""
+    import pandas as pd
+
+    def row(stage, **where):
+        t = pd.read_parquet(dest / f"{stage}.parquet")
+        for k, v in where.items():
+            t = t[t[k] == v]
+        return t.iloc[-1]
+
+    heads = {s: {h["label"]: h for h in r["headline"]} for s, r in manifest["stages"].items()}
+    v = row("validate", variant="without high-influence", group="influenced test samples")
+    h = heads["validate"]["retrained without the high-influence training samples, on their test samples"]
+    assert (h["value"], h["low"], h["high"]) == pytest.approx((v["diff"], v["diff_low"], v["diff_high"]), abs=1e-6)
+    a = row("finding_a", method="AT", variant="without atypical", group="atypical test", metric="robust")
+    assert heads["finding_a"]["(a) AT without the atypical training samples: robust, atypical test"]["value"] == \
+        pytest.approx(a["diff"], abs=1e-6)
+    b = row("finding_b", removed="harmful", group="typical test", metric="robust")
+    label = "(b) AT without the harmful atypical samples (largest fraction): robust, typical test"
+    assert heads["finding_b"][label]["value"] == pytest.approx(b["diff"], abs=1e-6)
+    c = row("bat_comparison", variant="bat", group="all test", metric="autoattack")
+    assert heads["bat_comparison"]["BAT: AutoAttack"]["value"] == pytest.approx(c["accuracy"], abs=1e-6)
+    assert heads["estimate"]["n_trials"]["value"] == 8
 
 
 def test_bad_config_is_named(tmp_path, capsys):
@@ -72,6 +102,11 @@ def test_bad_config_is_named(tmp_path, capsys):
     assert main(["figures", "--config", str(config), "--out", str(tmp_path / "f")]) == 2
     assert "unknown section(s) ['finding_c']" in capsys.readouterr().err
     assert main(["figures", "--out", str(tmp_path / "f")]) == 2
+    capsys.readouterr()
+    config.write_text("name: x\nestimate:\n  dataset: [mnist\n")  # malformed YAML: one line, file and place
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{config} is not valid YAML (line 4, column 1)" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("name", ["reference-mnist", "reference-fashion-mnist", "paper-cifar100",
@@ -81,7 +116,7 @@ def test_shipped_configs_parse(name):
 
     from memtool import pipeline
 
-    cfg = pipeline._load(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    cfg = pipeline.load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     from memtool.estimator import EstimateConfig
     from memtool.estimator.run import Execution
     from memtool.config import flatten_settings, split_settings
@@ -189,7 +224,7 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
                  "--stages", "validate"]) == 0
     assert len(calls) == 3 and not (tmp_path / "runs" / "tiny" / "estimate").exists()  # 3 variants x 1 seed
     manifest = json.loads((tmp_path / "figures" / "tiny" / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"validate"} and "validate.md" in manifest["figures"]
+    assert set(manifest["stages"]) == {"estimate", "validate"} and "validate.md" in manifest["stages"]["validate"]["files"]
     other = flatten_settings({**est, "epochs": 6})
     assert committed_reference(config, "tiny", other, tmp_path / "runs" / "tiny" / "estimate") is None
     assert committed_reference(config, "tiny", {**est, "trials": 8}, tmp_path / "x") is None  # more trials asked

@@ -229,6 +229,27 @@ def test_cli_train_prints_progress_resumes_and_names_bad_input(tmp_path, capsys)
     assert "lr: run has 0.1, this call asks for 0.5" in capsys.readouterr().err
 
 
+def test_train_help_describes_every_method_bat_included(capsys):
+    from memtool.methods import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    listed = [line.split()[0] for line in text.split("methods (--method")[1].split("options:")[0].splitlines()[1:]
+              if line.startswith("  ") and not line.startswith("   ")]
+    assert listed == list(METHODS)
+    assert "BAT, benign adversarial training" in text and "--scores SCORES" in text and "--bat-warmup" in text
+
+
+def test_per_epoch_check_is_seeded_and_leaves_the_global_rng_alone(mnist_at):
+    _, model = mnist_at
+    ds = memtool.load_dataset("mnist")
+    x, y = torch.from_numpy(ds.x_test[:100]), torch.from_numpy(ds.y_test[:100])
+    state = torch.get_rng_state()
+    runs = [training.epoch_check(model, x, y, eps=0.1, steps=3, seed=s, batch=40) for s in (5, 5)]
+    assert runs[0] == runs[1] and torch.equal(torch.get_rng_state(), state)
+
+
 def test_per_epoch_check_measures_clean_and_pgd_accuracy(mnist_at):
     out, model = mnist_at
     ds = memtool.load_dataset("mnist")

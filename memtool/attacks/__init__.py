@@ -12,6 +12,10 @@
 ``autoattack``     AutoAttack, standard version (``autoattack-l2`` for L2)
 ``apgd``           its APGD-CE + APGD-T alone, standard budget (a ranking attack)
 =================  ==========================================================
+
+Every evaluation number (the engine's robust margins, `memtool train`'s per-epoch check,
+`memtool evaluate`) comes from :func:`attacked_logits`: the attack's examples, checked to lie
+in its threat model, and the model's logits on them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import re
 
 from .autoattack import AutoAttack
-from .base import Attack, Clean, eval_mode
+from .base import Attack, Clean, attacked_logits, eval_mode
 from .cw import CW, margin_loss
 from .fgsm import FGSM
 from .pgd import PGD, default_step_size, pgd, project, random_start
@@ -48,5 +52,5 @@ def build_attack(name: str, eps: float, **overrides) -> Attack:
                      "(K steps, R restarts, e.g. pgd20, cw20, pgd50-r5)")
 
 
-__all__ = ["Attack", "AutoAttack", "CW", "Clean", "FGSM", "PGD", "build_attack", "default_step_size",
-           "eval_mode", "margin_loss", "pgd", "project", "random_start"]
+__all__ = ["Attack", "AutoAttack", "CW", "Clean", "FGSM", "PGD", "attacked_logits", "build_attack",
+           "default_step_size", "eval_mode", "margin_loss", "pgd", "project", "random_start"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import check_choice
 from .base import Attack
 
 BACKENDS = ("pyautoattack", "torchattacks")
@@ -44,17 +45,19 @@ class AutoAttack(Attack):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.version not in VERSIONS:
-            raise ValueError(f"version must be one of {VERSIONS} (standard AutoAttack, or its APGD-CE + APGD-T), "
-                             f"got {self.version!r}")
+        check_choice("version", self.version, VERSIONS)  # standard AutoAttack, or its APGD-CE + APGD-T
+        check_choice("norm", self.norm, tuple(_NORM_NAMES))
+        check_choice("backend", self.backend, BACKENDS)
         if self.version == "apgd" and self.backend != "pyautoattack":
             raise ValueError("the apgd version runs with backend pyautoattack only")
-        if self.norm not in _NORM_NAMES:
-            raise ValueError(f"norm must be one of {tuple(_NORM_NAMES)}, got {self.norm!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
-    def perturb(self, model, x, y):
+    def perturb(self, model, x, y, gen=None):
+        """Both packages seed the global RNG with ``seed`` (``gen`` is not used); the caller's RNG
+        state is restored afterwards."""
+        with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
+            return self._run(model, x, y)
+
+    def _run(self, model, x, y):
         norm = _NORM_NAMES[self.norm]
         if self.backend == "pyautoattack":
             try:

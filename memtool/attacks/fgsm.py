@@ -14,7 +14,7 @@ from .base import Attack
 class FGSM(Attack):
     name = "fgsm"
 
-    def perturb(self, model, x, y):
+    def perturb(self, model, x, y, gen=None):
         x = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
         return (x + self.eps * g.sign()).clamp(0, 1)

@@ -7,7 +7,9 @@ each further restart attacks only the samples that no earlier restart fooled, an
 keeps the first restart that fooled the model (or the last one if none did).
 
 :func:`pgd` is the single run with a pluggable per-sample loss; the training losses use it
-directly (TRADES maximizes a KL divergence with it).
+directly (TRADES maximizes a KL divergence with it). :class:`PGD` also attacks a stacked
+model (inputs with a leading model axis, ``gen`` one generator per model; L-inf, one
+restart): model k's slice of the result is what attacking model k alone with ``gen[k]`` gives.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .base import Attack, check_positive
+from ..config import check_choice, check_int, check_number
+from .base import Attack
 
 NORMS = ("linf", "l2")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
@@ -28,8 +31,12 @@ def default_step_size(eps: float, steps: int) -> float:
     return 2.5 * eps / steps
 
 
-def _noise(shape, device, gen: torch.Generator | None, normal: bool = False) -> torch.Tensor:
+def _noise(shape, device, gen, normal: bool = False) -> torch.Tensor:
+    """Uniform [0, 1) (or standard normal) noise from ``gen``: None (the global RNG), a
+    generator, or a list of generators, one per slice of the leading (model) axis."""
     draw = torch.randn if normal else torch.rand
+    if isinstance(gen, (list, tuple)):
+        return torch.stack([_noise(shape[1:], device, g, normal) for g in gen])
     if gen is None:
         return draw(shape, device=device)
     return draw(shape, generator=gen, device=gen.device).to(device)
@@ -61,7 +68,10 @@ def random_start(x: torch.Tensor, eps: float, norm: str, gen=None) -> torch.Tens
 
 
 def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+    """Per-sample cross-entropy over any leading dims, logits (..., C) and y (...);
+    half-precision logits (autocast) are taken in float32."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
 
 
 def pgd(model, x, y, loss_fn: LossFn, eps: float, step_size: float, steps: int, norm: str = "linf",
@@ -98,12 +108,10 @@ class PGD(Attack):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive("steps", self.steps, integer=True)
-        check_positive("restarts", self.restarts, integer=True)
-        if self.step_size is not None:
-            check_positive("step_size", self.step_size)
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        check_int("steps", self.steps, 1)
+        check_int("restarts", self.restarts, 1)
+        check_number("step_size", self.step_size, 0, low_open=True, optional=True)
+        check_choice("norm", self.norm, NORMS)
 
     @property
     def alpha(self) -> float:
@@ -112,12 +120,14 @@ class PGD(Attack):
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ce_loss(logits, y)
 
-    def perturb(self, model, x, y):
+    def perturb(self, model, x, y, gen=None):
+        if isinstance(gen, (list, tuple)) and (self.norm != "linf" or self.restarts > 1):
+            raise ValueError("a stacked model (one generator per model) is attacked with L-inf PGD and one restart")
         x_adv = x.clone()
         todo = torch.arange(len(x), device=x.device)  # samples no restart has fooled yet
         for r in range(self.restarts):
             xs, ys = x[todo], y[todo]
-            start = random_start(xs, self.eps, self.norm) if self.random_start else xs
+            start = random_start(xs, self.eps, self.norm, gen) if self.random_start else xs
             cand = pgd(model, xs, ys, self.loss_fn, self.eps, self.alpha, self.steps, self.norm, start)
             x_adv[todo] = cand
             if r + 1 == self.restarts:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..config import Runtime, check_int, check_number, setting, split_settings
 from ..datasets import load_dataset
 from ..engine import default_ensemble_size, fit
+from ..progress import progress_bar
 from ..proxies import Recorder
 from ..recipe import trial_seed
 from . import plan
@@ -235,8 +236,8 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
         say(f"memtool estimate: {sum(map(len, batches))} trials to train ({trials - sum(map(len, batches))} "
             f"already in {out}), {k} models at a time on {device}")
         if local:
-            with tqdm(total=total_steps, unit="step", disable=not progress, desc="models x steps",
-                      unit_scale=True, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
+            with progress_bar(total=total_steps, unit="step", disable=not progress, desc="models x steps",
+                              unit_scale=True, dynamic_ncols=True) as bar:
                 for ids in batches:
                     logs = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=bar.update,
                                       record_proxies=ex.record_proxies)
@@ -316,8 +317,8 @@ def _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler
     jobs = (delayed(_run_batch)(out, cfg, data, ids, device, eval_batch, threads, None, record_proxies)
             for ids in batches)
     with parallel_config(backend="dask" if client else "loky", n_jobs=-1 if client else n_jobs):
-        for _ in tqdm(Parallel(return_as="generator_unordered")(jobs), total=len(batches), unit="batch",
-                      disable=not progress, desc="trial batches"):
+        for _ in progress_bar(Parallel(return_as="generator_unordered")(jobs), total=len(batches), unit="batch",
+                              disable=not progress, desc="trial batches"):
             pass
     if client is not None:
         client.close()

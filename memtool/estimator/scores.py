@@ -1,4 +1,4 @@
-"""Score formulas (PAPER.md section 1), as pure functions of the trial arrays.
+"""Score formulas (docs/science.md section 1), as pure functions of the trial arrays.
 
 For training sample i, with ``member[t, i]`` saying whether trial t trained on it:
 
@@ -21,6 +21,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score
+
+MEM_THRESHOLD = 0.25  # high memorization: mem >= this (docs/science.md section 1)
+INFL_THRESHOLD = 0.15  # high influence: infl >= this
 
 
 def at_least(x, threshold: float):
@@ -120,8 +123,8 @@ def _top_k(score: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(cols, order, 1)
 
 
-def influence_pairs(member, test_correct, train_label, test_label, mem, mem_threshold=0.25,
-                    infl_threshold=0.15, top_k=10, chunk=None, max_bytes: int = 256 << 20):
+def influence_pairs(member, test_correct, train_label, test_label, mem, mem_threshold=MEM_THRESHOLD,
+                    infl_threshold=INFL_THRESHOLD, top_k=10, chunk=None, max_bytes: int = 256 << 20):
     """High-influence pairs and each test sample's top-k most influential training samples.
 
     Returns a dict of 1-d arrays (one entry per pair, ordered by test_id, then train_id), the

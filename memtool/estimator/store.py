@@ -55,6 +55,25 @@ def read_run_json(run: str | Path) -> dict:
     return meta
 
 
+def open_run(run: str | Path, data_root=None, purpose: str = "this analysis"):
+    """``run``'s metadata, its :class:`EstimateConfig` and its data as they were used (the
+    dataset loaded again and checked against the run's fingerprint). Imported tables (no
+    recipe, no data) are refused, naming ``purpose``."""
+    from ..datasets import load_dataset
+    from .config import EstimateConfig
+
+    meta = read_run_json(run)
+    if "recipe" not in meta["config"]:
+        raise ValueError(f"{run} was imported ({meta['config'].get('source')}), not estimated: {purpose} retrains "
+                         "with a run's recipe on its data, so it needs a `memtool estimate` run")
+    cfg = EstimateConfig.from_dict(meta["config"])
+    ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
+    if ds.fingerprint != meta["dataset"]["fingerprint"]:
+        raise ValueError(f"the {cfg.dataset} data on disk differ from the data {run} was estimated on "
+                         f"(fingerprint {ds.fingerprint} vs {meta['dataset']['fingerprint']})")
+    return meta, cfg, ds
+
+
 def dataset_info(dataset) -> dict:
     """What a run records of its data (and compares when it is reopened)."""
     return {"name": dataset.name, "fingerprint": dataset.fingerprint, "n_train": len(dataset.y_train),

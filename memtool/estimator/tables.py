@@ -17,6 +17,7 @@ from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtoo
 
 from ..proxies import mean_over_members
 from . import scores as S
+from .scores import INFL_THRESHOLD, MEM_THRESHOLD
 from .store import Trials, load_labels, load_trials, read_run_json, update_run_json
 
 def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
@@ -30,7 +31,6 @@ def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
         ("test", never, y_te, {"label_corrupted": np.zeros(len(y_te), bool), "original_label": y_te}),
     ):
         stats = S.memorization(member, getattr(trials, f"{split}_correct"))
-        stats["cscore"] = stats["acc_out"]
         stats.update(S.margin_memorization(member, getattr(trials, f"{split}_margin")))
         if trials.train_rob_correct is not None:
             rob = S.memorization(member, getattr(trials, f"{split}_rob_correct"))
@@ -52,7 +52,7 @@ def _pairs(trials: Trials, labels: dict, mem: np.ndarray, kind: str, **thr) -> p
 
 
 def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.ndarray | None = None,
-                    mem_threshold=0.25, infl_threshold=0.15, top_k=10) -> pd.DataFrame:
+                    mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, top_k=10) -> pd.DataFrame:
     """High-influence pairs and top-k pairs; robust influence (``rob_*``) where recorded."""
     thr = dict(mem_threshold=mem_threshold, infl_threshold=infl_threshold, top_k=top_k)
     df = _pairs(trials, labels, mem, "clean", **thr)
@@ -74,7 +74,7 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
     return df.sort_values(["test_id", "train_id"], ignore_index=True)
 
 
-def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=0.25, infl_threshold=0.15,
+def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD,
                   prefix: str = "") -> set:
     """The high-influence pairs (train_id, test_id) that ``trials`` estimate, given ``mem``."""
     p = S.influence_pairs(trials.member, getattr(trials, f"test_{prefix}correct"), labels["train_label"],
@@ -82,8 +82,8 @@ def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=0
     return set(zip(p["train_id"].tolist(), p["test_id"].tolist()))
 
 
-def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=0.25, infl_threshold=0.15) -> dict:
-    """Agreement of scores from even- and odd-numbered trials (PAPER.md section 1)."""
+def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD) -> dict:
+    """Agreement of scores from even- and odd-numbered trials (docs/science.md section 1)."""
     halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
     correct = f"train_{prefix}correct"
     mems = [S.memorization(h.member, getattr(h, correct))["mem"] for h in halves]
@@ -95,7 +95,7 @@ def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=0.2
 
 
 def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: dict,
-              mem_threshold=0.25, infl_threshold=0.15) -> dict:
+              mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD) -> dict:
     tr = scores[scores["split"] == "train"]
     te = scores[scores["split"] == "test"]
     high = infl[infl["high"]]
@@ -129,10 +129,10 @@ def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What the score tables call high (PAPER.md section 1)."""
+    """What the score tables call high (docs/science.md section 1)."""
 
-    mem_threshold: float = setting(0.25, "high-memorization threshold on mem")
-    infl_threshold: float = setting(0.15, "high-influence threshold on infl")
+    mem_threshold: float = setting(MEM_THRESHOLD, "high-memorization threshold on mem")
+    infl_threshold: float = setting(INFL_THRESHOLD, "high-influence threshold on infl")
     top_k: int = setting(10, "most influential training samples kept per test sample")
 
     def __post_init__(self):
@@ -161,16 +161,22 @@ def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_thresh
     return summary
 
 
-def load_scores(run: str | Path) -> pd.DataFrame:
-    """The per-sample score table of ``run`` (computed from its trials if not there yet)."""
-    path = Path(run) / "scores.parquet"
+def _table(run: str | Path, name: str, compute: bool) -> pd.DataFrame:
+    path = Path(run) / name
     if not path.exists():
+        if not compute:
+            raise FileNotFoundError(f"{path} does not exist: if {run} has trials, compute its tables with "
+                                    f"`memtool scores {run}` (or compute=True); otherwise estimate into it first")
         compute_tables(run)
     return read_table(path)
 
 
-def load_influence(run: str | Path) -> pd.DataFrame:
-    path = Path(run) / "influence.parquet"
-    if not path.exists():
-        compute_tables(run)
-    return read_table(path)
+def load_scores(run: str | Path, compute: bool = False) -> pd.DataFrame:
+    """The per-sample score table of ``run``; ``compute=True``: computed (and written) from its
+    trials first if it is missing."""
+    return _table(run, "scores.parquet", compute)
+
+
+def load_influence(run: str | Path, compute: bool = False) -> pd.DataFrame:
+    """The influence table of ``run`` (see :func:`load_scores` for ``compute``)."""
+    return _table(run, "influence.parquet", compute)

@@ -66,6 +66,23 @@ def test_weights_file_for_other_data_is_named(tmp_path, capsys):
     assert "must list every training sample id 0..1436 once" in err and "it has 60000 rows" in err
 
 
+def test_sample_files_in_another_format_name_the_file_and_the_formats(tmp_path, capsys):
+    """A CSV given as weights (or as a .parquet id file) is one line naming the file and the
+    formats taken, not pyarrow's "Parquet magic bytes not found in footer"."""
+    csv = tmp_path / "w.csv"
+    pd.DataFrame({"sample_id": np.arange(1437), "weight": 1.0}).to_csv(csv, index=False)
+    fake = tmp_path / "ids.parquet"
+    fake.write_text("sample_id\n1\n2\n")
+    for flag, path, formats in (("--weights", csv, "parquet with sample_id and weight columns"),
+                                ("--exclude-ids", fake, "text with one sample id per line, or parquet with a "
+                                                        "sample_id column")):
+        assert main(TRAIN + [flag, str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is not a parquet file" in err and formats in err, err
+        assert "magic bytes" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_api_validation_names_the_parameter():
     with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 2.5"):
         Recipe(epochs=2.5)

@@ -1,0 +1,227 @@
+"""The figures manifests and everything rendered from them: OUT/NAME/manifest.json (one row
+per stage: its files, data, date, wall time and headline contrast), the index OUT/README.md
+and the results table of the repository's README.md. Nothing here is edited by hand:
+
+    memtool figures --index figures --readme README.md   # re-render both from the manifests
+
+A stage's headline is read from its own result table (OUT/NAME/STAGE.parquet) by the
+:data:`HEADLINES` specs, so the manifest, the index and the README quote the same numbers as
+the tables, and :func:`refresh` recomputes them from the committed tables alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .rundir import read_json, read_table, write_json
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """One headline number: the row of a stage's table where every column of ``where`` has its
+    value (the last such row), its ``value`` column with ``low`` / ``high`` as the interval;
+    ``unit`` ``points`` prints 100x."""
+
+    label: str
+    where: dict
+    value: str = "diff"
+    low: str | None = "diff_low"
+    high: str | None = "diff_high"
+    unit: str = "points"
+
+
+def _acc(label, where):
+    return Contrast(label, where, "accuracy", "ci_low", "ci_high", "%")
+
+
+def _cost(label, method):
+    return [Contrast(f"{label}: precision at k", {"method": method}, "precision_at_k", None, None, ""),
+            Contrast(f"{label}: pairs Jaccard", {"method": method}, "pairs_jaccard", None, None, ""),
+            Contrast(f"{label}: compute fraction", {"method": method}, "compute_fraction", None, None, "")]
+
+
+HEADLINES = {
+    "validate": [
+        Contrast("retrained without the high-influence training samples, on their test samples",
+                 {"variant": "without high-influence", "group": "influenced test samples"}),
+        Contrast("retrained without as many random samples, on the same test samples",
+                 {"variant": "without random", "group": "influenced test samples"}),
+    ],
+    "finding_a": [
+        Contrast("(a) ST without the atypical training samples: clean, atypical test",
+                 {"method": "ST", "variant": "without atypical", "group": "atypical test", "metric": "clean"}),
+        Contrast("(a) AT without the atypical training samples: robust, atypical test",
+                 {"method": "AT", "variant": "without atypical", "group": "atypical test", "metric": "robust"}),
+        Contrast("(a) AT without the atypical training samples: robust, typical test",
+                 {"method": "AT", "variant": "without atypical", "group": "typical test", "metric": "robust"}),
+    ],
+    "finding_b": [  # the last (largest) removal fraction
+        Contrast("(b) AT without the harmful atypical samples (largest fraction): robust, typical test",
+                 {"removed": "harmful", "group": "typical test", "metric": "robust"}),
+        Contrast("(b) AT without as many random atypical samples (largest fraction): robust, typical test",
+                 {"removed": "random atypical", "group": "typical test", "metric": "robust"}),
+    ],
+    "bat_comparison": [
+        _acc("PGD-AT: AutoAttack", {"variant": "pgd-at", "group": "all test", "metric": "autoattack"}),
+        _acc("BAT: AutoAttack", {"variant": "bat", "group": "all test", "metric": "autoattack"}),
+        Contrast("BAT - PGD-AT: clean", {"variant": "bat", "group": "all test", "metric": "clean"}),
+        Contrast("BAT - PGD-AT: CW-20", {"variant": "bat", "group": "all test", "metric": "cw20"}),
+    ],
+    "score_cost": [*_cost("subsampling, 64 trials", "subsampling, 64 trials"),
+                   *_cost("hybrid, 64 trials", "hybrid: 64 trials + 16-run proxies, TracIn pairs + trial infl")],
+}
+ESTIMATE_KEYS = ("n_trials", "frac_high_mem", "noise_auroc_mem", "n_high_pairs")
+SPLIT_HALF_KEYS = ("spearman_mem", "jaccard_high_pairs")
+
+
+def headline(stage: str, table: pd.DataFrame) -> list[dict]:
+    """The :data:`HEADLINES` numbers of ``stage`` read from its result table (specs whose row
+    the table lacks are left out)."""
+    out = []
+    for c in HEADLINES.get(stage, ()):
+        rows = table
+        for col, val in c.where.items():
+            rows = rows[rows[col] == val] if col in rows else rows.iloc[:0]
+        if not len(rows) or c.value not in rows or pd.isna(rows[c.value].iloc[-1]):
+            continue
+        r = rows.iloc[-1]
+        num = lambda k: None if k is None or k not in r or pd.isna(r[k]) else round(float(r[k]), 6)  # noqa: E731
+        out.append({"label": c.label, "value": num(c.value), "low": num(c.low), "high": num(c.high), "unit": c.unit,
+                    **({"seeds": int(r["seeds"])} if "seeds" in r else {})})
+    return out
+
+
+def summary_headline(summary: dict, keys) -> list[dict]:
+    """The numbers ``keys`` of a run summary (those it has)."""
+    return [{"label": k, "value": summary[k], "low": None, "high": None, "unit": ""} for k in keys
+            if summary.get(k) is not None]
+
+
+def estimate_headline(summary: dict) -> list[dict]:
+    """An estimate's headline: its size and split-half reliability, from its run summary."""
+    split = {f"split_half_{k}": v for k, v in (summary.get("split_half") or {}).items() if k in SPLIT_HALF_KEYS}
+    return summary_headline({**summary, **split}, (*ESTIMATE_KEYS, *split))
+
+
+def fmt(h: dict) -> str:
+    """``label: value (low to high)`` in the number's unit."""
+    scale, sign = (100, "+") if h["unit"] == "points" else (100, "") if h["unit"] == "%" else (1, "")
+    v = h["value"]
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and scale == 1 and abs(v) > 1):
+        num = f"{int(v)}"
+    else:
+        num = f"{scale * v:{sign}.1f}" if scale == 100 else f"{v:.3f}"
+    if h.get("low") is not None and h.get("high") is not None:
+        num += f" ({scale * h['low']:{sign}.1f} to {scale * h['high']:{sign}.1f})"
+    unit = {"points": " points", "%": " %"}.get(h["unit"], "")
+    seeds = f", {h['seeds']} seeds" if h.get("seeds") and h.get("low") is not None else ""
+    return f"{num}{unit}{seeds}"
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def load(dest: Path, **header) -> dict:
+    """OUT/NAME/manifest.json (its stages kept) with ``header`` (name, description, command)."""
+    old = read_json(dest / "manifest.json") if (dest / "manifest.json").exists() else {}
+    return {**{k: old.get(k, "") for k in ("name", "description", "command")}, **header,
+            "stages": old.get("stages", {})}
+
+
+def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[dict],
+           wall_s: float | None = None) -> None:
+    """Set ``stage``'s row (its wall time adds up over the invocations that worked on it) and
+    write the manifest."""
+    prev = manifest["stages"].get(stage, {})
+    row = {"files": [Path(f).name for f in files], "data": data, "date": time.strftime("%Y-%m-%d"),
+           "headline": head, "wall_s": prev.get("wall_s"), "invocations": prev.get("invocations", 0),
+           "load": prev.get("load")}
+    if wall_s is not None:
+        row.update(wall_s=round((prev.get("wall_s") or 0) + wall_s, 1), invocations=row["invocations"] + 1,
+                   load=_load_note())
+    manifest["stages"][stage] = row
+    write_json(dest / "manifest.json", manifest)
+
+
+def _load_note() -> str:
+    import torch
+
+    threads = torch.get_num_threads()
+    return (f"{threads} torch thread{'s' * (threads != 1)}, load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores at the end")
+
+
+def refresh(dest: Path) -> dict:
+    """Recompute every table stage's headline of OUT/NAME/manifest.json from its committed
+    table OUT/NAME/STAGE.parquet, and write the manifest."""
+    m = read_json(dest / "manifest.json")
+    for stage, row in m["stages"].items():
+        if (dest / f"{stage}.parquet").exists():
+            row["headline"] = headline(stage, read_table(dest / f"{stage}.parquet"))
+    write_json(dest / "manifest.json", m)
+    return m
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_index(out: Path) -> str:
+    """OUT/README.md from every OUT/*/manifest.json: per study, one row per stage."""
+    lines = ["# Figures", "", "Every file here is regenerated by a command; none is edited by hand. This index is "
+             "rendered from the manifests beside the figures (`memtool figures --index OUT`, run by every "
+             "`memtool figures`): per stage its files, data, date, wall time (summed over the invocations that "
+             "worked on it) and headline numbers, read from the stage's own table.", ""]
+    for path in sorted(Path(out).glob("*/manifest.json")):
+        m = read_json(path)
+        lines += [f"## {m['name']}", "", m.get("description", ""), "", f"Command: `{m['command']}`", "",
+                  "| stage | files | data | date | wall time | headline |", "|---|---|---|---|---|---|"]
+        for stage, r in m["stages"].items():
+            files = ", ".join(f"[{f}]({m['name']}/{f})" for f in r.get("files", []))
+            wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f} s ({r.get('load') or 'load not recorded'})"
+            head = "; ".join(f"{h['label']}: {fmt(h)}" for h in r.get("headline", []))
+            lines.append(f"| {stage} | {files} | {r.get('data', '')} | {r.get('date', '')} | {wall} | {head} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_index(out: Path) -> Path:
+    path = Path(out) / "README.md"
+    path.write_text(render_index(out))
+    return path
+
+
+RESULT_STAGES = ("validate", "finding_a", "finding_b", "bat_comparison")
+
+
+def render_results(out: Path, link_prefix: str = "figures") -> str:
+    """The README's results table: the headline of every result stage, a column per study."""
+    studies = [read_json(p) for p in sorted(Path(out).glob("*/manifest.json"))]
+    studies = [m for m in studies if any(s in m["stages"] for s in RESULT_STAGES)]
+    lines = ["| result | " + " | ".join(m["name"] for m in studies) + " |", "|---|" + "---|" * len(studies)]
+    for stage in RESULT_STAGES:
+        labels = dict.fromkeys(h["label"] for m in studies for h in m["stages"].get(stage, {}).get("headline", []))
+        for label in labels:
+            cells = []
+            for m in studies:
+                h = next((h for h in m["stages"].get(stage, {}).get("headline", []) if h["label"] == label), None)
+                cells.append("-" if h is None else f"[{fmt(h)}]({link_prefix}/{m['name']}/{stage}.md)")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, out: Path) -> Path:
+    """Replace the text between the results markers of ``readme`` with :func:`render_results`."""
+    readme, text = Path(readme), Path(readme).read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no results section: add the lines {BEGIN} and {END} where the table goes")
+    head, rest = text.split(BEGIN, 1)
+    prefix = os.path.relpath(Path(out).resolve(), readme.resolve().parent)
+    readme.write_text(f"{head}{BEGIN}\n{render_results(out, prefix)}{END}{rest.split(END, 1)[1]}")
+    return readme

@@ -1,0 +1,82 @@
+"""The manifests and what is rendered from them: headline numbers read from the tables, the
+committed figures index and the README's results table regenerated exactly."""
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from memtool import manifest
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_headline_reads_the_last_matching_row_and_formats_points_and_percent():
+    t = pd.DataFrame({"variant": ["full", "without", "without"], "group": ["g", "g", "g"], "seeds": 3,
+                      "accuracy": [0.9, 0.8, 0.7], "ci_low": [0.85, 0.75, 0.65], "ci_high": [0.95, 0.85, 0.75],
+                      "diff": [0.0, -0.1, -0.2], "diff_low": [0.0, -0.15, -0.25], "diff_high": [0.0, -0.05, -0.15]})
+    specs = {"x": [manifest.Contrast("drop", {"variant": "without"}), manifest._acc("acc", {"variant": "full"}),
+                   manifest.Contrast("absent", {"variant": "nope"})]}
+    old, manifest.HEADLINES = manifest.HEADLINES, specs
+    try:
+        h = manifest.headline("x", t)
+    finally:
+        manifest.HEADLINES = old
+    assert [x["label"] for x in h] == ["drop", "acc"]  # a spec without its row is left out
+    assert (h[0]["value"], h[0]["low"], h[0]["high"]) == (-0.2, -0.25, -0.15)  # the last matching row
+    assert manifest.fmt(h[0]) == "-20.0 (-25.0 to -15.0) points, 3 seeds"
+    assert manifest.fmt(h[1]) == "90.0 (85.0 to 95.0) %, 3 seeds"
+    assert manifest.fmt({"label": "n", "value": 1140, "low": None, "high": None, "unit": ""}) == "1140"
+    assert manifest.fmt({"label": "j", "value": 0.5551, "low": None, "high": None, "unit": ""}) == "0.555"
+
+
+def test_committed_index_is_what_the_manifests_render():
+    assert (ROOT / "figures" / "README.md").read_text() == manifest.render_index(ROOT / "figures")
+
+
+def test_committed_headlines_are_the_committed_tables_numbers(tmp_path):
+    for path in sorted((ROOT / "figures").glob("*/manifest.json")):
+        m = json.loads(path.read_text())
+        for stage, row in m["stages"].items():
+            table = path.parent / f"{stage}.parquet"
+            if table.exists():
+                assert row["headline"] == manifest.headline(stage, pd.read_parquet(table)), (path, stage)
+
+
+def test_readme_results_table_is_rendered_from_the_tables():
+    text = (ROOT / "README.md").read_text()
+    assert manifest.BEGIN in text, "README.md lost its results markers"
+    section = text.split(manifest.BEGIN, 1)[1].split(manifest.END, 1)[0].strip("\n") + "\n"
+    assert section == manifest.render_results(ROOT / "figures", "figures")
+    # and every number in it is its table's, looked up here without the manifest
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines()[2:]}
+    checked = 0
+    for stage in manifest.RESULT_STAGES:
+        for study in sorted((ROOT / "figures").glob(f"*/{stage}.parquet")):
+            t = pd.read_parquet(study)
+            for c in manifest.HEADLINES[stage]:
+                sel = t
+                for k, v in c.where.items():
+                    sel = sel[sel[k] == v]
+                if not len(sel) or pd.isna(sel[c.value].iloc[-1]):
+                    continue
+                value = 100 * sel[c.value].iloc[-1]
+                link = f"(figures/{study.parent.name}/{stage}.md)"
+                cell = next(x for x in rows[c.label].split(" | ") if link in x)
+                shown = float(re.match(r"\[([-+]?\d+\.\d)", cell).group(1))
+                assert shown == pytest.approx(value, abs=0.051), (c.label, study)
+                checked += 1
+    assert checked >= 16
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n\n{manifest.BEGIN}\nold\n{manifest.END}\n\nafter\n")
+    manifest.update_readme(readme, ROOT / "figures")
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n\n") and text.endswith(f"{manifest.END}\n\nafter\n") and "old" not in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        manifest.update_readme(readme, ROOT / "figures")
