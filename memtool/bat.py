@@ -31,6 +31,10 @@ def require_mem(table, source) -> None:
     if "mem" not in table.columns:
         raise ValueError(f"score table {source} has no mem column (a `memtool proxies` table?): calibrate it with "
                          "`memtool proxies ... --calibrate RUN` (RUN: a few-trial `memtool estimate` of the same data)")
+    if not table.loc[table["split"] == "train", "mem"].notna().any():
+        raise ValueError(f"score table {source} has no mem estimate for any training sample (an `import-cscore` "
+                         "table?): every sample would count as typical; give a `memtool estimate` run or an "
+                         "`import-fz` table")
 
 
 def atypical_mask(scores, dataset, tau: float) -> np.ndarray:

@@ -160,6 +160,10 @@ def test_a_score_table_of_other_data_is_refused(digits_run, tmp_path):
     write_table(short, tmp_path / "short.parquet", {})
     with pytest.raises(ValueError, match="has 100 training rows, digits as loaded here has 1437"):
         BAT(scores=str(tmp_path / "short.parquet")).bind(digits)
+    # a table without any mem estimate (an imported C-score table) would make BAT plain PGD-AT: refused
+    write_table(table.assign(mem=np.nan), tmp_path / "cscore.parquet", {})
+    with pytest.raises(ValueError, match="no mem estimate for any training sample .*import-cscore"):
+        BAT(scores=str(tmp_path / "cscore.parquet")).bind(digits)
 
 
 def test_short_bat_run_trains_and_logs(digits_run, tmp_path, capsys):
