@@ -70,5 +70,5 @@ def main(doc: str, run, settings_cls, argv=None, what: str = "a `memtool estimat
         add_flags(p, cls, seen=seen)
     a = p.parse_args(argv)
     settings = asdict(settings_cls(**flag_values(a, settings_cls)))  # validated
-    thresholds = Thresholds(**{k: v for k, v in flag_values(a, Thresholds).items()})
+    thresholds = Thresholds(**flag_values(a, Thresholds))
     return run(a.run, a.out, thresholds=thresholds, **settings, **flag_values(a, Runtime))

@@ -111,13 +111,10 @@ def estimate_headline(summary: dict) -> list[dict]:
 
 
 def fmt(h: dict) -> str:
-    """``label: value (low to high)`` in the number's unit."""
-    scale, sign = (100, "+") if h["unit"] == "points" else (100, "") if h["unit"] == "%" else (1, "")
+    """``value (low to high) unit, N seeds``: points and % at 100x with one decimal."""
+    scale, sign = {"points": (100, "+"), "%": (100, "")}.get(h["unit"], (1, ""))
     v = h["value"]
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and scale == 1 and abs(v) > 1):
-        num = f"{int(v)}"
-    else:
-        num = f"{scale * v:{sign}.1f}" if scale == 100 else f"{v:.3f}"
+    num = f"{scale * v:{sign}.1f}" if scale == 100 else str(v) if isinstance(v, int) else f"{v:.3f}"
     if h.get("low") is not None and h.get("high") is not None:
         num += f" ({scale * h['low']:{sign}.1f} to {scale * h['high']:{sign}.1f})"
     unit = {"points": " points", "%": " %"}.get(h["unit"], "")
