@@ -48,7 +48,7 @@ from .attacks.base import margins_from_logits
 from .config import Runtime, check_int, check_number, setting, split_settings
 from .ensemble import Ensemble
 from .progress import progress_bar
-from .recipe import EVAL, Recipe, WithRecipe, lr_at, stream, trial_seed
+from .recipe import EVAL, DataJob, Recipe, lr_at, stream, trial_seed
 
 PROXIES = ("csl", "learning_speed", "forgetting", "aum", "el2n", "grad_norm", "curvature")
 PROXY_RUN = 1 << 20  # model seeds of a proxies run: trial_seed(seed, PROXY_RUN + s), apart from any estimator trial
@@ -205,18 +205,14 @@ def mean_over_members(per_model: np.ndarray, member: np.ndarray | None = None) -
 
 
 @dataclass(frozen=True)
-class ProxiesConfig(WithRecipe):
-    dataset: str = setting("mnist", "dataset name (`memtool datasets` lists them)")
-    limit: int | None = setting(None, "keep the first N training samples")
-    label_noise: float = setting(0.0, "fraction of training labels flipped (seeded by --seed)")
+class ProxiesConfig(DataJob):
     seed: int = setting(0, "seed of the label noise and of the models")
     seeds: int = setting(4, "ordinary training runs (on the whole training set) the proxies are averaged over")
     pairs: bool = setting(True, "also the TracIn similarity of every same-class (train, test) pair")
     recipe: Recipe = setting(None, "how each model is trained", cli=False, factory=Recipe)
 
     def __post_init__(self):
-        check_int("limit", self.limit, 2, optional=True)
-        check_number("label_noise", self.label_noise, 0, 1, high_open=True)
+        self._check_data()
         check_int("seed", self.seed, 0)
         check_int("seeds", self.seeds, 1)
         self._resolve_recipe()

@@ -113,7 +113,7 @@ class Recipe:
 
 
 class WithRecipe:
-    """Mixin of the job configs that hold a ``recipe`` (EstimateConfig, TrainConfig): the
+    """Mixin of the job configs that hold a ``recipe`` (through :class:`DataJob`): the
     recipe coerced from a dict and its augmentation resolved for ``self.dataset``; flat
     construction (``from_kwargs``) and dict round trips."""
 
@@ -144,6 +144,20 @@ class WithRecipe:
         d = asdict(self)
         d["recipe"] = self.recipe.to_dict()
         return d
+
+
+@dataclass(frozen=True)
+class DataJob(WithRecipe):
+    """The data a job trains on: the first fields of EstimateConfig, TrainConfig and
+    ProxiesConfig (each subclass's ``__post_init__`` calls :meth:`_check_data`)."""
+
+    dataset: str = setting("mnist", "dataset name (`memtool datasets` lists them)")
+    limit: int | None = setting(None, "keep the first N training samples")
+    label_noise: float = setting(0.0, "fraction of training labels flipped (seeded by --seed)")
+
+    def _check_data(self) -> None:
+        check_int("limit", self.limit, 2, optional=True)
+        check_number("label_noise", self.label_noise, 0, 1, high_open=True)
 
 
 def flat_recipe(recipe: Recipe) -> dict:

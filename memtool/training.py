@@ -45,7 +45,7 @@ from .config import check_choice, check_int, check_number, setting
 from .datasets import load_dataset
 from .engine import fit
 from .progress import progress_bar
-from .recipe import EVAL, Recipe, WithRecipe, stream
+from .recipe import EVAL, DataJob, Recipe, stream
 from .rundir import check_settings, open_settings, write_jsonl
 
 
@@ -53,10 +53,7 @@ SELECTIONS = ("last", "best-pgd")
 
 
 @dataclass(frozen=True)
-class TrainConfig(WithRecipe):
-    dataset: str = setting("mnist", "dataset name (`memtool datasets` lists them)")
-    limit: int | None = setting(None, "keep the first N training samples")
-    label_noise: float = setting(0.0, "fraction of training labels flipped (seeded by --seed)")
+class TrainConfig(DataJob):
     seed: int = setting(0, "seed of the model: init, minibatch order, augmentation, attack noise, label noise")
     exclude_ids: str | None = setting(None, "file of training sample ids to leave out: text, one id per line, "
                                             "or parquet with a sample_id column")
@@ -73,8 +70,7 @@ class TrainConfig(WithRecipe):
     recipe: Recipe = setting(None, "how the model is trained", cli=False, factory=Recipe)
 
     def __post_init__(self):
-        check_int("limit", self.limit, 2, optional=True)
-        check_number("label_noise", self.label_noise, 0, 1, high_open=True)
+        self._check_data()
         check_int("seed", self.seed, 0)
         check_int("eval_samples", self.eval_samples, 0)
         check_int("eval_every", self.eval_every, 1)

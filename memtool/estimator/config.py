@@ -10,14 +10,11 @@ from dataclasses import dataclass
 
 from ..config import check_int, check_number, setting
 from ..datasets import standard_eps
-from ..recipe import Recipe, WithRecipe
+from ..recipe import DataJob, Recipe
 
 
 @dataclass(frozen=True)
-class EstimateConfig(WithRecipe):
-    dataset: str = setting("mnist", "dataset name (`memtool datasets` lists them)")
-    limit: int | None = setting(None, "keep the first N training samples")
-    label_noise: float = setting(0.0, "fraction of training labels flipped (seeded by --seed)")
+class EstimateConfig(DataJob):
     ratio: float = setting(0.7, "subset size / training set size, in (0, 1)")
     seed: int = setting(0, "seed of the plan, label noise, model inits and minibatch orders")
     robust: bool | None = setting(None, "also record correctness under PGD (default: on for adversarial methods)")
@@ -26,8 +23,7 @@ class EstimateConfig(WithRecipe):
 
     def __post_init__(self):
         check_number("ratio", self.ratio, 0, 1, low_open=True, high_open=True)
-        check_number("label_noise", self.label_noise, 0, 1, high_open=True)
-        check_int("limit", self.limit, 2, optional=True)
+        self._check_data()
         check_int("seed", self.seed, 0)
         self._resolve_recipe()
         if self.robust is None:
