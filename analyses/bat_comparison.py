@@ -13,7 +13,9 @@ CW-20 on every test sample, and AutoAttack (standard version, the authors' code)
 ``aa_samples`` for the variants in ``aa_variants`` (default: all). Where AutoAttack is too
 dear for the whole grid (on a CPU), the other variants are ranked by CW-20 on the same
 samples, and the report measures first how CW-20 agrees with AutoAttack on the models that
-have both. Everything resumes: a model per epoch, an evaluation per batch. After RUN is
+have both. Everything resumes: a model per epoch, an evaluation per batch; and several
+processes may run the same command at once (one per core or GPU, ``OMP_NUM_THREADS=1`` on a
+CPU): each model's training and evaluations are claimed by one of them. After RUN is
 re-estimated the BAT models are refused (their atypical set changed): remove OUT/models/bat*;
 the baselines do not read the scores and are reused.
 
@@ -38,6 +40,7 @@ seed against that seed's frontier and reported with its t-interval.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +50,7 @@ import pandas as pd
 from memtool.checkpoints import load_checkpoint, selected_epoch
 from memtool.config import setting
 from memtool.estimator import Thresholds
+from memtool.estimator.store import holding
 from memtool.evaluation import evaluate
 from memtool.experiments import experiment_seeds, slug, summarize, t_interval
 from memtool.progress import progress_bar
@@ -91,6 +95,28 @@ ATTACKS = "clean,pgd20,cw20"
 LAST_EPOCH = ("pgd-at", "bat")  # with val_samples, also reported at their last epoch, as "VARIANT (last epoch)"
 LAST = " (last epoch)"
 METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
+POLL_S = 30.0  # how often a step waits for the models another process is working on
+
+
+def shared(jobs, step: str, fn, claims: Path, desc: str, progress: bool = True) -> None:
+    """``fn(job)`` for every job (``fn`` resumes: on a finished job it returns at once), as one
+    of any number of processes running the same comparison: a job another live process is on
+    (its claim CLAIMS/VARIANT-sS.STEP.claim) is skipped, then waited for, and taken over if that
+    process dies; so the next step starts on finished models only."""
+    bar = progress_bar(total=len(jobs), desc=desc, unit="model", disable=not progress)
+    while jobs:
+        busy = []
+        for v, s in jobs:
+            with holding(claims / f"{slug(v)}-s{s}.{step}.claim") as mine:
+                if mine:
+                    fn((v, s))
+                    bar.update()
+                else:
+                    busy.append((v, s))
+        if busy:
+            time.sleep(POLL_S)
+        jobs = busy
+    bar.close()
 
 
 def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10) -> dict[str, Recipe]:
@@ -171,18 +197,21 @@ class Comparison(StudySettings):
     aa_variants: tuple[str, ...] | None = setting(None, "the variants AutoAttack runs on, or 'headline' "
                                                         "(default: all)")
     aa_seeds: int | None = setting(None, "AutoAttack on the first N seeds of those (default: every seed)")
+    aa_all_seeds: tuple[str, ...] = setting((), "of those, the variants AutoAttack runs on at every seed all the same "
+                                                "(e.g. pgd-at: the recipe's targets are means over seeds)")
 
 
 def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, variants=None,
         val_samples: int = 0, aa_samples: int = 1000, aa_variants=None, aa_seeds: int | None = None,
-        thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None, backend: str = "pyautoattack",
-        device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
+        aa_all_seeds=(), thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None,
+        backend: str = "pyautoattack", device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
     """Run the comparison on ``run_dir``'s scores into ``out`` (see the module docstring);
     ``variants``: names from :data:`GRID` (default: all); ``val_samples``: every adversarial
     model keeps its epoch of best PGD-20 accuracy on that many held-out training samples
     (``memtool train --val-samples N --select best-pgd``; 0: the last epoch);
     ``aa_variants``: those that get AutoAttack (default: all of ``variants``; ``"headline"``:
-    those in :data:`HEADLINE`), on their first ``aa_seeds`` seeds (default: every seed)."""
+    those in :data:`HEADLINE`), on their first ``aa_seeds`` seeds (default: every seed), those in
+    ``aa_all_seeds`` on every seed."""
     run_dir, out = Path(run_dir), Path(out)
     st = load_study(run_dir, eps, thresholds, device, data_root)
     cfg, eps = st.config, st.eps
@@ -196,9 +225,11 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     if aa_variants in ("headline", ("headline",), ["headline"]):
         aa_variants = [v for v in todo if v in HEADLINE]
     attacked = [v for v in todo if aa_variants is None or v in aa_variants]
-    unknown = set(aa_variants or ()) - set(todo)
-    if unknown:
-        raise ValueError(f"aa_variants {sorted(unknown)} are not among the variants {list(todo)}")
+    for name, chosen, among, what in (("aa_variants", aa_variants, todo, "variants"),
+                                      ("aa_all_seeds", aa_all_seeds, attacked, "aa_variants")):
+        unknown = set(chosen or ()) - set(among)
+        if unknown:
+            raise ValueError(f"{name} {sorted(unknown)} are not among the {what} {list(among)}")
     if aa_seeds is not None and not 1 <= aa_seeds <= seeds:
         raise ValueError(f"aa_seeds must be in 1..{seeds} (the seeds), got {aa_seeds}")
     model_seeds = experiment_seeds(cfg.seed, seeds)
@@ -213,20 +244,20 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         return TrainConfig(dataset=cfg.dataset, limit=cfg.limit, seed=model_seeds[s], recipe=todo[v], eval_samples=0,
                            **select)
 
-    for v, s in progress_bar(jobs, desc="train", unit="model", disable=not progress):
-        train(config(v, s), dirs[v, s], **kw)
-    for v, s in progress_bar(jobs, desc="PGD-20, CW-20", unit="model", disable=not progress):
-        evaluate(dirs[v, s], dirs[v, s] / "eval", attacks=ATTACKS, eps=eps, **kw)
+    step = dict(claims=out / "claims", progress=progress)  # several processes may share the work
+    shared(jobs, "train", lambda j: train(config(*j), dirs[j], **kw), desc="train", **step)
+    shared(jobs, "eval", lambda j: evaluate(dirs[j], dirs[j] / "eval", attacks=ATTACKS, eps=eps, **kw),
+           desc="PGD-20, CW-20", **step)
     # robust overfitting (Rice et al.): PGD-AT and BAT at their last epoch too, where it is not the chosen one
     best = {j: selected_epoch(load_checkpoint(dirs[j]))[0] for j in jobs if val_samples and j[0] in LAST_EPOCH}
     last = {j: "eval" if best[j] == todo[j[0]].epochs else "eval-last" for j in best}
-    for j, sub in progress_bar(last.items(), desc="last epoch", unit="model", disable=not progress):
-        if sub == "eval-last":
-            evaluate(dirs[j], dirs[j] / sub, attacks=ATTACKS, eps=eps, weights="last", **kw)
-    aa_jobs = [(v, s) for v, s in jobs if v in attacked and s < (aa_seeds or seeds)]
-    for v, s in progress_bar(aa_jobs, desc="AutoAttack", unit="model", disable=not progress):
-        evaluate(dirs[v, s], dirs[v, s] / "autoattack", attacks="clean,autoattack", eps=eps, n_samples=aa_samples,
-                 backend=backend, **kw)
+    shared([j for j, sub in last.items() if sub == "eval-last"], "eval-last",
+           lambda j: evaluate(dirs[j], dirs[j] / "eval-last", attacks=ATTACKS, eps=eps, weights="last", **kw),
+           desc="last epoch", **step)
+    aa_jobs = [(v, s) for v, s in jobs if v in attacked and (s < (aa_seeds or seeds) or v in aa_all_seeds)]
+    shared(aa_jobs, "autoattack", lambda j: evaluate(dirs[j], dirs[j] / "autoattack", attacks="clean,autoattack",
+                                                     eps=eps, n_samples=aa_samples, backend=backend, **kw),
+           desc="AutoAttack", **step)
 
     def records(sub, which, suffix=""):
         subs = sub if isinstance(sub, dict) else dict.fromkeys(which, sub)
@@ -257,7 +288,8 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
             "train_attack": f"pgd{pgd_steps}", "aa_samples": aa_samples, "n_test": n_test,
             "n_atypical_test": int(atyp.sum()), "n_atypical_train": int(st.atypical_train.sum()),
             "mem_threshold": thresholds.mem_threshold, "recipe": (recipe or cfg.recipe).to_dict(),
-            "aa_variants": attacked, "aa_seeds": aa_seeds or seeds, "val_samples": val_samples,
+            "aa_variants": attacked, "aa_seeds": aa_seeds or seeds, "aa_all_seeds": list(aa_all_seeds),
+            "val_samples": val_samples,
             "best_epochs": {f"{v} s{s}": e for (v, s), e in best.items()},
             "frontier_gaps": gaps.to_dict("records"), "cw20_vs_autoattack": agree}
     write_table(table, out / "bat_comparison.parquet", info)
@@ -296,7 +328,8 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
             f"on {info['val_samples']} held-out training samples; " if info.get("val_samples") else "Last epoch; ") +
             "the test set is never used for selection. Accuracy in % with the half-width of the 95 % t-interval over "
             f"seeds (mean ± CI). Clean, PGD-20 and CW-20 on all {info['n_test']} test samples; AutoAttack (standard) "
-            f"on the first {info['aa_samples']}, on the first {info.get('aa_seeds', info['seeds'])} seed(s).", "",
+            f"on the first {info['aa_samples']}, on the first {info.get('aa_seeds', info['seeds'])} seed(s)"
+            + (f" ({', '.join(info['aa_all_seeds'])}: every seed)" if info.get("aa_all_seeds") else "") + ".", "",
             "## All test samples", "", wide("all test", ["clean", "pgd20", "cw20", "autoattack"]), "",
             f"## Typical and atypical test samples ({info['n_atypical_test']} atypical of {info['n_test']})", "",
             "### typical", "", wide("typical test", ["clean", "pgd20", "cw20", "autoattack"]), "",

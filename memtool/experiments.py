@@ -166,8 +166,8 @@ def markdown(table: pd.DataFrame, percent: bool = True) -> str:
     for r in table.itertuples():
         ci = f"{f(r.accuracy)} ({f(r.ci_low)} to {f(r.ci_high)})"
         line = f"| {r.variant} | {r.group} | {r.metric} | {r.n} | {r.seeds} | {ci} |"
-        if has_diff:
-            line += f" {f(r.diff):>5} ({f(r.diff_low)} to {f(r.diff_high)}) |"
+        if has_diff:  # rows without a baseline (the training-set ones) have no difference
+            line += " - |" if pd.isna(r.diff) else f" {f(r.diff):>5} ({f(r.diff_low)} to {f(r.diff_high)}) |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

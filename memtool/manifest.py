@@ -54,6 +54,12 @@ HEADLINES = {
         Contrast("retrained without as many random samples, on the same test samples",
                  {"variant": "without random", "group": "influenced test samples"}),
     ],
+    "validate_transfer": [
+        Contrast("another learner retrained without those samples, on their test samples",
+                 {"variant": "without high-influence", "group": "influenced test samples"}),
+        Contrast("another learner retrained without as many random samples",
+                 {"variant": "without random", "group": "influenced test samples"}),
+    ],
     "finding_a": [
         Contrast("(a) ST without the atypical training samples: clean, atypical test",
                  {"method": "ST", "variant": "without atypical", "group": "atypical test", "metric": "clean"}),
@@ -137,7 +143,8 @@ def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[
     """Set ``stage``'s row (its wall time adds up over the invocations that worked on it) and
     write the manifest."""
     prev = manifest["stages"].get(stage, {})
-    row = {"files": [Path(f).name for f in files], "data": data, "date": time.strftime("%Y-%m-%d"),
+    files = [Path(os.path.relpath(f, dest)).as_posix() for f in files]  # names, or records/STAGE folders
+    row = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"),
            "headline": head, "wall_s": prev.get("wall_s"), "invocations": prev.get("invocations", 0),
            "load": prev.get("load")}
     if wall_s is not None:
@@ -194,7 +201,7 @@ def write_index(out: Path) -> Path:
     return path
 
 
-RESULT_STAGES = ("validate", "finding_a", "finding_b", "bat_comparison")
+RESULT_STAGES = ("validate", "validate_transfer", "finding_a", "finding_b", "bat_comparison")
 
 
 def render_results(out: Path, link_prefix: str = "figures") -> str:

@@ -9,12 +9,14 @@ resumes by itself, so an interrupted pipeline trains only what is missing:
     estimate: {dataset: mnist, limit: 5000, trials: 1600, ...}   # memtool estimate settings
     robust_estimate: {method: pgd-at, eps: 0.3, trials: 64, ...} # optional: robust mem under AT
     validate: {seeds: 3}                                          # optional: memtool validate
+    validate_transfer: {seeds: 3, recipe: {model: cnn, ...}}      # optional: validate, another learner
     finding_a: {seeds: 3, pgd_steps: 10, recipe: {...}}           # optional: analyses.finding_a
     finding_b: {seeds: 3, fractions: [0.125, 0.25, 0.5]}          # optional: analyses.finding_b
     bat_comparison: {seeds: 3, recipe: {...}}                     # optional: analyses.bat_comparison
     score_cost: {}                                                # optional: analyses.score_cost
 
-It writes OUT/NAME/*.png and the small result tables (*.md, *.parquet), OUT/NAME/manifest.json
+It writes OUT/NAME/*.png and the small result tables (*.md, *.parquet), every evaluated model's
+robustbench.json under OUT/NAME/records/STAGE/, OUT/NAME/manifest.json
 (per figure: the command, the data, the date and the key numbers; per stage: wall time) and
 regenerates OUT/README.md from every manifest under OUT.
 """
@@ -30,18 +32,21 @@ from .config import flatten_settings, read_yaml
 from .recipe import Recipe
 from .rundir import read_json, read_table
 
-STAGES = ("estimate", "validate", "finding_a", "finding_b", "bat_comparison", "score_cost", "robust_estimate")
+STAGES = ("estimate", "validate", "validate_transfer", "finding_a", "finding_b", "bat_comparison", "score_cost",
+          "robust_estimate")
+FILE_STEMS = {"validate_transfer": "validate"}  # a stage whose function names its files otherwise
 
 
 def analyses() -> dict:
     """The stages that run an analysis on the estimate: section name -> ``run(RUN, OUT, **settings)``,
-    each returning its result table (written beside as OUT/NAME.{md,parquet,png})."""
+    each returning its result table (written beside as OUT/NAME.{md,parquet,png}, or
+    OUT/validate.* for validate_transfer: do one learner's scores predict another's retraining?)."""
     from analyses import bat_comparison, finding_a, finding_b, score_cost
 
     from .validate import validate
 
-    return {"validate": validate, "finding_a": finding_a.run, "finding_b": finding_b.run,
-            "bat_comparison": bat_comparison.run, "score_cost": score_cost.run}
+    return {"validate": validate, "validate_transfer": validate, "finding_a": finding_a.run,
+            "finding_b": finding_b.run, "bat_comparison": bat_comparison.run, "score_cost": score_cost.run}
 
 
 def load_config(path) -> dict:
@@ -62,13 +67,25 @@ def load_config(path) -> dict:
     return cfg
 
 
-def _copy(src_dir: Path, dst_dir: Path, names) -> list[Path]:
+def _copy(src_dir: Path, dst_dir: Path, names, stem: str | None = None) -> list[Path]:
+    """Copy ``names`` that exist; ``stem``: the source files' stem, if not the destination's."""
     out = []
     for name in names:
-        if (src_dir / name).exists():
-            shutil.copyfile(src_dir / name, dst_dir / name)
+        src = src_dir / (name if stem is None else stem + Path(name).suffix)
+        if src.exists():
+            shutil.copyfile(src, dst_dir / name)
             out.append(dst_dir / name)
     return out
+
+
+def _records(run: Path, dest: Path) -> list[Path]:
+    """Every model's robustbench.json (``run``/models/MODEL/SUB/) as ``dest``/MODEL.SUB.json:
+    the committed record of each evaluated model (the folder, if there are any)."""
+    found = sorted(run.glob("models/*/*/robustbench.json"))
+    for f in found:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest / f"{f.parent.parent.name}.{f.parent.name}.json")
+    return [dest] if found else []
 
 
 def _timed(fn):
@@ -120,7 +137,8 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
         _, wall = _timed(lambda: run_stage(est_run, runs / key, progress=progress, **kw, **opts))
-        files = _copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"])
+        files = _copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"],
+                      stem=FILE_STEMS.get(key)) + _records(runs / key, dest / "records" / key)
         manifest.record(m, dest, key, files, data, manifest.headline(key, read_table(dest / f"{key}.parquet")), wall)
     if cfg.get("robust_estimate"):
         rob = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]})

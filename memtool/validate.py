@@ -9,7 +9,8 @@ CIFAR-100 Feldman & Zhang measured 72.1 % -> 45.4 % on the influenced test sampl
 2.5-point drop overall.
 
 Writes ``OUT/validate.parquet`` and ``OUT/validate.md`` (accuracy per variant and group with
-95 % t-intervals over seeds, and the paired difference to the full set) and
+95 % t-intervals over seeds, and the paired difference to the full set; and each variant's
+accuracy on its own training samples, whether the learner fits them) and
 ``OUT/validate.png``; ``OUT/models/`` holds each model's per-sample records, so an
 interrupted validation resumes.
 """
@@ -56,14 +57,22 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, progress: bool = Tru
                       settings={"run": str(run), "fingerprint": ds.fingerprint}, progress=progress)
     groups = {"influenced test samples": influenced, "all test samples": np.ones(n_test, bool)}
     table = summarize(records, groups, baseline="full")
+    fit = [summarize(records[records["variant"] == v], {"own training samples": ~np.isin(np.arange(n), ex)},
+                     split="train") for v, ex in variants.items()]  # does the learner fit what it trained on?
+    table = pd.concat([table, *fit], ignore_index=True)
     info = {"run": str(run), "n_removed": int(len(removed)), "n_influenced": int(influenced.sum()),
             "seeds": seeds, "recipe": recipe.to_dict(), "dataset": meta["dataset"]}
     write_table(table, out / "validate.parquet", info)
+    r = recipe.to_dict()
+    learner = (f"Retrained: {r['model']} (hidden {r['hidden']}), {r['epochs']} epochs, batch {r['batch_size']}, lr "
+               f"{r['lr']} {r['schedule']}, {r['method']['name']} training"
+               + ("" if recipe == cfg.recipe.for_dataset(cfg.dataset) else " (not the run's recipe)") + ". ")
     (out / "validate.md").write_text(
-        f"# Do the scores predict retraining? ({run})\n\nRemoved: the {len(removed)} training samples of the "
+        f"# Do the scores predict retraining? ({run})\n\n{learner}Removed: the {len(removed)} training samples of the "
         f"high-influence pairs, or as many random ones; influenced test samples: {int(influenced.sum())}; "
         f"{seeds} seeds per variant; 95 % t-intervals over seeds; differences are paired by seed.\n\n"
         + markdown(table))
     panels = {f"{m} accuracy": table[table["metric"] == m] for m in dict.fromkeys(table["metric"])}
-    bar_panels(table, out / "validate.png", f"Retraining without high-influence samples ({cfg.dataset})", panels)
+    bar_panels(table, out / "validate.png", f"Retraining a {r['model']} without high-influence samples ({cfg.dataset})",
+               panels)
     return table

@@ -30,6 +30,30 @@ def test_frontier_gaps_paired_by_seed():
     assert gaps.loc["bat worse", "gap"] == pytest.approx(-0.10) and gaps.loc["bat worse", "verdict"] == "inside the curve"
 
 
+def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypatch):
+    """Several processes share a step through claims: a model another live process holds is
+    skipped, waited for, and done here once that process is gone; every model once."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    threading.Thread(target=owner.wait, daemon=True).start()  # reaped when it ends: then it is dead
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    (claims / "pgd-at-s0.train.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid,
+                                                              "since": 0}))
+    monkeypatch.setattr(bc, "POLL_S", 0.05)
+    done = []
+    bc.shared([("pgd-at", 0), ("bat", 0), ("pgd-at", 1)], "train", lambda j: done.append((j, owner.poll())),
+              claims, "train", progress=False)
+    assert [j for j, _ in done] == [("bat", 0), ("pgd-at", 1), ("pgd-at", 0)]
+    assert done[0][1] is None and done[-1][1] is not None  # the held model only after its owner ended
+    assert not list(claims.iterdir())  # every claim released
+
+
 @pytest.fixture(scope="module")
 def clean_digits_run(tmp_path_factory):
     import memtool
@@ -92,7 +116,8 @@ def test_refuses_unknown_variant_and_noisy_run(digits_run, clean_digits_run, tmp
 def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path):
     """``val_samples``: every adversarial model (not standard training) holds out training
     samples beyond the run's limit and keeps its best-PGD epoch on them; no model checks the
-    test set while training; ``aa_seeds=1``: AutoAttack on seed 0 of the chosen variants only."""
+    test set while training; ``aa_seeds=1``: AutoAttack on seed 0 of the chosen variants only,
+    except those of ``aa_all_seeds``."""
     import json
 
     import torch
@@ -104,7 +129,8 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path):
     memtool.estimate(run, trials=4, limit=1000, progress=False, **{**DIGITS_FAST, "epochs": 10})
     out = tmp_path / "bc"
     table = bc.run(run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=2, variants=["standard", "pgd-at", "bat"],
-                   val_samples=200, aa_samples=20, aa_variants=["pgd-at", "bat"], aa_seeds=1, progress=False)
+                   val_samples=200, aa_samples=20, aa_variants=["pgd-at", "bat"], aa_seeds=1, aa_all_seeds=["bat"],
+                   progress=False)
     for v, rule in (("standard", "last"), ("pgd-at", "best-pgd"), ("bat", "best-pgd")):
         ck = torch.load(out / "models" / f"{v}-s1" / "checkpoint.pt", weights_only=True)
         cfg = ck["settings"]["config"]
@@ -115,7 +141,8 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path):
     assert (out / "models" / "pgd-at-s0" / "autoattack").exists() and not (out / "models" / "pgd-at-s1" / "autoattack").exists()
     assert not (out / "models" / "standard-s0" / "autoattack").exists()
     aa = table[table.metric == "autoattack"]
-    assert set(aa.variant) == {"pgd-at", "bat"} and (aa.seeds == 1).all()
+    assert (out / "models" / "bat-s1" / "autoattack").exists()
+    assert aa.groupby("variant")["seeds"].max().to_dict() == {"pgd-at": 1, "bat": 2}
     # PGD-AT and BAT also at their last epoch: evaluated again only where it is not the chosen one
     info = read_table(out / "bat_comparison.parquet").attrs["memtool"]
     assert sorted(info["best_epochs"]) == ["bat s0", "bat s1", "pgd-at s0", "pgd-at s1"]
@@ -128,5 +155,8 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path):
             assert rb["checkpoint_rule"].startswith(f"last epoch ({SMALL.epochs})")
     last = table[table.variant.str.endswith(" (last epoch)")]
     assert set(last.variant) == {"pgd-at (last epoch)", "bat (last epoch)"} and set(last.metric) == {"clean", "pgd20", "cw20"}
+    with pytest.raises(ValueError, match=r"aa_all_seeds \['standard'\] are not among the aa_variants \['pgd-at'\]"):
+        bc.run(run, out, seeds=2, eps=0.1, recipe=SMALL, variants=["standard", "pgd-at"], aa_samples=20,
+               aa_variants=["pgd-at"], aa_all_seeds=["standard"], progress=False)
     with pytest.raises(ValueError, match="aa_seeds must be in 1..2"):
         bc.run(run, out, seeds=2, eps=0.1, recipe=SMALL, variants=["pgd-at"], aa_samples=20, aa_seeds=3, progress=False)

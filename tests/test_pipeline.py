@@ -16,6 +16,7 @@ runs: {runs}
 estimate: {{dataset: digits, trials: 8, model: mlp, hidden: 64, epochs: 10, batch_size: 32, lr: 0.1}}
 robust_estimate: {{trials: 4, method: pgd-at, eps: 0.1, pgd_steps: 2}}
 validate: {{seeds: 2}}
+validate_transfer: {{seeds: 2, recipe: {{model: mlp, hidden: 16, epochs: 4}}}}
 finding_a: {{seeds: 2, eps: 0.1, pgd_steps: 2, recipe: {{model: mlp, hidden: 32, epochs: 4, batch_size: 64}}}}
 finding_b: {{seeds: 2, eps: 0.1, pgd_steps: 2, fractions: [0.5], recipe: {{model: mlp, hidden: 48, epochs: 4}}}}
 bat_comparison: {{seeds: 2, eps: 0.1, pgd_steps: 2, variants: [standard, pgd-at, bat], aa_samples: 20,
@@ -58,8 +59,19 @@ def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeyp
         assert f in names and (out / "tiny" / f).stat().st_size > 0, f
     assert not any(n.endswith(".npz") for n in names)  # per-model records stay in the runs folder
     manifest = json.loads((out / "tiny" / "manifest.json").read_text())
-    assert list(manifest["stages"]) == ["estimate", "validate", "finding_a", "finding_b", "bat_comparison",
-                                        "robust_estimate"]
+    assert list(manifest["stages"]) == ["estimate", "validate", "validate_transfer", "finding_a", "finding_b",
+                                        "bat_comparison", "robust_estimate"]
+    transfer = (out / "tiny" / "validate_transfer.md").read_text()  # validate's files, under the stage's name
+    assert "hidden 16" in transfer and "(not the run's recipe)" in transfer
+    assert "not the run's recipe" not in (out / "tiny" / "validate.md").read_text()
+    records = out / "tiny" / "records" / "bat_comparison"  # every evaluated model's robustbench.json
+    assert "records/bat_comparison" in manifest["stages"]["bat_comparison"]["files"]
+    assert {p.name for p in records.iterdir()} == {f"{v}-s{s}.{sub}.json" for v in ("standard", "pgd-at", "bat")
+                                                   for s in (0, 1) for sub in ("eval", "autoattack")}
+    rec = json.loads((records / "bat-s1.autoattack.json").read_text())
+    model = tmp_path / "runs" / "tiny" / "bat_comparison" / "models" / "bat-s1"
+    assert rec["method"] == "bat" and rec["n_test_samples"] == 20
+    assert rec == json.loads((model / "autoattack" / "robustbench.json").read_text())
     assert manifest["command"].startswith("memtool figures --config")
     row = manifest["stages"]["finding_a"]
     assert row["files"] == ["finding_a.png", "finding_a.md", "finding_a.parquet"] and "digits" in row["data"]

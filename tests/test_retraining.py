@@ -44,6 +44,10 @@ def test_validate_end_to_end_and_resume(digits_run, tmp_path, capsys, monkeypatc
     assert full.accuracy > 0.8 and full["diff"] == 0.0
     records = experiments.load_records(out, ["full", "without random"], 2)
     assert set(records.split) == {"train", "test"} and len(records) == 2 * 2 * (1437 + 360)
+    fit = table[table.group == "own training samples"].set_index("variant")  # the fit, on the samples trained on
+    assert fit.loc["full", "n"] == 1437 and fit.loc["without high-influence", "n"] == 1437 - pairs.train_id.nunique()
+    own = records[(records.variant == "full") & (records.split == "train")].groupby("seed")["correct"].mean()
+    assert fit.loc["full", "accuracy"] == pytest.approx(own.mean())
     # a second call trains nothing
     monkeypatch.setattr(experiments, "fit", lambda *a, **k: pytest.fail("retrained a finished model"))
     again = memtool.validate(run, out, seeds=2, progress=False)

@@ -23,9 +23,11 @@ import os
 import platform
 import re
 import socket
+import threading
 import time
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,38 +145,67 @@ def _try_claim(path: Path, me: bytes) -> bool:
     return True
 
 
+def _me() -> bytes:
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+
+
+def claim_file(path: Path, me: bytes | None = None) -> bool:
+    """Take the claim file ``path`` for this process: True if it got it (made it, or took it
+    over from a process that died: renamed aside first, so of two processes taking over the
+    same claim only one succeeds), False if a live process holds it."""
+    me = me or _me()
+    if _try_claim(path, me):
+        return True
+    try:
+        text, mtime = path.read_text(), path.stat().st_mtime
+    except FileNotFoundError:  # released meanwhile: its work is finished, or free again
+        return _try_claim(path, me)
+    if _owner_alive(text, mtime):
+        return False
+    aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False  # another process took it over first
+    if aside.read_text() != text:  # a fresh claim was made meanwhile: give it back
+        os.rename(aside, path)
+        return False
+    aside.unlink()
+    return _try_claim(path, me)
+
+
 def claim(run: str | Path, trials) -> "Claims":
     """Claim ``trials`` for this process; the result holds the ones it got. A trial another
-    live process holds is left out; the claim of a dead process is taken over (renamed
-    aside first, so of two processes taking over the same claim only one succeeds)."""
+    live process holds is left out; the claim of a dead process is taken over."""
     (Path(run) / "claims").mkdir(exist_ok=True)
-    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
-    got = []
-    for t in map(int, trials):
-        path = claim_path(run, t)
-        if _try_claim(path, me):
-            got.append(t)
-            continue
-        try:
-            text, mtime = path.read_text(), path.stat().st_mtime
-        except FileNotFoundError:  # released meanwhile: its trial is finished, or free again
-            if _try_claim(path, me):
-                got.append(t)
-            continue
-        if _owner_alive(text, mtime):
-            continue
-        aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            continue  # another process took it over first
-        if aside.read_text() != text:  # a fresh claim was made meanwhile: give it back
-            os.rename(aside, path)
-            continue
-        aside.unlink()
-        if _try_claim(path, me):
-            got.append(t)
-    return Claims(Path(run), got)
+    me = _me()
+    return Claims(Path(run), [t for t in map(int, trials) if claim_file(claim_path(run, t), me)])
+
+
+@contextmanager
+def holding(path: str | Path):
+    """Hold the claim file ``path`` while the block runs, with a heartbeat for other hosts;
+    yields False (and holds nothing) where a live process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not claim_file(path):
+        yield False
+        return
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        path.unlink(missing_ok=True)
 
 
 @dataclass
