@@ -177,7 +177,11 @@ def bar_panels(table: pd.DataFrame, path, title: str, panels: dict, ylabel: str 
     accuracy per group (x) and variant (bars) with the confidence intervals."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(0.6 + 3.2 * len(panels), 3.5), sharey=True, squeeze=False)
+    import textwrap
+
+    most = max(p["group"].nunique() for p in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.6 + 1.1 * most * len(panels)), 3.6), sharey=True,
+                             squeeze=False)
     for ax, (name, p) in zip(axes[0], panels.items()):
         groups, variants = list(dict.fromkeys(p["group"])), list(dict.fromkeys(p["variant"]))
         width = 0.8 / max(1, len(variants))
@@ -186,11 +190,11 @@ def bar_panels(table: pd.DataFrame, path, title: str, panels: dict, ylabel: str 
             xs = np.arange(len(groups)) + (i - (len(variants) - 1) / 2) * width
             err = np.nan_to_num(np.vstack([r["accuracy"] - r["ci_low"], r["ci_high"] - r["accuracy"]]) * 100)
             ax.bar(xs, 100 * r["accuracy"], width, yerr=err, capsize=2, label=v)
-        ax.set_xticks(np.arange(len(groups)), groups, fontsize=8)
+        ax.set_xticks(np.arange(len(groups)), [textwrap.fill(g, 14) for g in groups], fontsize=8)
         ax.set_title(name, fontsize=9)
     axes[0, 0].set_ylabel(ylabel)
     axes[0, 0].legend(frameon=False, fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
