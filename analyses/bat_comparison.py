@@ -75,7 +75,7 @@ GRID = {
     "trades b=3": {"method": "trades", "beta": 3.0},
     "trades b=6": {"method": "trades", "beta": 6.0},
     "mart": {"method": "mart"},
-    "mart lr=0.01": {"method": "mart", "lr": 0.01},  # the lr of the official TRADES / MART MNIST scripts
+    "mart lr=0.01": {"method": "mart", "lr": 0.01},  # the official TRADES MNIST script's lr
     "gairat": {"method": "gairat", "gair_lambda": -1.0, "gair_function": "tanh", "gair_burnin": 0.5},
     "bat": BAT,
     "bat weights only": {**BAT, "lam": 0.0},
