@@ -40,6 +40,7 @@ seed against that seed's frontier and reported with its t-interval.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ def shared(jobs, step: str, fn, claims: Path, desc: str, progress: bool = True) 
     (its claim CLAIMS/VARIANT-sS.STEP.claim) is skipped, then waited for, and taken over if that
     process dies; so the next step starts on finished models only."""
     bar = progress_bar(total=len(jobs), desc=desc, unit="model", disable=not progress)
+    said = None
     while jobs:
         busy = []
         for v, s in jobs:
@@ -113,6 +115,10 @@ def shared(jobs, step: str, fn, claims: Path, desc: str, progress: bool = True) 
                     bar.update()
                 else:
                     busy.append((v, s))
+        if busy and busy != said and progress:  # said again only when the set of held models changes
+            said = busy
+            bar.write(f"{desc}: waiting for {len(busy)} model(s) other processes hold (claims in {claims}; "
+                      "delete the claim of a process that is gone)", file=sys.stderr)
         if busy:
             time.sleep(POLL_S)
         jobs = busy

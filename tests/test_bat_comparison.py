@@ -30,7 +30,7 @@ def test_frontier_gaps_paired_by_seed():
     assert gaps.loc["bat worse", "gap"] == pytest.approx(-0.10) and gaps.loc["bat worse", "verdict"] == "inside the curve"
 
 
-def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypatch):
+def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypatch, capsys):
     """Several processes share a step through claims: a model another live process holds is
     skipped, waited for, and done here once that process is gone; every model once."""
     import json
@@ -48,7 +48,8 @@ def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypat
     monkeypatch.setattr(bc, "POLL_S", 0.05)
     done = []
     bc.shared([("pgd-at", 0), ("bat", 0), ("pgd-at", 1)], "train", lambda j: done.append((j, owner.poll())),
-              claims, "train", progress=False)
+              claims, "train")
+    assert capsys.readouterr().err.count("train: waiting for 1 model(s) other processes hold") == 1
     assert [j for j, _ in done] == [("bat", 0), ("pgd-at", 1), ("pgd-at", 0)]
     assert done[0][1] is None and done[-1][1] is not None  # the held model only after its owner ended
     assert not list(claims.iterdir())  # every claim released
