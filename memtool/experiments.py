@@ -16,6 +16,7 @@ seeds stack where the architecture allows.
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,8 +177,6 @@ def bar_panels(table: pd.DataFrame, path, title: str, panels: dict, ylabel: str 
     """One panel per entry of ``panels`` (panel title -> the rows of ``table`` it shows):
     accuracy per group (x) and variant (bars) with the confidence intervals."""
     import matplotlib.pyplot as plt
-
-    import textwrap
 
     most = max(p["group"].nunique() for p in panels.values())
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.6 + 1.1 * most * len(panels)), 3.6), sharey=True,
