@@ -94,6 +94,16 @@ def _timed(fn):
     return result, time.time() - t0
 
 
+def _estimated(run: Path, fn):
+    """``fn()`` (an estimate into ``run``) and its wall time, or None as the time when it
+    trained no trial (a finished run re-read), so that the manifest's per-stage time counts work."""
+    from .estimator.store import finished_trials
+
+    before = len(finished_trials(run)) if (run / "trials").exists() else 0
+    summary, wall = _timed(fn)
+    return summary, (wall if len(finished_trials(run)) > before else None)
+
+
 def make_figures(config, out, *, stages=None, progress: bool = True, device: str = "cpu", data_root=None) -> list[Path]:
     """Run (or resume) every stage of ``config`` (or only ``stages``, names of its sections;
     the estimate is always read), write its figures and tables to ``out``/NAME, its row of
@@ -120,7 +130,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
     wall = None
     if est_run is None:
         est_run = runs / "estimate"
-        summary, wall = _timed(lambda: estimate(est_run, progress=progress, **{**kw, **est}))
+        summary, wall = _estimated(est_run, lambda: estimate(est_run, progress=progress, **{**kw, **est}))
     else:  # the committed score tables of this very estimate: every later stage reads them
         summary = read_json(est_run / "run.json")["summary"]
         if progress:
@@ -142,7 +152,8 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         manifest.record(m, dest, key, files, data, manifest.headline(key, read_table(dest / f"{key}.parquet")), wall)
     if cfg.get("robust_estimate"):
         rob = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]})
-        rs, wall = _timed(lambda: estimate(runs / "robust_estimate", progress=progress, **{**kw, **rob}))
+        rs, wall = _estimated(runs / "robust_estimate",
+                              lambda: estimate(runs / "robust_estimate", progress=progress, **{**kw, **rob}))
         tables = {"standard training": load_scores(est_run), "adversarial training": load_scores(runs / "robust_estimate")}
         files = [mem_distributions(tables, dest / "mem_distributions.png")]
         head = manifest.summary_headline(rs, ("n_trials", "rob_test_acc", "n_high_rob_mem"))

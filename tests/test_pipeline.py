@@ -76,6 +76,8 @@ def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeyp
     row = manifest["stages"]["finding_a"]
     assert row["files"] == ["finding_a.png", "finding_a.md", "finding_a.parquet"] and "digits" in row["data"]
     assert row["invocations"] >= 2 and row["wall_s"] > 0 and "torch thread" in row["load"]
+    # an estimate counts the invocations that trained trials, not those that re-read a finished run
+    assert manifest["stages"]["estimate"]["invocations"] == manifest["stages"]["robust_estimate"]["invocations"] == 1
     _check_headlines_against_tables(out / "tiny", manifest)
     from memtool.manifest import render_index
 
