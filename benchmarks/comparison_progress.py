@@ -1,0 +1,71 @@
+"""Progress record of an unfinished BAT comparison: copy each model's per-epoch log and the
+robustbench.json of each finished evaluation from RUN/models/ into RECORD/, and print the
+table of what is there (one row per model; no intervals: the stage's own table replaces it).
+
+    python benchmarks/comparison_progress.py runs/mnist/bat_comparison benchmarks/records/mnist-cnn-bat-comparison-progress
+    python benchmarks/comparison_progress.py --table benchmarks/records/mnist-cnn-bat-comparison-progress
+
+RECORD/VARIANT-sS.jsonl is the model's log; RECORD/VARIANT-sS.SUB.json the robustbench.json of
+its evaluation SUB (eval: clean, PGD-20, CW-20 at the kept epoch; eval-last: the same at the
+last epoch; autoattack: standard AutoAttack), RECORD/VARIANT-sS.SUB.summary.json its summary
+(per-attack time_s and cpu_s). Checkpoints are not copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+SUBS = ("eval", "eval-last", "autoattack")
+
+
+def copy(run: Path, record: Path) -> None:
+    record.mkdir(parents=True, exist_ok=True)
+    for model in sorted((run / "models").iterdir()):
+        if (model / "log.jsonl").exists():
+            shutil.copyfile(model / "log.jsonl", record / f"{model.name}.jsonl")
+        for sub in SUBS:
+            for src, suffix in ((model / sub / "robustbench.json", "json"), (model / sub / "summary.json", "summary.json")):
+                if src.exists():
+                    shutil.copyfile(src, record / f"{model.name}.{sub}.{suffix}")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def table(record: Path) -> str:
+    lines = ["| model | epochs trained | kept epoch | clean | PGD-20 | CW-20 | last epoch: clean / PGD-20 / CW-20 | "
+             "AutoAttack: clean / AA (first 1,000) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for log in sorted(record.glob("*.jsonl")):
+        name = log.stem
+        epochs = max(json.loads(line)["epoch"] for line in log.read_text().splitlines())
+        rec = {s: json.loads(p.read_text()) for s in SUBS if (p := record / f"{name}.{s}.json").exists()}
+        ev, last, aa = rec.get("eval"), rec.get("eval-last"), rec.get("autoattack")
+        rule = ev["checkpoint_rule"] if ev else ""
+        kept = rule.split("(epoch ")[1].split(" of")[0] if "(epoch " in rule else ("last" if ev else "-")
+        attacks = (lambda r: [r["clean_acc"], r["other_attacks"]["pgd20"], r["other_attacks"]["cw20"]])
+        cells = [name, str(epochs), kept]
+        cells += [_pct(v) for v in attacks(ev)] if ev else ["-"] * 3
+        cells.append(" / ".join(_pct(v) for v in attacks(last)) if last else "-")
+        cells.append(f"{_pct(aa['clean_acc'])} / {_pct(aa['autoattack_acc'])}" if aa else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", type=Path, help="RUN RECORD (copy, then print), or with --table: RECORD")
+    p.add_argument("--table", action="store_true", help="only print the table of RECORD")
+    a = p.parse_args(argv)
+    if not a.table:
+        if len(a.paths) != 2:
+            p.error("give RUN and RECORD (or --table RECORD)")
+        copy(*a.paths)
+    print(table(a.paths[-1]))
+
+
+if __name__ == "__main__":
+    main()
