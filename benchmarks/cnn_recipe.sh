@@ -4,11 +4,14 @@
 # (samples 5,000-5,999, never the test set), then clean / PGD-20 / AutoAttack (standard,
 # pyautoattack) on the first 1,000 test samples. Results: benchmarks/README.md (robust study).
 # One torch thread; every step resumes: run the same command again after an interruption.
-# Usage: bash benchmarks/cnn_recipe.sh [RUNS_DIR] [DATASET] [SEEDS]
+# Usage: bash benchmarks/cnn_recipe.sh [RUNS_DIR] [DATASET] [SEEDS] [LIMIT]
+# LIMIT: training samples (default 5000, the reference's); the full-set run of MNIST is
+# `bash benchmarks/cnn_recipe.sh runs/cnn-recipe mnist 0 59000` (the last 1,000 are the validation set)
 set -euo pipefail
 RUNS=${1:-runs/cnn-recipe}
 DATASET=${2:-mnist}
 SEEDS=${3:-"0 1 2"}
+LIMIT=${4:-5000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MEMTOOL=${MEMTOOL:-.venv/bin/memtool}
 # eps: the dataset's standard radius (0.3 MNIST, 0.1 Fashion-MNIST); lr 0.05 one-cycle (0.1 collapsed
@@ -19,10 +22,10 @@ case $DATASET in
   fashion-mnist) LENGTH="--epochs 20 --pgd-steps 5" ;;
   *) LENGTH="--epochs 10 --pgd-steps 10" ;;
 esac
-RECIPE="--method pgd-at --model cnn --limit 5000 $LENGTH --batch-size 128 --lr 0.05 --schedule onecycle"
+RECIPE="--method pgd-at --model cnn --limit $LIMIT $LENGTH --batch-size 128 --lr 0.05 --schedule onecycle"
 CHECKS="--eval-samples 200 --eval-every 5 --val-samples 1000 --select best-pgd"
 for seed in $SEEDS; do
-  out=$RUNS/$DATASET-pgd-at-seed$seed
+  out=$RUNS/$DATASET-pgd-at-seed$seed$([ "$LIMIT" = 5000 ] || echo "-n$LIMIT")
   /usr/bin/time -f "train $DATASET seed $seed: %e s wall, %U s user CPU" \
     $MEMTOOL train --dataset $DATASET $RECIPE $CHECKS --seed $seed --quiet --out $out
   /usr/bin/time -f "evaluate $DATASET seed $seed: %e s wall, %U s user CPU" \
