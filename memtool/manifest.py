@@ -78,6 +78,7 @@ HEADLINES = {
         _acc("PGD-AT: AutoAttack", {"variant": "pgd-at", "group": "all test", "metric": "autoattack"}),
         _acc("BAT: AutoAttack", {"variant": "bat", "group": "all test", "metric": "autoattack"}),
         Contrast("BAT - PGD-AT: clean", {"variant": "bat", "group": "all test", "metric": "clean"}),
+        Contrast("BAT - PGD-AT: AutoAttack", {"variant": "bat", "group": "all test", "metric": "autoattack"}),
         Contrast("BAT - PGD-AT: CW-20", {"variant": "bat", "group": "all test", "metric": "cw20"}),
     ],
     "score_cost": [*_cost("subsampling, 64 trials", "subsampling, 64 trials"),
