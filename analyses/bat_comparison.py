@@ -35,7 +35,8 @@ Written to OUT:
 A BAT point lies beyond the baselines' curve when its AutoAttack accuracy exceeds that of the
 baselines' upper frontier (the Pareto points of the :data:`BASELINES`: standard training,
 PGD-AT at every eps, TRADES, MART and GAIRAT, joined by straight lines) at its clean accuracy; the gap is measured per
-seed against that seed's frontier and reported with its t-interval.
+seed against that seed's frontier (on the seeds where every baseline has the attack) and reported with its
+t-interval.
 """
 
 from __future__ import annotations
@@ -160,19 +161,23 @@ def frontier(clean, robust, at):
 
 def frontier_gaps(per_seed: pd.DataFrame, variants, baselines=BASELINES, metric: str = "autoattack") -> pd.DataFrame:
     """Each variant's robust accuracy (column ``metric``) minus the baselines' frontier at its
-    clean accuracy, per seed (that seed's baselines), with the t-interval over seeds."""
+    clean accuracy, per seed (that seed's baselines), with the t-interval over seeds. A seed
+    counts only where every baseline measured at any seed is measured (AutoAttack on seed 0 of
+    most baselines but every seed of PGD-AT: the other seeds' frontier would be PGD-AT's alone)."""
+    present = [b for b in baselines if b in per_seed.index.get_level_values("variant")]
     rows = []
     for v in variants:
         gaps = []
         for seed, g in per_seed.groupby(level="seed"):
             g = g.droplevel("seed")
-            base = g.loc[[b for b in baselines if b in g.index]]
-            if v in g.index and len(base):
+            base = g.loc[[b for b in present if b in g.index]]
+            if v in g.index and len(base) == len(present) > 0:
                 gaps.append(g.loc[v, metric] - frontier(base["clean"].to_numpy(), base[metric].to_numpy(),
                                                          g.loc[v, "clean"]))
         if gaps:
             mean, lo, hi = t_interval(gaps)
-            verdict = ("beyond the curve" if lo > 0 else "inside the curve" if hi < 0 else "on the curve (not resolved)")
+            verdict = ("one seed: no interval" if len(gaps) == 1 else "beyond the curve" if lo > 0 else
+                       "inside the curve" if hi < 0 else "on the curve (not resolved)")
             rows.append({"variant": v, "attack": metric, "seeds": len(gaps), "gap": mean, "gap_low": lo, "gap_high": hi,
                          "verdict": verdict})
     return pd.DataFrame(rows)
@@ -344,13 +349,13 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
             "### atypical", "", wide("atypical test", ["clean", "pgd20", "cw20", "autoattack"]), "",
             "## BAT against the baselines' trade-off curve", "",
             "Robust accuracy minus the baselines' upper frontier (standard, PGD-AT at every eps, TRADES, MART, GAIRAT: "
-            "their Pareto points joined by straight lines) at the variant's clean accuracy, per seed, in points, "
-            f"on the first {info['aa_samples']} test samples. AutoAttack where the variant has it; CW-20 for every "
-            "variant (its agreement with AutoAttack is below).", "",
-            "| variant | attack | gap (95 % CI) | verdict |", "|---|---|---|---|"]
+            "their Pareto points joined by straight lines) at the variant's clean accuracy, in points, on the first "
+            f"{info['aa_samples']} test samples, per seed on which every baseline has the attack. AutoAttack where "
+            "the variant has it; CW-20 for every variant (its agreement with AutoAttack is below).", "",
+            "| variant | attack | seeds | gap (95 % CI) | verdict |", "|---|---|---:|---|---|"]
     for g in gaps.itertuples():
-        text.append(f"| {g.variant} | {METRICS[g.attack]} | {100 * g.gap:+.1f} ({100 * g.gap_low:+.1f} to "
-                    f"{100 * g.gap_high:+.1f}) | {g.verdict} |")
+        ci = "" if np.isnan(g.gap_low) else f" ({100 * g.gap_low:+.1f} to {100 * g.gap_high:+.1f})"
+        text.append(f"| {g.variant} | {METRICS[g.attack]} | {g.seeds} | {100 * g.gap:+.1f}{ci} | {g.verdict} |")
     a = info.get("cw20_vs_autoattack") or {}
     if a:
         text += ["", "## CW-20 against AutoAttack (the cheaper attack that ranks the grid)", "",

@@ -30,6 +30,19 @@ def test_frontier_gaps_paired_by_seed():
     assert gaps.loc["bat worse", "gap"] == pytest.approx(-0.10) and gaps.loc["bat worse", "verdict"] == "inside the curve"
 
 
+def test_frontier_gaps_skip_seeds_without_every_baseline():
+    """TRADES measured on seed 0 only: seeds 1 and 2 have no whole frontier, so only seed 0
+    counts. There the frontier at clean 0.90 runs from PGD-AT (0.80, 0.50) to TRADES (0.95,
+    0.30): 0.50 - 0.2 * 2/3; PGD-AT alone would give 0.50 (flat beyond its point)."""
+    rows = [("trades", 0, 0.95, 0.30)]
+    for seed in range(3):
+        rows += [("pgd-at", seed, 0.80, 0.50), ("bat", seed, 0.90, 0.45)]
+    aa = pd.DataFrame(rows, columns=["variant", "seed", "clean", "autoattack"]).set_index(["variant", "seed"])
+    gap = bc.frontier_gaps(aa, ["bat"], baselines=("pgd-at", "trades")).set_index("variant").loc["bat"]
+    assert gap["seeds"] == 1 and gap["gap"] == pytest.approx(0.45 - (0.50 - 0.2 * 2 / 3))
+    assert gap["verdict"] == "one seed: no interval"
+
+
 def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypatch, capsys):
     """Several processes share a step through claims: a model another live process holds is
     skipped, waited for, and done here once that process is gone; every model once."""
