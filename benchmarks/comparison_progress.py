@@ -37,17 +37,22 @@ def _pct(v) -> str:
 
 
 def table(record: Path) -> str:
-    lines = ["| model | epochs trained | kept epoch | clean | PGD-20 | CW-20 | last epoch: clean / PGD-20 / CW-20 | "
-             "AutoAttack: clean / AA (first 1,000) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | epochs trained | validation: best epoch, clean / PGD-20 | kept epoch | clean | PGD-20 | CW-20 | "
+             "last epoch: clean / PGD-20 / CW-20 | AutoAttack: clean / AA (first 1,000) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for log in sorted(record.glob("*.jsonl")):
         name = log.stem
-        epochs = max(json.loads(line)["epoch"] for line in log.read_text().splitlines())
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        epochs = max(r["epoch"] for r in rows)
+        checked = [r for r in rows if r.get("val_robust_acc") is not None]
+        best = max(checked, key=lambda r: (r["val_robust_acc"], -r["epoch"])) if checked else None  # first best, as train
+        val = f"{best['epoch']}: {_pct(best['val_clean_acc'])} / {_pct(best['val_robust_acc'])}" if best else "-"
         rec = {s: json.loads(p.read_text()) for s in SUBS if (p := record / f"{name}.{s}.json").exists()}
         ev, last, aa = rec.get("eval"), rec.get("eval-last"), rec.get("autoattack")
         rule = ev["checkpoint_rule"] if ev else ""
         kept = rule.split("(epoch ")[1].split(" of")[0] if "(epoch " in rule else ("last" if ev else "-")
         attacks = (lambda r: [r["clean_acc"], r["other_attacks"]["pgd20"], r["other_attacks"]["cw20"]])
-        cells = [name, str(epochs), kept]
+        cells = [name, str(epochs), val, kept]
         cells += [_pct(v) for v in attacks(ev)] if ev else ["-"] * 3
         cells.append(" / ".join(_pct(v) for v in attacks(last)) if last else "-")
         cells.append(f"{_pct(aa['clean_acc'])} / {_pct(aa['autoattack_acc'])}" if aa else "-")
