@@ -77,7 +77,7 @@ GRID = {
     "trades b=3": {"method": "trades", "beta": 3.0},
     "trades b=6": {"method": "trades", "beta": 6.0},
     "mart": {"method": "mart"},
-    "mart b=1": {"method": "mart", "beta": 1.0},  # trains where beta 6 stalls (MNIST at eps 0.3: docs/results.md)
+    "mart b=1": {"method": "mart", "beta": 1.0},  # trains where beta 6 can stall (MNIST, eps 0.3: docs/results.md)
     "mart lr=0.01": {"method": "mart", "lr": 0.01},  # the official TRADES MNIST script's lr
     "gairat": {"method": "gairat", "gair_lambda": -1.0, "gair_function": "tanh", "gair_burnin": 0.5},
     "bat": BAT,
