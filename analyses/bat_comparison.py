@@ -382,6 +382,16 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
     return "\n".join(text) + "\n"
 
 
+def off_panel(points: dict) -> list[str]:
+    """The variants (name -> (clean, robust) accuracy) that would squash a plot of the robust
+    models: robust below a quarter of the best robust accuracy, or clean more than 15 points
+    below the best clean accuracy of the others."""
+    top = max(r for _, r in points.values())
+    low = [v for v, (_, r) in points.items() if r < top / 4]
+    best_clean = max((c for v, (c, _) in points.items() if v not in low), default=np.nan)
+    return [v for v, (c, r) in points.items() if v in low or c < best_clean - 15]
+
+
 def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n: int):
     """Clean against robust accuracy on the first ``n`` test samples: AutoAttack (left, the
     variants that have it) and CW-20 (right, every variant); each variant's mean with its
@@ -416,20 +426,23 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
         if keyed:
             ax.text(1.02, 1.0, "\n".join(f"{i} {v}" for i, v in enumerate(keyed, 1)), transform=ax.transAxes,
                     ha="left", va="top", fontsize=6.5, color="C1")
-        low = [a[0] for v, (c, a) in pts.items() if v != "standard"]
-        if "standard" in pts and low and pts["standard"][1][0] < min(low) - 10:  # zoom on the robust models
-            c, a = pts["standard"]
-            ax.set_ylim(min(low) - 4, max(a2[0] for _, a2 in pts.values()) + 3)
-            ax.annotate(f"standard training ({c[0]:.1f}, {a[0]:.1f}) below", (c[0], ax.get_ylim()[0]),
-                        textcoords="offset points", xytext=(-60, 6), fontsize=6.5,
-                        arrowprops={"arrowstyle": "->", "lw": 0.6})
+        off = off_panel({v: (c[0], a[0]) for v, (c, a) in pts.items()})
+        if off:  # zoom on the robust models; the far-off points are named with their values
+            shown = [pts[v] for v in pts if v not in off]
+            ax.set_xlim(min(np.nanmin([c[0], c[1]]) for c, _ in shown) - 1,
+                        max(np.nanmax([c[0], c[2]]) for c, _ in shown) + 1)
+            ax.set_ylim(min(np.nanmin([a[0], a[1]]) for _, a in shown) - 3,
+                        max(np.nanmax([a[0], a[2]]) for _, a in shown) + 3)
+            ax.text(0.0, -0.12, "off the panel (clean, robust): " + "; ".join(
+                f"{v} ({pts[v][0][0]:.1f}, {pts[v][1][0]:.1f})" for v in off), transform=ax.transAxes,
+                ha="left", va="top", fontsize=6.5, color="0.35")
         ax.set(xlabel="clean accuracy (%)", ylabel=f"{name} accuracy (%, eps {eps:g})",
                title=f"{dataset}: clean vs {name} ({n} test samples, 95 % CI over seeds)")
         ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 

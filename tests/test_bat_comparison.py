@@ -30,6 +30,13 @@ def test_frontier_gaps_paired_by_seed():
     assert gaps.loc["bat worse", "gap"] == pytest.approx(-0.10) and gaps.loc["bat worse", "verdict"] == "inside the curve"
 
 
+def test_off_panel_names_the_points_far_from_the_robust_models():
+    pts = {"standard": (97.3, 0.0), "pgd-at eps x0.5": (97.9, 3.3), "pgd-at eps x0.75": (97.4, 31.0),
+           "pgd-at": (96.2, 75.0), "bat": (96.7, 75.0), "mart": (68.0, 35.9), "trades b=6": (94.1, 73.0)}
+    assert bc.off_panel(pts) == ["standard", "pgd-at eps x0.5", "mart"]  # 18.75 robust, 82.4 clean the cut-offs
+    assert bc.off_panel({"pgd-at": (80.0, 16.7), "trades b=1": (91.0, 5.3)}) == []  # 5.3 >= 16.7 / 4
+
+
 def test_frontier_gaps_skip_seeds_without_every_baseline():
     """TRADES measured on seed 0 only: seeds 1 and 2 have no whole frontier, so only seed 0
     counts. There the frontier at clean 0.90 runs from PGD-AT (0.80, 0.50) to TRADES (0.95,
