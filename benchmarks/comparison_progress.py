@@ -36,6 +36,11 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _accuracies(rec: dict) -> list:
+    """Clean, PGD-20 and CW-20 accuracy of a robustbench.json."""
+    return [rec["clean_acc"], rec["other_attacks"]["pgd20"], rec["other_attacks"]["cw20"]]
+
+
 def table(record: Path) -> str:
     lines = ["| model | epochs trained | validation: best epoch, clean / PGD-20 | kept epoch | clean | PGD-20 | CW-20 | "
              "last epoch: clean / PGD-20 / CW-20 | AutoAttack: clean / AA (first 1,000) |",
@@ -51,10 +56,9 @@ def table(record: Path) -> str:
         ev, last, aa = rec.get("eval"), rec.get("eval-last"), rec.get("autoattack")
         rule = ev["checkpoint_rule"] if ev else ""
         kept = rule.split("(epoch ")[1].split(" of")[0] if "(epoch " in rule else ("last" if ev else "-")
-        attacks = (lambda r: [r["clean_acc"], r["other_attacks"]["pgd20"], r["other_attacks"]["cw20"]])
         cells = [name, str(epochs), val, kept]
-        cells += [_pct(v) for v in attacks(ev)] if ev else ["-"] * 3
-        cells.append(" / ".join(_pct(v) for v in attacks(last)) if last else "-")
+        cells += [_pct(v) for v in _accuracies(ev)] if ev else ["-"] * 3
+        cells.append(" / ".join(_pct(v) for v in _accuracies(last)) if last else "-")
         cells.append(f"{_pct(aa['clean_acc'])} / {_pct(aa['autoattack_acc'])}" if aa else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
