@@ -63,17 +63,18 @@ def _file(out: Path, variant: str, s: int) -> Path:
 
 
 def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, seed: int = 0,
-            robust_eps: float | None = None, robust_steps: int | None = None, settings: dict | None = None,
-            progress: bool = True) -> pd.DataFrame:
+            robust_eps: float | None = None, robust_steps: int | None = None, robust_splits=("train", "test"),
+            settings: dict | None = None, progress: bool = True) -> pd.DataFrame:
     """Train ``seeds`` models per variant (``variants``: name -> training sample ids to leave
     out) and return their per-sample records: one row per (variant, seed, split, sample_id)
-    with ``correct`` and, with ``robust_eps``, ``robust_correct`` (PGD at that eps)."""
+    with ``correct`` and, with ``robust_eps``, ``robust_correct`` (PGD at that eps) on the
+    ``robust_splits`` (NaN on the others: a split nobody reads robustly costs no attack)."""
     out = Path(out)
     n = len(data.y_train)
     excluded = {v: np.unique(np.asarray(ids, dtype=np.int64)) for v, ids in variants.items()}
     open_settings(out / "experiment.json", {
         **(settings or {}), "recipe": recipe.to_dict(), "seeds": seeds, "seed": seed, "robust_eps": robust_eps,
-        "robust_steps": robust_steps,
+        "robust_steps": robust_steps, **({"robust_splits": list(robust_splits)} if robust_eps is not None else {}),
         "variants": {v: {"n_excluded": len(ids), "excluded": ids.tolist()} for v, ids in excluded.items()}},
         "experiment settings")
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,9 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
         rec = {"train_correct": models.margins(data.x_train, data.y_train) > 0,
                "test_correct": models.margins(data.x_test, data.y_test) > 0}
         if robust_eps is not None:
-            for key, split in enumerate(("train", "test")):
+            for key, split in enumerate(("train", "test")):  # key: the split's attack seed, fixed
+                if split not in robust_splits:
+                    continue
                 x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
                 rec[f"{split}_robust_correct"] = models.margins(x, y, robust=robust_eps, steps=robust_steps,
                                                                 key=key) > 0
@@ -112,7 +115,10 @@ def load_records(out, variants, seeds: int) -> pd.DataFrame:
                         cols["robust_correct"] = z[f"{split}_robust_correct"]
                     parts.append(pd.DataFrame({"variant": v, "seed": s, "split": split,
                                                "sample_id": np.arange(len(cols["correct"])), **cols}))
-    return pd.concat(parts, ignore_index=True)
+    records = pd.concat(parts, ignore_index=True)
+    if records.get("robust_correct", pd.Series(dtype=bool)).isna().any():  # a split not attacked: <NA> there
+        records["robust_correct"] = records["robust_correct"].astype("boolean")
+    return records
 
 
 def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:

@@ -61,6 +61,7 @@ def test_finding_b_tables_and_figure(digits_run, tmp_path):
     # the harmful variants remove the samples with the highest h
     records = np.load(out / "AT" / "models" / f"harmful_{k1}-s0.npz")
     assert records["test_correct"].shape == (360,)
+    assert "test_robust_correct" in records.files and "train_robust_correct" not in records.files  # nobody reads it
     top = harm.sort_values(["h", "sample_id"], ascending=[False, True])["sample_id"].to_numpy()[:k1]
     import json
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import memtool
 from memtool import experiments
@@ -22,6 +23,23 @@ def test_t_interval_and_paired_summary_hand_computed():
     first = t[(t.variant == "b") & (t.group == "first")].iloc[0]
     assert first.accuracy == pytest.approx(0.5) and first["diff"] == pytest.approx(-0.5)
 
+
+def test_retrain_attacks_only_the_robust_splits_and_their_values_do_not_move(tmp_path):
+    from memtool.recipe import Recipe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (60, 1, 4, 4), dtype=torch.uint8, generator=g)
+    y = torch.arange(60) % 3
+    data = experiments.Data(x[:40], y[:40], x[40:], y[40:], 3)
+    recipe = Recipe(model="mlp", hidden=8, epochs=2, batch_size=20, lr=0.1)
+    kw = dict(seeds=1, robust_eps=0.3, robust_steps=2, progress=False)
+    both = experiments.retrain(tmp_path / "both", data, recipe, {"full": []}, **kw)
+    test_only = experiments.retrain(tmp_path / "test", data, recipe, {"full": []}, robust_splits=("test",), **kw)
+    with np.load(tmp_path / "test" / "models" / "full-s0.npz") as z:
+        assert set(z.files) == {"train_correct", "test_correct", "test_robust_correct"}
+    assert test_only[test_only.split == "train"]["robust_correct"].isna().all()
+    pd.testing.assert_frame_equal(test_only[test_only.split == "test"].reset_index(drop=True),
+                                  both[both.split == "test"].reset_index(drop=True), check_dtype=False)
 
 def test_validate_end_to_end_and_resume(digits_run, tmp_path, capsys, monkeypatch):
     run, _ = digits_run
