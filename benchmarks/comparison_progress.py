@@ -8,17 +8,21 @@ table of what is there (one row per model; no intervals: the stage's own table r
 RECORD/VARIANT-sS.jsonl is the model's log; RECORD/VARIANT-sS.SUB.json the robustbench.json of
 its evaluation SUB (eval: clean, PGD-20, CW-20 at the kept epoch; eval-last: the same at the
 last epoch; autoattack: standard AutoAttack), RECORD/VARIANT-sS.SUB.summary.json its summary
-(per-attack time_s and cpu_s). Checkpoints are not copied.
+(per-attack time_s and cpu_s). Checkpoints are not copied. A RECORD/README.md with the lines
+<!-- table:begin --> and <!-- table:end --> gets the table between them (the prose around it is
+written by hand).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
 SUBS = ("eval", "eval-last", "autoattack")
+MARKERS = ("<!-- table:begin -->", "<!-- table:end -->")
 
 
 def copy(run: Path, record: Path) -> None:
@@ -64,6 +68,16 @@ def table(record: Path) -> str:
     return "\n".join(lines)
 
 
+def into_readme(record: Path, text: str) -> bool:
+    """Put ``text`` between the table markers of RECORD/README.md; False where there are none."""
+    readme = record / "README.md"
+    if not readme.exists() or MARKERS[0] not in (old := readme.read_text()):
+        return False
+    begin, end = map(re.escape, MARKERS)
+    readme.write_text(re.sub(f"{begin}.*?{end}", lambda _: f"{MARKERS[0]}\n{text}\n{MARKERS[1]}", old, flags=re.S))
+    return True
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", type=Path, help="RUN RECORD (copy, then print), or with --table: RECORD")
@@ -73,7 +87,10 @@ def main(argv=None) -> None:
         if len(a.paths) != 2:
             p.error("give RUN and RECORD (or --table RECORD)")
         copy(*a.paths)
-    print(table(a.paths[-1]))
+    text = table(a.paths[-1])
+    if not a.table:
+        into_readme(a.paths[-1], text)
+    print(text)
 
 
 if __name__ == "__main__":
