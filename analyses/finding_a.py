@@ -37,6 +37,8 @@ from memtool.rundir import write_table
 from .study import StudySettings, load_study, main as study_main
 
 VARIANTS = ("full", "without atypical", "without random")
+# robust accuracy on the training samples is read on the full set only (the fit of the atypical ones)
+ROBUST_SPLITS = {"full": ("train", "test"), "without atypical": ("test",), "without random": ("test",)}
 EVAL_STEPS = 20
 
 
@@ -56,9 +58,9 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     methods = {"ST": Method(), "AT": PGDAT(eps=eps, pgd_steps=pgd_steps)}
     tables = []
     for name, method in methods.items():
-        records = retrain(out / name, data, replace(recipe or cfg.recipe, method=method), variants, seeds, seed=cfg.seed, robust_eps=eps,
-                          robust_steps=EVAL_STEPS, settings={"run": str(run_dir), "fingerprint": ds.fingerprint},
-                          progress=progress)
+        records = retrain(out / name, data, replace(recipe or cfg.recipe, method=method), variants, seeds,
+                          seed=cfg.seed, robust_eps=eps, robust_steps=EVAL_STEPS, robust_splits=ROBUST_SPLITS,
+                          settings={"run": str(run_dir), "fingerprint": ds.fingerprint}, progress=progress)
         test = summarize(records, {"atypical test": atyp_test, "typical test": ~atyp_test}, baseline="full")
         train = summarize(records[records["variant"] == "full"], {"atypical train": atyp_train}, split="train")
         tables.append(pd.concat([test, train], ignore_index=True).assign(method=name))

@@ -68,13 +68,16 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
     """Train ``seeds`` models per variant (``variants``: name -> training sample ids to leave
     out) and return their per-sample records: one row per (variant, seed, split, sample_id)
     with ``correct`` and, with ``robust_eps``, ``robust_correct`` (PGD at that eps) on the
-    ``robust_splits`` (NaN on the others: a split nobody reads robustly costs no attack)."""
+    ``robust_splits``, or per variant with a dict variant -> splits (<NA> on the others: a split
+    nobody reads robustly costs no attack)."""
     out = Path(out)
     n = len(data.y_train)
+    per_variant = robust_splits if isinstance(robust_splits, dict) else dict.fromkeys(variants, robust_splits)
+    splits = {v: list(per_variant.get(v, ())) for v in variants}
     excluded = {v: np.unique(np.asarray(ids, dtype=np.int64)) for v, ids in variants.items()}
     open_settings(out / "experiment.json", {
         **(settings or {}), "recipe": recipe.to_dict(), "seeds": seeds, "seed": seed, "robust_eps": robust_eps,
-        "robust_steps": robust_steps, **({"robust_splits": list(robust_splits)} if robust_eps is not None else {}),
+        "robust_steps": robust_steps, **({"robust_splits": splits} if robust_eps is not None else {}),
         "variants": {v: {"n_excluded": len(ids), "excluded": ids.tolist()} for v, ids in excluded.items()}},
         "experiment settings")
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,7 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
                "test_correct": models.margins(data.x_test, data.y_test) > 0}
         if robust_eps is not None:
             for key, split in enumerate(("train", "test")):  # key: the split's attack seed, fixed
-                if split not in robust_splits:
+                if split not in splits[v]:
                     continue
                 x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
                 rec[f"{split}_robust_correct"] = models.margins(x, y, robust=robust_eps, steps=robust_steps,

@@ -31,6 +31,10 @@ def test_finding_a_tables_and_figure(digits_run, tmp_path):
     tr = scores[scores.split == "train"]
     assert saved.attrs["memtool"]["n_atypical_train"] == int((tr["mem"] >= 0.25 - 1e-9).sum())
     assert np.isclose(table[table.variant == "full"]["diff"].dropna(), 0).all()
+    # robust accuracy on the training samples: the full set's only (the removed sets' is never read)
+    for variant, attacked in (("full", True), ("without_atypical", False), ("without_random", False)):
+        with np.load(out / "AT" / "models" / f"{variant}-s0.npz") as z:
+            assert ("train_robust_correct" in z.files) == attacked and "test_robust_correct" in z.files
 
 
 def test_other_class_confidence_hand_computed():
