@@ -68,14 +68,12 @@ def table(record: Path) -> str:
     return "\n".join(lines)
 
 
-def into_readme(record: Path, text: str) -> bool:
-    """Put ``text`` between the table markers of RECORD/README.md; False where there are none."""
+def into_readme(record: Path, text: str) -> None:
+    """Put ``text`` between the table markers of RECORD/README.md, where it has them."""
     readme = record / "README.md"
-    if not readme.exists() or MARKERS[0] not in (old := readme.read_text()):
-        return False
-    begin, end = map(re.escape, MARKERS)
-    readme.write_text(re.sub(f"{begin}.*?{end}", lambda _: f"{MARKERS[0]}\n{text}\n{MARKERS[1]}", old, flags=re.S))
-    return True
+    if readme.exists() and MARKERS[0] in (old := readme.read_text()):
+        begin, end = map(re.escape, MARKERS)
+        readme.write_text(re.sub(f"{begin}.*?{end}", lambda _: f"{MARKERS[0]}\n{text}\n{MARKERS[1]}", old, flags=re.S))
 
 
 def main(argv=None) -> None:

@@ -41,6 +41,7 @@ def test_retrain_attacks_only_the_robust_splits_and_their_values_do_not_move(tmp
     pd.testing.assert_frame_equal(test_only[test_only.split == "test"].reset_index(drop=True),
                                   both[both.split == "test"].reset_index(drop=True), check_dtype=False)
 
+
 def test_validate_end_to_end_and_resume(digits_run, tmp_path, capsys, monkeypatch):
     run, _ = digits_run
     out = tmp_path / "v"
