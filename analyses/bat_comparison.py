@@ -22,8 +22,10 @@ the baselines do not read the scores and are reused.
 Written to OUT:
 
 - ``models/VARIANT-sS/``: each model's checkpoint, per-epoch log (BAT: mean weight of the
-  atypical samples, fraction flagged harmful), ``eval/`` and ``autoattack/`` (per-sample
-  flags, ``robustbench.json``);
+  atypical samples, fraction flagged harmful), its kept epoch (``selected.json``), ``eval/``
+  and ``autoattack/`` (per-sample flags, ``robustbench.json``). A model whose evaluations are
+  all there needs its checkpoint no more: OUT without the checkpoints (and the evaluations'
+  ``state/``) is what a study commits, and a fresh clone resumes from it model by model;
 - ``bat_comparison.parquet``: accuracy per (variant, group, metric) with 95 % t-intervals over
   seeds and the difference to PGD-AT paired by seed; groups: all, typical and atypical test
   samples (atypical: in a same-class high-influence pair with an atypical training sample);
@@ -41,6 +43,7 @@ t-interval.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -57,7 +60,7 @@ from memtool.evaluation import evaluate
 from memtool.experiments import experiment_seeds, slug, summarize, t_interval
 from memtool.progress import progress_bar
 from memtool.recipe import Recipe
-from memtool.rundir import read_table, write_table
+from memtool.rundir import read_json, read_table, write_json, write_table
 from memtool.training import TrainConfig, train
 
 from .study import StudySettings, load_study, main as study_main
@@ -100,6 +103,12 @@ LAST_EPOCH = ("pgd-at", "bat")  # with val_samples, also reported at their last 
 LAST = " (last epoch)"
 METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
 POLL_S = 30.0  # how often a step waits for the models another process is working on
+SELECTED = "selected.json"  # a model's kept epoch, beside its checkpoint: read where the checkpoint is gone
+
+
+def kept_epoch(model_dir: Path) -> int:
+    """The epoch whose weights a comparison model was evaluated with (its checkpoint rule)."""
+    return int(read_json(Path(model_dir) / SELECTED)["epoch"])
 
 
 def shared(jobs, step: str, fn, claims: Path, desc: str, progress: bool = True) -> None:
@@ -257,20 +266,42 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         return TrainConfig(dataset=cfg.dataset, limit=cfg.limit, seed=model_seeds[s], recipe=todo[v], eval_samples=0,
                            **select)
 
+    aa_jobs = [(v, s) for v, s in jobs if v in attacked and (s < (aa_seeds or seeds) or v in aa_all_seeds)]
+    tracked = {j for j in jobs if val_samples and j[0] in LAST_EPOCH}  # robust overfitting (Rice et al.)
+
+    def recorded(j, sub) -> bool:
+        return (dirs[j] / sub / "per_sample.parquet").exists()
+
+    def needed(j) -> list[str]:  # the evaluations a model owes: then its checkpoint may go (a fresh clone)
+        subs = ["eval"] + ["autoattack"] * (j in aa_jobs)
+        if j in tracked and (dirs[j] / SELECTED).exists():
+            subs += ["eval-last"] * (kept_epoch(dirs[j]) != todo[j[0]].epochs)
+        return subs
+
+    def fit_model(j):
+        if (dirs[j] / SELECTED).exists() and all(recorded(j, sub) for sub in needed(j)):
+            return  # every number of this model is recorded: no checkpoint needed
+        if not (dirs[j] / "checkpoint.pt").exists():  # unfinished evaluations of a model that is gone
+            for sub in ("eval", "eval-last", "autoattack"):
+                if (dirs[j] / sub).exists() and not recorded(j, sub):
+                    shutil.rmtree(dirs[j] / sub)
+        train(config(*j), dirs[j], **kw)
+        epoch, _ = selected_epoch(load_checkpoint(dirs[j]))
+        write_json(dirs[j] / SELECTED, {"epoch": epoch})
+
+    def evaluated(sub, **opts):
+        return lambda j: recorded(j, sub) or evaluate(dirs[j], dirs[j] / sub, eps=eps, **opts, **kw)
+
     step = dict(claims=out / "claims", progress=progress)  # several processes may share the work
-    shared(jobs, "train", lambda j: train(config(*j), dirs[j], **kw), desc="train", **step)
-    shared(jobs, "eval", lambda j: evaluate(dirs[j], dirs[j] / "eval", attacks=ATTACKS, eps=eps, **kw),
-           desc="PGD-20, CW-20", **step)
-    # robust overfitting (Rice et al.): PGD-AT and BAT at their last epoch too, where it is not the chosen one
-    best = {j: selected_epoch(load_checkpoint(dirs[j]))[0] for j in jobs if val_samples and j[0] in LAST_EPOCH}
+    shared(jobs, "train", fit_model, desc="train", **step)
+    shared(jobs, "eval", evaluated("eval", attacks=ATTACKS), desc="PGD-20, CW-20", **step)
+    # PGD-AT and BAT at their last epoch too, where it is not the chosen one
+    best = {j: kept_epoch(dirs[j]) for j in tracked}
     last = {j: "eval" if best[j] == todo[j[0]].epochs else "eval-last" for j in best}
     shared([j for j, sub in last.items() if sub == "eval-last"], "eval-last",
-           lambda j: evaluate(dirs[j], dirs[j] / "eval-last", attacks=ATTACKS, eps=eps, weights="last", **kw),
-           desc="last epoch", **step)
-    aa_jobs = [(v, s) for v, s in jobs if v in attacked and (s < (aa_seeds or seeds) or v in aa_all_seeds)]
-    shared(aa_jobs, "autoattack", lambda j: evaluate(dirs[j], dirs[j] / "autoattack", attacks="clean,autoattack",
-                                                     eps=eps, n_samples=aa_samples, backend=backend, **kw),
-           desc="AutoAttack", **step)
+           evaluated("eval-last", attacks=ATTACKS, weights="last"), desc="last epoch", **step)
+    shared(aa_jobs, "autoattack", evaluated("autoattack", attacks="clean,autoattack", n_samples=aa_samples,
+                                            backend=backend), desc="AutoAttack", **step)
 
     def records(sub, which, suffix=""):
         subs = sub if isinstance(sub, dict) else dict.fromkeys(which, sub)

@@ -60,7 +60,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     for name, method in methods.items():
         records = retrain(out / name, data, replace(recipe or cfg.recipe, method=method), variants, seeds,
                           seed=cfg.seed, robust_eps=eps, robust_steps=EVAL_STEPS, robust_splits=ROBUST_SPLITS,
-                          settings={"run": str(run_dir), "fingerprint": ds.fingerprint}, progress=progress)
+                          settings={"fingerprint": ds.fingerprint}, progress=progress)
         test = summarize(records, {"atypical test": atyp_test, "typical test": ~atyp_test}, baseline="full")
         train = summarize(records[records["variant"] == "full"], {"atypical train": atyp_train}, split="train")
         tables.append(pd.concat([test, train], ignore_index=True).assign(method=name))

@@ -104,7 +104,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         variants[f"random atypical {k}"] = shuffled[:k]
     records = retrain(out / "AT", data, train_recipe, variants, seeds, seed=cfg.seed, robust_eps=eps,
                       robust_steps=EVAL_STEPS, robust_splits=("test",),
-                      settings={"run": str(run_dir), "fingerprint": ds.fingerprint}, progress=progress)
+                      settings={"fingerprint": ds.fingerprint}, progress=progress)
     table = summarize(records, {"typical test": ~atyp_test, "atypical test": atyp_test}, baseline="full")
     kind = table["variant"].str.extract(r"^(harmful|random atypical|full)")[0]
     table.insert(1, "removed", kind)

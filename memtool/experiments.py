@@ -101,7 +101,7 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
                 rec[f"{split}_robust_correct"] = models.margins(x, y, robust=robust_eps, steps=robust_steps,
                                                                 key=key) > 0
         for j, s in enumerate(pending):
-            atomic_write(_file(out, v, s), lambda f, j=j: np.savez(f, **{k: r[j].numpy() for k, r in rec.items()}))
+            atomic_write(_file(out, v, s), lambda f, j=j: np.savez_compressed(f, **{k: r[j].numpy() for k, r in rec.items()}))
             bar.update(1)
     bar.close()
     return load_records(out, variants, seeds)

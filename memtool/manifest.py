@@ -142,7 +142,9 @@ def load(dest: Path, **header) -> dict:
 def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[dict],
            wall_s: float | None = None) -> None:
     """Set ``stage``'s row (its wall time adds up over the invocations that worked on it) and
-    write the manifest."""
+    write the manifest, over the rows other processes wrote meanwhile (one stage each)."""
+    if (dest / "manifest.json").exists():
+        manifest["stages"] = {**manifest["stages"], **read_json(dest / "manifest.json").get("stages", {})}
     prev = manifest["stages"].get(stage, {})
     files = [Path(os.path.relpath(f, dest)).as_posix() for f in files]  # names, or records/STAGE folders
     row = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"),

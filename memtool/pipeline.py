@@ -6,6 +6,7 @@ resumes by itself, so an interrupted pipeline trains only what is missing:
 
     name: mnist                    # figures go to OUT/mnist/, runs to RUNS/mnist/
     runs: runs                     # where the run directories live (trials, models: not committed)
+    records: references            # optional: where the RECORDED stages keep their work (committed)
     estimate: {dataset: mnist, limit: 5000, trials: 1600, ...}   # memtool estimate settings
     robust_estimate: {method: pgd-at, eps: 0.3, trials: 64, ...} # optional: robust mem under AT
     validate: {seeds: 3}                                          # optional: memtool validate
@@ -19,6 +20,12 @@ It writes OUT/NAME/*.png and the small result tables (*.md, *.parquet), every ev
 robustbench.json under OUT/NAME/records/STAGE/, OUT/NAME/manifest.json
 (per figure: the command, the data, the date and the key numbers; per stage: wall time) and
 regenerates OUT/README.md from every manifest under OUT.
+
+With ``records: DIR`` the stages of :data:`RECORDED` work in DIR/NAME/STAGE/ instead of
+RUNS/NAME/STAGE/, a folder meant to be committed (without checkpoints and attack states:
+.gitignore), so that a fresh clone resumes them model by model and rebuilds a finished stage's
+tables without training: what they keep per model is a few kilobytes of per-sample records
+(the comparison also its checkpoints, which it needs no more once a model is evaluated).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from .rundir import read_json, read_table
 STAGES = ("estimate", "validate", "validate_transfer", "finding_a", "finding_b", "bat_comparison", "score_cost",
           "robust_estimate")
 FILE_STEMS = {"validate_transfer": "validate"}  # a stage whose function names its files otherwise
+RECORDED = ("validate", "validate_transfer", "finding_a", "finding_b", "bat_comparison")  # resume from per-model records
 
 
 def analyses() -> dict:
@@ -58,9 +66,9 @@ def load_config(path) -> dict:
     cfg = read_yaml(path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must be a YAML mapping of sections (name, estimate, ...), got {type(cfg).__name__}")
-    unknown = set(cfg) - set(STAGES) - {"name", "runs", "description"}
+    unknown = set(cfg) - set(STAGES) - {"name", "runs", "records", "description"}
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: name, runs, description, "
+        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: name, runs, records, description, "
                          f"{', '.join(STAGES)}")
     if "name" not in cfg or "estimate" not in cfg:
         raise ValueError(f"{path} must have a name and an estimate section")
@@ -146,9 +154,10 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         opts = dict(cfg[key] or {})
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
-        _, wall = _timed(lambda: run_stage(est_run, runs / key, progress=progress, **kw, **opts))
-        files = _copy(runs / key, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"],
-                      stem=FILE_STEMS.get(key)) + _records(runs / key, dest / "records" / key)
+        work = Path(cfg["records"]) / name / key if cfg.get("records") and key in RECORDED else runs / key
+        _, wall = _timed(lambda: run_stage(est_run, work, progress=progress, **kw, **opts))
+        files = _copy(work, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"],
+                      stem=FILE_STEMS.get(key)) + _records(work, dest / "records" / key)
         manifest.record(m, dest, key, files, data, manifest.headline(key, read_table(dest / f"{key}.parquet")), wall)
     if cfg.get("robust_estimate"):
         rob = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]})
@@ -181,7 +190,7 @@ def committed_reference(config: Path, name: str, settings: dict, run: Path) -> P
     if diff_settings(meta["config"], EstimateConfig.from_kwargs(**rest).to_dict()) or \
             meta["summary"]["n_trials"] < Execution(**ex).trials:
         return None
-    return ref
+    return ref.relative_to(Path.cwd()) if ref.is_relative_to(Path.cwd()) else ref  # tables name it as typed
 
 
 def run_manifest(run, out, paths, command: str) -> Path:

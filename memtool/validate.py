@@ -54,7 +54,7 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, progress: bool = Tru
     variants = dict(zip(VARIANTS, ([], removed, rng.choice(n, len(removed), replace=False))))
     records = retrain(out, Data.of(ds, device), recipe, variants, seeds, seed=cfg.seed,
                       robust_eps=cfg.robust_eps if cfg.robust else None,
-                      settings={"run": str(run), "fingerprint": ds.fingerprint}, progress=progress)
+                      settings={"fingerprint": ds.fingerprint}, progress=progress)
     groups = {"influenced test samples": influenced, "all test samples": np.ones(n_test, bool)}
     table = summarize(records, groups, baseline="full")
     fit = [summarize(records[records["variant"] == v], {"own training samples": ~np.isin(np.arange(n), ex)},

@@ -86,7 +86,7 @@ def clean_digits_run(tmp_path_factory):
     return out
 
 
-def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path):
+def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path, monkeypatch):
     out = tmp_path / "bc"
     variants = ["standard", "pgd-at", "trades b=1", "trades b=6", "bat", "bat weights only"]
     table = bc.run(clean_digits_run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, variants=variants,
@@ -125,6 +125,20 @@ def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path):
     bc.run(clean_digits_run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, variants=variants, aa_samples=40,
            aa_variants="headline", progress=False)
     assert before == {p: p.stat().st_mtime_ns for p in (out / "models").rglob("checkpoint.pt")}
+    # a fresh clone has the committed records only (no checkpoints, no attack states): it trains
+    # and attacks nothing and rebuilds the same table; a model that lost an evaluation is retrained
+    import shutil
+
+    for p in [*(out / "models").rglob("checkpoint.pt"), *(out / "models").rglob("state")]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (out / "models" / "bat-s1" / "autoattack" / "per_sample.parquet").unlink()
+    trained, real = [], bc.train
+    monkeypatch.setattr(bc, "train", lambda config, out, **kw: (trained.append(out.name), real(config, out, **kw))[1])
+    again = bc.run(clean_digits_run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, variants=variants,
+                   aa_samples=40, aa_variants="headline", progress=False)
+    assert trained == ["bat-s1"] and (out / "models" / "bat-s1" / "autoattack" / "per_sample.parquet").exists()
+    key = ["variant", "group", "metric"]
+    pd.testing.assert_frame_equal(again.sort_values(key, ignore_index=True), table.sort_values(key, ignore_index=True))
 
 
 def test_refuses_unknown_variant_and_noisy_run(digits_run, clean_digits_run, tmp_path):

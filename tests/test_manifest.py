@@ -80,3 +80,15 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:begin"):
         manifest.update_readme(readme, ROOT / "figures")
+
+
+def test_two_processes_recording_other_stages_keep_both_rows(tmp_path):
+    """Two `memtool figures --stages X` processes load the manifest at their start and record
+    their own stage at their end: neither row is lost, and a stage's wall time adds up."""
+    first = manifest.load(tmp_path, name="t", description="", command="a")
+    second = manifest.load(tmp_path, name="t", description="", command="b")
+    manifest.record(first, tmp_path, "finding_a", [], "data", [], wall_s=10.0)
+    manifest.record(second, tmp_path, "finding_b", [], "data", [], wall_s=20.0)
+    manifest.record(first, tmp_path, "finding_a", [], "data", [], wall_s=5.0)
+    stages = json.loads((tmp_path / "manifest.json").read_text())["stages"]
+    assert {k: v["wall_s"] for k, v in stages.items()} == {"finding_a": 15.0, "finding_b": 20.0}

@@ -229,8 +229,8 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
     for f in ("run.json", "labels.npz", "scores.parquet", "influence.parquet"):
         shutil.copyfile(tmp_path / "made" / f, ref / f)
     config = tmp_path / "configs" / "tiny.yaml"
-    config.write_text(f"name: tiny\nruns: {tmp_path / 'runs'}\nestimate: {json.dumps(est)}\nvalidate: {{seeds: 1}}\n"
-                      "finding_a: {seeds: 1}\n")
+    config.write_text(f"name: tiny\nruns: {tmp_path / 'runs'}\nrecords: {tmp_path / 'references'}\n"
+                      f"estimate: {json.dumps(est)}\nvalidate: {{seeds: 1}}\nfinding_a: {{seeds: 1}}\n")
     calls = []
     real = engine.train_stack
     monkeypatch.setattr(engine, "train_stack", lambda *a, **kw: (calls.append(len(a[3])), real(*a, **kw))[1])
@@ -239,6 +239,13 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
     assert len(calls) == 3 and not (tmp_path / "runs" / "tiny" / "estimate").exists()  # 3 variants x 1 seed
     manifest = json.loads((tmp_path / "figures" / "tiny" / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"estimate", "validate"} and "validate.md" in manifest["stages"]["validate"]["files"]
+    # records: validate works in references/tiny/validate/ (committed): a clone without runs/ trains nothing
+    assert len(list((ref / "validate" / "models").glob("*.npz"))) == 3 and not (tmp_path / "runs").exists()
+    shutil.rmtree(tmp_path / "figures")
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figures"), "--quiet",
+                 "--stages", "validate"]) == 0
+    assert len(calls) == 3 and (tmp_path / "figures" / "tiny" / "validate.md").read_text() == \
+        (ref / "validate" / "validate.md").read_text()
     other = flatten_settings({**est, "epochs": 6})
     assert committed_reference(config, "tiny", other, tmp_path / "runs" / "tiny" / "estimate") is None
     assert committed_reference(config, "tiny", {**est, "trials": 8}, tmp_path / "x") is None  # more trials asked
