@@ -43,6 +43,7 @@ t-interval.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 import time
@@ -60,8 +61,8 @@ from memtool.evaluation import evaluate
 from memtool.experiments import experiment_seeds, slug, summarize, t_interval
 from memtool.progress import progress_bar
 from memtool.recipe import Recipe
-from memtool.rundir import read_json, read_table, write_json, write_table
-from memtool.training import TrainConfig, train
+from memtool.rundir import RunMismatchError, read_json, read_table, write_json, write_table
+from memtool.training import TrainConfig, check_trained, train
 
 from .study import StudySettings, load_study, main as study_main
 
@@ -109,6 +110,28 @@ SELECTED = "selected.json"  # a model's kept epoch, beside its checkpoint: read 
 def kept_epoch(model_dir: Path) -> int:
     """The epoch whose weights a comparison model was evaluated with (its checkpoint rule)."""
     return int(read_json(Path(model_dir) / SELECTED)["epoch"])
+
+
+def weights_digest(model) -> str:
+    """sha256 of a model's weights: whether a retrained model is the one its records measured."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def evaluation_recorded(sub: Path, eps: float, attacks: str, n: int) -> bool:
+    """Whether ``sub`` holds a finished evaluation of ``attacks`` at ``eps`` on the first ``n``
+    test samples (fewer: not finished, it resumes); one at another eps or of other attacks is
+    an error, as :func:`memtool.evaluate` would say."""
+    if not (sub / "per_sample.parquet").exists():
+        return False
+    done = read_json(sub / "summary.json")
+    if done["eps"] != eps or list(done["attacks"]) != attacks.split(","):
+        raise RunMismatchError(f"{sub} holds an evaluation of {','.join(done['attacks'])} at eps {done['eps']:g}; "
+                               f"this comparison asks for {attacks} at eps {eps:g}: remove it, or use another OUT")
+    return done["n_samples"] >= n
 
 
 def shared(jobs, step: str, fn, claims: Path, desc: str, progress: bool = True) -> None:
@@ -269,8 +292,12 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     aa_jobs = [(v, s) for v, s in jobs if v in attacked and (s < (aa_seeds or seeds) or v in aa_all_seeds)]
     tracked = {j for j in jobs if val_samples and j[0] in LAST_EPOCH}  # robust overfitting (Rice et al.)
 
-    def recorded(j, sub) -> bool:
-        return (dirs[j] / sub / "per_sample.parquet").exists()
+    evaluations = {"eval": dict(attacks=ATTACKS), "eval-last": dict(attacks=ATTACKS, weights="last"),
+                   "autoattack": dict(attacks="clean,autoattack", n_samples=aa_samples, backend=backend)}
+
+    def recorded(j, sub) -> bool:  # refuses a recorded evaluation of other settings
+        return evaluation_recorded(dirs[j] / sub, eps, evaluations[sub]["attacks"],
+                                   evaluations[sub].get("n_samples") or n_test)
 
     def needed(j) -> list[str]:  # the evaluations a model owes: then its checkpoint may go (a fresh clone)
         subs = ["eval"] + ["autoattack"] * (j in aa_jobs)
@@ -280,28 +307,32 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
 
     def fit_model(j):
         if (dirs[j] / SELECTED).exists() and all(recorded(j, sub) for sub in needed(j)):
-            return  # every number of this model is recorded: no checkpoint needed
+            return check_trained(config(*j), dirs[j], data_root)  # recorded: no checkpoint needed
         if not (dirs[j] / "checkpoint.pt").exists():  # unfinished evaluations of a model that is gone
-            for sub in ("eval", "eval-last", "autoattack"):
+            for sub in evaluations:
                 if (dirs[j] / sub).exists() and not recorded(j, sub):
                     shutil.rmtree(dirs[j] / sub)
-        train(config(*j), dirs[j], **kw)
-        epoch, _ = selected_epoch(load_checkpoint(dirs[j]))
-        write_json(dirs[j] / SELECTED, {"epoch": epoch})
+        model = train(config(*j), dirs[j], **kw)
+        now = {"epoch": selected_epoch(load_checkpoint(dirs[j]))[0], "weights_sha": weights_digest(model)}
+        if (dirs[j] / SELECTED).exists() and read_json(dirs[j] / SELECTED) != now:  # retrained, and not the same
+            print(f"{dirs[j]}: the retrained model differs from the one its evaluations measured; they run again",
+                  file=sys.stderr)
+            for sub in evaluations:
+                shutil.rmtree(dirs[j] / sub, ignore_errors=True)
+        write_json(dirs[j] / SELECTED, now)
 
-    def evaluated(sub, **opts):
-        return lambda j: recorded(j, sub) or evaluate(dirs[j], dirs[j] / sub, eps=eps, **opts, **kw)
+    def evaluated(sub):
+        return lambda j: recorded(j, sub) or evaluate(dirs[j], dirs[j] / sub, eps=eps, **evaluations[sub], **kw)
 
     step = dict(claims=out / "claims", progress=progress)  # several processes may share the work
     shared(jobs, "train", fit_model, desc="train", **step)
-    shared(jobs, "eval", evaluated("eval", attacks=ATTACKS), desc="PGD-20, CW-20", **step)
+    shared(jobs, "eval", evaluated("eval"), desc="PGD-20, CW-20", **step)
     # PGD-AT and BAT at their last epoch too, where it is not the chosen one
     best = {j: kept_epoch(dirs[j]) for j in tracked}
     last = {j: "eval" if best[j] == todo[j[0]].epochs else "eval-last" for j in best}
-    shared([j for j, sub in last.items() if sub == "eval-last"], "eval-last",
-           evaluated("eval-last", attacks=ATTACKS, weights="last"), desc="last epoch", **step)
-    shared(aa_jobs, "autoattack", evaluated("autoattack", attacks="clean,autoattack", n_samples=aa_samples,
-                                            backend=backend), desc="AutoAttack", **step)
+    shared([j for j, sub in last.items() if sub == "eval-last"], "eval-last", evaluated("eval-last"),
+           desc="last epoch", **step)
+    shared(aa_jobs, "autoattack", evaluated("autoattack"), desc="AutoAttack", **step)
 
     def records(sub, which, suffix=""):
         subs = sub if isinstance(sub, dict) else dict.fromkeys(which, sub)

@@ -28,7 +28,7 @@ from scipy import stats
 from .engine import fit
 from .progress import progress_bar
 from .recipe import Recipe, stream
-from .rundir import atomic_write, open_settings
+from .rundir import atomic_write, open_settings, read_json, write_json
 
 EXPERIMENT = 0xE1  # the stream of experiment seeds
 
@@ -75,6 +75,8 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
     per_variant = robust_splits if isinstance(robust_splits, dict) else dict.fromkeys(variants, robust_splits)
     splits = {v: list(per_variant.get(v, ())) for v in variants}
     excluded = {v: np.unique(np.asarray(ids, dtype=np.int64)) for v, ids in variants.items()}
+    if (out / "experiment.json").exists() and "run" in (old := read_json(out / "experiment.json")):
+        write_json(out / "experiment.json", {k: v for k, v in old.items() if k != "run"})  # the path: no setting
     open_settings(out / "experiment.json", {
         **(settings or {}), "recipe": recipe.to_dict(), "seeds": seeds, "seed": seed, "robust_eps": robust_eps,
         "robust_steps": robust_steps, **({"robust_splits": splits} if robust_eps is not None else {}),

@@ -46,7 +46,7 @@ from .datasets import load_dataset
 from .engine import fit
 from .progress import progress_bar
 from .recipe import EVAL, DataJob, Recipe, stream
-from .rundir import check_settings, open_settings, write_jsonl
+from .rundir import check_settings, open_settings, read_json, write_jsonl
 
 
 SELECTIONS = ("last", "best-pgd")
@@ -219,6 +219,8 @@ def _settings(config: TrainConfig, ds, excluded, w, method) -> dict:
     cfg = config.to_dict()
     for f in ("exclude_ids", "weights"):  # compared by content below, not by path
         cfg[f] = None
+    if cfg["recipe"]["method"].get("scores") is not None:  # BAT's scores: by content (atypical_sha), not by path
+        cfg["recipe"]["method"]["scores"] = None
     # BAT's atypical set, by content too: re-estimating into the same run directory changes it
     atypical = getattr(method, "atypical", None)
     return {"config": cfg,
@@ -251,25 +253,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if out is None:
         raise ValueError("out must name the training run's output directory, got None")
     out, device = Path(out), torch.device(device)
-    ds = load_dataset(config.dataset, data_root, config.limit, config.label_noise, config.seed)
-    n = len(ds.y_train)
-    if weights is not None and config.weights is not None:
-        raise ValueError("give per-sample weights either as an array or as a file, not both")
-    if exclude_ids is not None and config.exclude_ids is not None:
-        raise ValueError("give excluded ids either as an array or as a file, not both")
-    w = read_weights(config.weights, n) if config.weights else None if weights is None else check_weights(weights, n)
-    if config.exclude_ids:
-        excluded = read_ids(config.exclude_ids, n)
-    else:
-        excluded = np.unique(np.asarray([] if exclude_ids is None else exclude_ids, dtype=np.int64))
-        if excluded.size and (excluded.min() < 0 or excluded.max() >= n):
-            raise ValueError(f"exclude_ids holds ids outside 0..{n - 1} (the training set has {n} samples)")
-    subset = np.setdiff1d(np.arange(n), excluded)
-    if len(subset) == 0:
-        raise ValueError(f"exclude_ids leaves none of the {n} training samples")
-
-    r = replace(config.recipe, method=config.recipe.method.bind(ds))
-    settings_now = _settings(config, ds, excluded, w, r.method)
+    ds, subset, w, r, settings_now = _prepare(config, weights, exclude_ids, data_root)
     start, log = None, []
     if (out / CHECKPOINT).exists():
         ck = load_checkpoint(out / CHECKPOINT, device)
@@ -281,7 +265,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     x, y = torch.tensor(ds.x_train, device=device), torch.tensor(ds.y_train, device=device)
     n_eval = min(config.eval_samples, len(ds.y_test))
     xt, yt = torch.tensor(ds.x_test[:n_eval], device=device), torch.tensor(ds.y_test[:n_eval], device=device)
-    xv, yv = validation_samples(config, data_root, n, device)
+    xv, yv = validation_samples(config, data_root, len(ds.y_train), device)
     done = 0 if start is None else int(start["epoch"])
     if done >= r.epochs:
         if progress:
@@ -325,3 +309,35 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if config.select != "last":
         return model_from_checkpoint(load_checkpoint(out / CHECKPOINT, device), device)
     return models[0]
+
+
+def _prepare(config: TrainConfig, weights, exclude_ids, data_root):
+    """The dataset, the training subset, the weights, the bound recipe and the settings that
+    :func:`train` records and checks."""
+    ds = load_dataset(config.dataset, data_root, config.limit, config.label_noise, config.seed)
+    n = len(ds.y_train)
+    if weights is not None and config.weights is not None:
+        raise ValueError("give per-sample weights either as an array or as a file, not both")
+    if exclude_ids is not None and config.exclude_ids is not None:
+        raise ValueError("give excluded ids either as an array or as a file, not both")
+    w = read_weights(config.weights, n) if config.weights else None if weights is None else check_weights(weights, n)
+    if config.exclude_ids:
+        excluded = read_ids(config.exclude_ids, n)
+    else:
+        excluded = np.unique(np.asarray([] if exclude_ids is None else exclude_ids, dtype=np.int64))
+        if excluded.size and (excluded.min() < 0 or excluded.max() >= n):
+            raise ValueError(f"exclude_ids holds ids outside 0..{n - 1} (the training set has {n} samples)")
+    subset = np.setdiff1d(np.arange(n), excluded)
+    if len(subset) == 0:
+        raise ValueError(f"exclude_ids leaves none of the {n} training samples")
+
+    r = replace(config.recipe, method=config.recipe.method.bind(ds))
+    return ds, subset, w, r, _settings(config, ds, excluded, w, r.method)
+
+
+def check_trained(config: TrainConfig, out, data_root=None) -> None:
+    """Raise :class:`memtool.rundir.RunMismatchError` (naming each field) unless ``out`` was
+    trained with ``config``: what :func:`train` checks, from ``out``/config.json alone, so it
+    holds where the checkpoint is gone (a committed study's records)."""
+    *_, settings = _prepare(config, None, None, data_root)
+    check_settings(read_json(Path(out) / "config.json"), settings, out)

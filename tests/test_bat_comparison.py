@@ -148,7 +148,7 @@ def test_refuses_unknown_variant_and_noisy_run(digits_run, clean_digits_run, tmp
         bc.run(digits_run[0], tmp_path / "y", progress=False)
 
 
-def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path):
+def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path, monkeypatch):
     """``val_samples``: every adversarial model (not standard training) holds out training
     samples beyond the run's limit and keeps its best-PGD epoch on them; no model checks the
     test set while training; ``aa_seeds=1``: AutoAttack on seed 0 of the chosen variants only,
@@ -190,6 +190,24 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path):
             assert rb["checkpoint_rule"].startswith(f"last epoch ({SMALL.epochs})")
     last = table[table.variant.str.endswith(" (last epoch)")]
     assert set(last.variant) == {"pgd-at (last epoch)", "bat (last epoch)"} and set(last.metric) == {"clean", "pgd20", "cw20"}
+    # the committed records alone (no checkpoint): nothing trained, the same table, the kept epochs
+    # read from selected.json; a rerun with another eps or another training recipe is refused
+    import shutil
+
+    from memtool.rundir import RunMismatchError
+
+    for p in [*(out / "models").rglob("checkpoint.pt"), *(out / "models").rglob("state")]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    monkeypatch.setattr(bc, "train", lambda *a, **k: pytest.fail("trained a model whose records are complete"))
+    kw = dict(seeds=2, variants=["standard", "pgd-at", "bat"], val_samples=200, aa_samples=20,
+              aa_variants=["pgd-at", "bat"], aa_seeds=1, aa_all_seeds=["bat"], progress=False)
+    again = bc.run(run, out, eps=0.1, recipe=SMALL, pgd_steps=2, **kw)
+    pd.testing.assert_frame_equal(again, table)
+    assert read_table(out / "bat_comparison.parquet").attrs["memtool"]["best_epochs"] == info["best_epochs"]
+    with pytest.raises(RunMismatchError, match="eps 0.1; this comparison asks for clean,pgd20,cw20 at eps 0.2"):
+        bc.run(run, out, eps=0.2, recipe=SMALL, pgd_steps=2, **kw)
+    with pytest.raises(RunMismatchError, match="pgd_steps: run has 2, this call asks for 3"):
+        bc.run(run, out, eps=0.1, recipe=SMALL, pgd_steps=3, **kw)
     with pytest.raises(ValueError, match=r"aa_all_seeds \['standard'\] are not among the aa_variants \['pgd-at'\]"):
         bc.run(run, out, seeds=2, eps=0.1, recipe=SMALL, variants=["standard", "pgd-at"], aa_samples=20,
                aa_variants=["pgd-at"], aa_all_seeds=["standard"], progress=False)
