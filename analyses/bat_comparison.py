@@ -282,7 +282,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     dirs = {(v, s): out / "models" / f"{slug(v)}-s{s}" for v, s in jobs}
     kw = dict(progress=False, device=device, data_root=data_root)
 
-    # stage by stage over all models, so the cheap numbers exist before AutoAttack starts
+    # every model trained and evaluated (PGD-20, CW-20) before AutoAttack starts on any: the cheap numbers first
     def config(v, s):  # no test-set check during training: the evaluation below is the measurement
         select = {"val_samples": val_samples, "select": "best-pgd"} if val_samples and todo[v].method.name != \
             "standard" else {}
@@ -324,14 +324,16 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     def evaluated(sub):
         return lambda j: recorded(j, sub) or evaluate(dirs[j], dirs[j] / sub, eps=eps, **evaluations[sub], **kw)
 
+    def model(j):  # trained and evaluated in one go: its records are complete (committable) early
+        fit_model(j)
+        evaluated("eval")(j)
+        if j in tracked and kept_epoch(dirs[j]) != todo[j[0]].epochs:  # PGD-AT and BAT at their last epoch too
+            evaluated("eval-last")(j)
+
     step = dict(claims=out / "claims", progress=progress)  # several processes may share the work
-    shared(jobs, "train", fit_model, desc="train", **step)
-    shared(jobs, "eval", evaluated("eval"), desc="PGD-20, CW-20", **step)
-    # PGD-AT and BAT at their last epoch too, where it is not the chosen one
+    shared(jobs, "model", model, desc="train, PGD-20, CW-20", **step)
     best = {j: kept_epoch(dirs[j]) for j in tracked}
     last = {j: "eval" if best[j] == todo[j[0]].epochs else "eval-last" for j in best}
-    shared([j for j, sub in last.items() if sub == "eval-last"], "eval-last", evaluated("eval-last"),
-           desc="last epoch", **step)
     shared(aa_jobs, "autoattack", evaluated("autoattack"), desc="AutoAttack", **step)
 
     def records(sub, which, suffix=""):

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from memtool.estimator import Thresholds
-from memtool.experiments import EXPERIMENT, bar_panels, markdown, retrain, summarize
+from memtool.experiments import EXPERIMENT, bar_panels, markdown, model_accuracy, retrain, summarize
 from memtool.methods import PGDAT, Method
 from memtool.recipe import Recipe, stream
 from memtool.rundir import write_table
@@ -56,7 +56,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))
     variants = dict(zip(VARIANTS, ([], atypical_ids, rng.choice(len(atyp_train), len(atypical_ids), replace=False))))
     methods = {"ST": Method(), "AT": PGDAT(eps=eps, pgd_steps=pgd_steps)}
-    tables = []
+    tables, per_model = [], {}
     for name, method in methods.items():
         records = retrain(out / name, data, replace(recipe or cfg.recipe, method=method), variants, seeds,
                           seed=cfg.seed, robust_eps=eps, robust_steps=EVAL_STEPS, robust_splits=ROBUST_SPLITS,
@@ -64,6 +64,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         test = summarize(records, {"atypical test": atyp_test, "typical test": ~atyp_test}, baseline="full")
         train = summarize(records[records["variant"] == "full"], {"atypical train": atyp_train}, split="train")
         tables.append(pd.concat([test, train], ignore_index=True).assign(method=name))
+        per_model[name] = model_accuracy(records)
     table = pd.concat(tables, ignore_index=True)
     table = table[["method"] + [c for c in table.columns if c != "method"]]
     info = {"run": str(run_dir), "eps": eps, "robust_attack": f"pgd{EVAL_STEPS}", "seeds": seeds,
@@ -77,7 +78,8 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         f"atypical test samples (high-influence pair, infl >= {infl_threshold}): {info['n_atypical_test']} of "
         f"{info['n_test']}. Robust: PGD-{EVAL_STEPS} at eps {eps:g}. {seeds} seeds per cell, 95 % t-intervals "
         "over seeds; differences paired by seed.\n\n"
-        + "\n".join(f"## {m}\n\n" + markdown(t.drop(columns="method")) for m, t in table.groupby("method", sort=False)))
+        + "\n".join(f"## {m}\n\n" + markdown(t.drop(columns="method")) for m, t in table.groupby("method", sort=False))
+        + "\n## Per model\n\n" + "\n".join(f"{m}:\n\n{t}" for m, t in per_model.items()))
     test = table[table["group"] != "atypical train"]
     panels = {f"{m}: {k} accuracy": test[(test["method"] == m) & (test["metric"] == k)]
               for m in methods for k in ("clean", "robust")}

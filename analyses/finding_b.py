@@ -33,7 +33,7 @@ import torch
 from memtool.config import check_number, setting
 from memtool.engine import fit
 from memtool.estimator import Thresholds, load_scores
-from memtool.experiments import EXPERIMENT, markdown, retrain, summarize
+from memtool.experiments import EXPERIMENT, markdown, model_accuracy, retrain, summarize
 from memtool.methods import PGDAT, Batch, other_class_confidence
 from memtool.recipe import EVAL, Recipe, stream
 from memtool.rundir import read_table, write_table
@@ -120,7 +120,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         f"PGD-{EVAL_STEPS} at eps {eps:g} against a PGD-AT model on the full set (median h "
         f"{info['h_median']:.3f}). PGD-AT retrained without the k most harmful or k random atypical samples, "
         f"k in {sizes}; {seeds} seeds each, 95 % t-intervals over seeds, differences paired by seed.\n\n"
-        + markdown(table.drop(columns=["removed", "n_removed"])))
+        + markdown(table.drop(columns=["removed", "n_removed"])) + "\n## Per model\n\n" + model_accuracy(records))
     figure(table, out / "finding_b.png", cfg.dataset, eps)
     return table
 

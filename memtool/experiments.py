@@ -126,6 +126,23 @@ def load_records(out, variants, seeds: int) -> pd.DataFrame:
     return records
 
 
+def model_accuracy(records: pd.DataFrame) -> str:
+    """Each model's clean (and robust) accuracy on the training set (all of it, the samples a
+    variant leaves out included) and on the test set, as a markdown table: a model that did not
+    train (near chance) stands out here, where the intervals over seeds only widen."""
+    rec = records.copy()
+    if "robust_correct" in rec.columns:
+        rec["robust_correct"] = rec["robust_correct"].astype("Float64")  # <NA> where a split was not attacked
+    cols = [c for c in ("correct", "robust_correct") if c in rec.columns]
+    acc = rec.groupby(["variant", "seed", "split"], sort=False)[cols].mean().unstack("split")
+    head = "| variant | seed | " + " | ".join(f"{'clean' if c == 'correct' else 'robust'} {split} %"
+                                              for c, split in acc.columns) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(acc.columns)]
+    for (v, seed), row in acc.iterrows():
+        lines.append(f"| {v} | {seed} | " + " | ".join("-" if pd.isna(x) else f"{100 * x:.1f}" for x in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): Student-t interval of the mean of ``values`` (NaN bounds for one value)."""
     v = np.asarray(values, dtype=float)
@@ -203,6 +220,7 @@ def bar_panels(table: pd.DataFrame, path, title: str, panels: dict, ylabel: str 
         ax.set_xticks(np.arange(len(groups)), [textwrap.fill(g, 14) for g in groups], fontsize=8)
         ax.set_title(name, fontsize=9)
     axes[0, 0].set_ylabel(ylabel)
+    axes[0, 0].set_ylim(0, 100)  # an interval over 3 seeds may run past 0 or 100 %: it is cut at the frame
     axes[0, 0].legend(frameon=False, fontsize=7)
     fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=10)
     fig.tight_layout()

@@ -77,3 +77,21 @@ def test_validate_refuses_an_imported_run(tmp_path):
     memtool.rundir.write_json(tmp_path / "run.json", {"config": {"source": "feldman-zhang"}, "dataset": {}})
     with pytest.raises(ValueError, match="needs a `memtool estimate` run"):
         memtool.validate(tmp_path)
+
+
+def test_model_accuracy_lists_each_model_and_shows_one_that_did_not_train():
+    """Per model and split: the mean of its per-sample flags; an unattacked split shows '-'."""
+    import pandas as pd
+
+    from memtool.experiments import model_accuracy
+
+    rows = []
+    for seed, train_ok, test_ok in ((0, [1, 1, 1, 0], [1, 1, 0, 0]), (1, [1, 0, 0, 0], [0, 0, 0, 0])):
+        rows.append(pd.DataFrame({"variant": "full", "seed": seed, "split": "train", "sample_id": range(4),
+                                  "correct": pd.array(train_ok, dtype=bool), "robust_correct": pd.NA}))
+        rows.append(pd.DataFrame({"variant": "full", "seed": seed, "split": "test", "sample_id": range(4),
+                                  "correct": pd.array(test_ok, dtype=bool),
+                                  "robust_correct": pd.array([True, False, False, False], dtype="boolean")}))
+    table = model_accuracy(pd.concat(rows, ignore_index=True)).splitlines()
+    assert table[0] == "| variant | seed | clean train % | clean test % | robust train % | robust test % |"
+    assert table[2:] == ["| full | 0 | 75.0 | 50.0 | - | 25.0 |", "| full | 1 | 25.0 | 0.0 | - | 25.0 |"]
