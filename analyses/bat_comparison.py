@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +55,11 @@ import pandas as pd
 from memtool.checkpoints import load_checkpoint, selected_epoch
 from memtool.config import setting
 from memtool.estimator import Thresholds
-from memtool.estimator.store import holding
 from memtool.evaluation import evaluate
 from memtool.experiments import experiment_seeds, slug, summarize, t_interval
-from memtool.progress import progress_bar
 from memtool.recipe import Recipe
 from memtool.rundir import RunMismatchError, read_json, read_table, write_json, write_table
+from memtool.sharing import shared
 from memtool.training import TrainConfig, check_trained, train
 
 from .study import StudySettings, load_study, main as study_main
@@ -103,7 +101,6 @@ ATTACKS = "clean,pgd20,cw20"
 LAST_EPOCH = ("pgd-at", "bat")  # with val_samples, also reported at their last epoch, as "VARIANT (last epoch)"
 LAST = " (last epoch)"
 METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
-POLL_S = 30.0  # how often a step waits for the models another process is working on
 SELECTED = "selected.json"  # a model's kept epoch, beside its checkpoint: read where the checkpoint is gone
 
 
@@ -132,32 +129,6 @@ def evaluation_recorded(sub: Path, eps: float, attacks: str, n: int) -> bool:
         raise RunMismatchError(f"{sub} holds an evaluation of {','.join(done['attacks'])} at eps {done['eps']:g}; "
                                f"this comparison asks for {attacks} at eps {eps:g}: remove it, or use another OUT")
     return done["n_samples"] >= n
-
-
-def shared(jobs, step: str, fn, claims: Path, desc: str, progress: bool = True) -> None:
-    """``fn(job)`` for every job (``fn`` resumes: on a finished job it returns at once), as one
-    of any number of processes running the same comparison: a job another live process is on
-    (its claim CLAIMS/VARIANT-sS.STEP.claim) is skipped, then waited for, and taken over if that
-    process dies; so the next step starts on finished models only."""
-    bar = progress_bar(total=len(jobs), desc=desc, unit="model", disable=not progress)
-    said = None
-    while jobs:
-        busy = []
-        for v, s in jobs:
-            with holding(claims / f"{slug(v)}-s{s}.{step}.claim") as mine:
-                if mine:
-                    fn((v, s))
-                    bar.update()
-                else:
-                    busy.append((v, s))
-        if busy and busy != said and progress:  # said again only when the set of held models changes
-            said = busy
-            bar.write(f"{desc}: waiting for {len(busy)} model(s) other processes hold (claims in {claims}; "
-                      "delete the claim of a process that is gone)", file=sys.stderr)
-        if busy:
-            time.sleep(POLL_S)
-        jobs = busy
-    bar.close()
 
 
 def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10) -> dict[str, Recipe]:
@@ -330,7 +301,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         if j in tracked and kept_epoch(dirs[j]) != todo[j[0]].epochs:  # PGD-AT and BAT at their last epoch too
             evaluated("eval-last")(j)
 
-    step = dict(claims=out / "claims", progress=progress)  # several processes may share the work
+    step = dict(claims=out / "claims", progress=progress, name=lambda j: f"{slug(j[0])}-s{j[1]}")  # several processes
     shared(jobs, "model", model, desc="train, PGD-20, CW-20", **step)
     best = {j: kept_epoch(dirs[j]) for j in tracked}
     last = {j: "eval" if best[j] == todo[j[0]].epochs else "eval-last" for j in best}

@@ -8,7 +8,8 @@ seeds. `memtool validate` and the findings' analyses are such experiments.
 
 Each (variant, seed) model's records are written to ``OUT/models/VARIANT-sSEED.npz`` as soon
 as its stack finishes (atomically), and an interrupted experiment trains only what is
-missing; ``OUT/experiment.json`` holds its settings and a reopen with others is refused.
+missing; several processes may run the same experiment at once (one per core,
+``OMP_NUM_THREADS=1``): each variant's stack is claimed by one of them (OUT/claims/); ``OUT/experiment.json`` holds its settings and a reopen with others is refused.
 The models of one variant share seeds with the other variants' (a paired design), and the
 seeds stack where the architecture allows.
 """
@@ -26,9 +27,9 @@ import torch
 from scipy import stats
 
 from .engine import fit
-from .progress import progress_bar
 from .recipe import Recipe, stream
 from .rundir import atomic_write, open_settings, read_json, write_json
+from .sharing import shared
 
 EXPERIMENT = 0xE1  # the stream of experiment seeds
 
@@ -84,12 +85,11 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
         "experiment settings")
     (out / "models").mkdir(parents=True, exist_ok=True)
     model_seeds = experiment_seeds(seed, seeds)
-    todo = [(v, s) for v in variants for s in range(seeds) if not _file(out, v, s).exists()]
-    bar = progress_bar(total=len(todo), unit="model", disable=not progress or not todo, desc="retraining")
-    for v in variants:
-        pending = [s for s in range(seeds) if (v, s) in todo]
+
+    def stack(v):  # a variant's missing seeds, trained as one stack
+        pending = [s for s in range(seeds) if not _file(out, v, s).exists()]
         if not pending:
-            continue
+            return
         subset = np.setdiff1d(np.arange(n), excluded[v])
         models = fit(recipe, data.x_train, data.y_train, [subset] * len(pending), [model_seeds[s] for s in pending],
                      num_classes=data.num_classes)
@@ -104,8 +104,10 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
                                                                 key=key) > 0
         for j, s in enumerate(pending):
             atomic_write(_file(out, v, s), lambda f, j=j: np.savez_compressed(f, **{k: r[j].numpy() for k, r in rec.items()}))
-            bar.update(1)
-    bar.close()
+
+    todo = [v for v in variants if any(not _file(out, v, s).exists() for s in range(seeds))]
+    shared(todo, "retrain", stack, out / "claims", desc="retraining", name=slug, progress=progress and bool(todo),
+           unit="variant")
     return load_records(out, variants, seeds)
 
 

@@ -65,10 +65,12 @@ def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypat
     claims.mkdir()
     (claims / "pgd-at-s0.train.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid,
                                                               "since": 0}))
-    monkeypatch.setattr(bc, "POLL_S", 0.05)
+    from memtool import sharing
+
+    monkeypatch.setattr(sharing, "POLL_S", 0.05)
     done = []
-    bc.shared([("pgd-at", 0), ("bat", 0), ("pgd-at", 1)], "train", lambda j: done.append((j, owner.poll())),
-              claims, "train")
+    sharing.shared([("pgd-at", 0), ("bat", 0), ("pgd-at", 1)], "train", lambda j: done.append((j, owner.poll())),
+                   claims, "train", name=lambda j: f"{j[0]}-s{j[1]}")
     assert capsys.readouterr().err.count("train: waiting for 1 model(s) other processes hold") == 1
     assert [j for j, _ in done] == [("bat", 0), ("pgd-at", 1), ("pgd-at", 0)]
     assert done[0][1] is None and done[-1][1] is not None  # the held model only after its owner ended

@@ -95,3 +95,35 @@ def test_model_accuracy_lists_each_model_and_shows_one_that_did_not_train():
     table = model_accuracy(pd.concat(rows, ignore_index=True)).splitlines()
     assert table[0] == "| variant | seed | clean train % | clean test % | robust train % | robust test % |"
     assert table[2:] == ["| full | 0 | 75.0 | 50.0 | - | 25.0 |", "| full | 1 | 25.0 | 0.0 | - | 25.0 |"]
+
+
+def test_retrain_leaves_a_variant_another_process_holds_and_trains_it_once_that_one_is_gone(tmp_path, monkeypatch):
+    """Two processes may run one experiment: a variant whose claim a live process holds is
+    skipped, the others trained, and the held one trained here after its owner died."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from memtool import sharing
+    from memtool.recipe import Recipe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (60, 1, 4, 4), dtype=torch.uint8, generator=g)
+    y = torch.arange(60) % 3
+    data = experiments.Data(x[:40], y[:40], x[40:], y[40:], 3)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    threading.Thread(target=owner.wait, daemon=True).start()
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "a.retrain.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid,
+                                                                      "since": 0}))
+    monkeypatch.setattr(sharing, "POLL_S", 0.05)
+    order, real = [], experiments.fit
+    monkeypatch.setattr(experiments, "fit", lambda recipe, x, y, subsets, *a, **k: (
+        order.append((len(subsets[0]), owner.poll())), real(recipe, x, y, subsets, *a, **k))[1])
+    records = experiments.retrain(tmp_path, data, Recipe(model="mlp", hidden=8, epochs=1, batch_size=20, lr=0.1),
+                                  {"a": [0, 1], "b": [2]}, seeds=2, progress=False)
+    assert [n for n, _ in order] == [39, 38]  # b first (a was held), each variant's stack once
+    assert order[0][1] is None and order[1][1] is not None  # a only after its owner ended
+    assert len(records) == 2 * 2 * (40 + 20) and not list((tmp_path / "claims").iterdir())
