@@ -253,7 +253,6 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     dirs = {(v, s): out / "models" / f"{slug(v)}-s{s}" for v, s in jobs}
     kw = dict(progress=False, device=device, data_root=data_root)
 
-    # every model trained and evaluated (PGD-20, CW-20) before AutoAttack starts on any: the cheap numbers first
     def config(v, s):  # no test-set check during training: the evaluation below is the measurement
         select = {"val_samples": val_samples, "select": "best-pgd"} if val_samples and todo[v].method.name != \
             "standard" else {}
@@ -270,15 +269,14 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         return evaluation_recorded(dirs[j] / sub, eps, evaluations[sub]["attacks"],
                                    evaluations[sub].get("n_samples") or n_test)
 
-    def needed(j) -> list[str]:  # the evaluations a model owes: then its checkpoint may go (a fresh clone)
-        subs = ["eval"] + ["autoattack"] * (j in aa_jobs)
-        if j in tracked and (dirs[j] / SELECTED).exists():
-            subs += ["eval-last"] * (kept_epoch(dirs[j]) != todo[j[0]].epochs)
-        return subs
+    def owes_last(j) -> bool:  # PGD-AT and BAT at their last epoch too, where it is not the kept one
+        return j in tracked and kept_epoch(dirs[j]) != todo[j[0]].epochs
 
     def fit_model(j):
-        if (dirs[j] / SELECTED).exists() and all(recorded(j, sub) for sub in needed(j)):
-            return check_trained(config(*j), dirs[j], data_root)  # recorded: no checkpoint needed
+        owed = ["eval"] + ["autoattack"] * (j in aa_jobs)  # then its checkpoint may go (a fresh clone)
+        if (dirs[j] / SELECTED).exists() and all(recorded(j, sub) for sub in owed + ["eval-last"] * owes_last(j)):
+            check_trained(config(*j), dirs[j], data_root)  # recorded: no checkpoint needed, the settings checked
+            return
         if not (dirs[j] / "checkpoint.pt").exists():  # unfinished evaluations of a model that is gone
             for sub in evaluations:
                 if (dirs[j] / sub).exists() and not recorded(j, sub):
@@ -298,13 +296,14 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     def model(j):  # trained and evaluated in one go: its records are complete (committable) early
         fit_model(j)
         evaluated("eval")(j)
-        if j in tracked and kept_epoch(dirs[j]) != todo[j[0]].epochs:  # PGD-AT and BAT at their last epoch too
+        if owes_last(j):
             evaluated("eval-last")(j)
 
-    step = dict(claims=out / "claims", progress=progress, name=lambda j: f"{slug(j[0])}-s{j[1]}")  # several processes
+    # several processes may share the work; every model is evaluated before AutoAttack starts on any
+    step = dict(claims=out / "claims", progress=progress, name=lambda j: f"{slug(j[0])}-s{j[1]}")
     shared(jobs, "model", model, desc="train, PGD-20, CW-20", **step)
     best = {j: kept_epoch(dirs[j]) for j in tracked}
-    last = {j: "eval" if best[j] == todo[j[0]].epochs else "eval-last" for j in best}
+    last = {j: "eval-last" if owes_last(j) else "eval" for j in tracked}
     shared(aa_jobs, "autoattack", evaluated("autoattack"), desc="AutoAttack", **step)
 
     def records(sub, which, suffix=""):

@@ -9,7 +9,8 @@ seeds. `memtool validate` and the findings' analyses are such experiments.
 Each (variant, seed) model's records are written to ``OUT/models/VARIANT-sSEED.npz`` as soon
 as its stack finishes (atomically), and an interrupted experiment trains only what is
 missing; several processes may run the same experiment at once (one per core,
-``OMP_NUM_THREADS=1``): each variant's stack is claimed by one of them (OUT/claims/); ``OUT/experiment.json`` holds its settings and a reopen with others is refused.
+``OMP_NUM_THREADS=1``): each variant's stack is claimed by one of them (OUT/claims/).
+``OUT/experiment.json`` holds its settings and a reopen with others is refused.
 The models of one variant share seeds with the other variants' (a paired design), and the
 seeds stack where the architecture allows.
 """
@@ -103,7 +104,8 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
                 rec[f"{split}_robust_correct"] = models.margins(x, y, robust=robust_eps, steps=robust_steps,
                                                                 key=key) > 0
         for j, s in enumerate(pending):
-            atomic_write(_file(out, v, s), lambda f, j=j: np.savez_compressed(f, **{k: r[j].numpy() for k, r in rec.items()}))
+            atomic_write(_file(out, v, s),
+                         lambda f, j=j: np.savez_compressed(f, **{k: r[j].numpy() for k, r in rec.items()}))
 
     todo = [v for v in variants if any(not _file(out, v, s).exists() for s in range(seeds))]
     shared(todo, "retrain", stack, out / "claims", desc="retraining", name=slug, progress=progress and bool(todo),

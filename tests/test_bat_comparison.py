@@ -77,6 +77,14 @@ def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypat
     assert not list(claims.iterdir())  # every claim released
 
 
+def as_committed(out):
+    """OUT as git keeps it (.gitignore): no checkpoints, no attack states."""
+    import shutil
+
+    for p in [*(out / "models").rglob("checkpoint.pt"), *(out / "models").rglob("state")]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 @pytest.fixture(scope="module")
 def clean_digits_run(tmp_path_factory):
     import memtool
@@ -129,10 +137,7 @@ def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path, monkey
     assert before == {p: p.stat().st_mtime_ns for p in (out / "models").rglob("checkpoint.pt")}
     # a fresh clone has the committed records only (no checkpoints, no attack states): it trains
     # and attacks nothing and rebuilds the same table; a model that lost an evaluation is retrained
-    import shutil
-
-    for p in [*(out / "models").rglob("checkpoint.pt"), *(out / "models").rglob("state")]:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    as_committed(out)
     (out / "models" / "bat-s1" / "autoattack" / "per_sample.parquet").unlink()
     trained, real = [], bc.train
     monkeypatch.setattr(bc, "train", lambda config, out, **kw: (trained.append(out.name), real(config, out, **kw))[1])
@@ -194,12 +199,9 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path, monkey
     assert set(last.variant) == {"pgd-at (last epoch)", "bat (last epoch)"} and set(last.metric) == {"clean", "pgd20", "cw20"}
     # the committed records alone (no checkpoint): nothing trained, the same table, the kept epochs
     # read from selected.json; a rerun with another eps or another training recipe is refused
-    import shutil
-
     from memtool.rundir import RunMismatchError
 
-    for p in [*(out / "models").rglob("checkpoint.pt"), *(out / "models").rglob("state")]:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    as_committed(out)
     monkeypatch.setattr(bc, "train", lambda *a, **k: pytest.fail("trained a model whose records are complete"))
     kw = dict(seeds=2, variants=["standard", "pgd-at", "bat"], val_samples=200, aa_samples=20,
               aa_variants=["pgd-at", "bat"], aa_seeds=1, aa_all_seeds=["bat"], progress=False)
