@@ -12,6 +12,7 @@ the tables, and :func:`refresh` recomputes them from the committed tables alone.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,10 @@ def load(dest: Path, **header) -> dict:
 
 
 def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[dict],
-           wall_s: float | None = None) -> None:
-    """Set ``stage``'s row (its wall time adds up over the invocations that worked on it) and
-    write the manifest, over the rows other processes wrote meanwhile (one stage each)."""
+           wall_s: float | None = None, cost: dict | None = None) -> None:
+    """Set ``stage``'s row and write the manifest, over the rows other processes wrote meanwhile
+    (one stage each). Its wall time: ``cost`` (a stage's :func:`account` of its records, which
+    travels with them), else ``wall_s`` added to the row's over the invocations that worked on it."""
     if (dest / "manifest.json").exists():
         manifest["stages"] = {**manifest["stages"], **read_json(dest / "manifest.json").get("stages", {})}
     prev = manifest["stages"].get(stage, {})
@@ -150,16 +152,66 @@ def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[
     row = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"),
            "headline": head, "wall_s": prev.get("wall_s"), "invocations": prev.get("invocations", 0),
            "load": prev.get("load")}
-    if wall_s is not None:
+    if cost is not None:
+        row.update(wall_s=cost.get("wall_s"), invocations=cost.get("invocations", 0), load=cost.get("load"))
+    elif wall_s is not None:
         row.update(wall_s=round((prev.get("wall_s") or 0) + wall_s, 1), invocations=row["invocations"] + 1,
-                   load=_load_note())
+                   load=load_note())
     manifest["stages"][stage] = row
     write_json(dest / "manifest.json", manifest)
 
 
-def _load_note() -> str:
+COST = "cost.json"  # a stage's compute, beside its records: a clone or another machine resuming them keeps it
+
+
+def account(work: Path, fn, device="cpu", every: float = 60.0):
+    """``fn()``, its wall time added to ``work``/cost.json as it writes files under a ``models/``
+    or ``trials/`` folder of ``work``: checked every ``every`` seconds, the time up to each new
+    file is added, so an invocation killed midway loses only what followed its last file. One
+    that re-read finished records costs nothing, and records trained elsewhere keep their cost."""
+    work = Path(work)
+    last = {"files": _work_files(work), "t": time.time(), "counted": False}
+
+    def flush():
+        files, now = _work_files(work), time.time()
+        if files != last["files"]:
+            c = stage_cost(work)
+            write_json(work / COST, {"wall_s": round(c.get("wall_s", 0) + now - last["t"], 1),
+                                     "invocations": c.get("invocations", 0) + (not last["counted"]),
+                                     "load": load_note(device)})
+            last.update(files=files, t=now, counted=True)
+
+    def tick():
+        while not stop.wait(every):
+            flush()
+
+    stop = threading.Event()
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        return fn()
+    finally:
+        stop.set()
+        ticker.join()
+        flush()
+
+
+def stage_cost(work: Path) -> dict:
+    """``work``/cost.json ({} when no invocation trained anything there)."""
+    return read_json(Path(work) / COST) if (Path(work) / COST).exists() else {}
+
+
+def _work_files(work: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in work.rglob("*")
+            if p.is_file() and not p.name.endswith(".tmp") and {"models", "trials"} & set(p.relative_to(work).parts)}
+
+
+def load_note(device="cpu") -> str:
+    """Where a wall time was taken: the GPU, or the CPU threads and the machine's load."""
     import torch
 
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))} (--device {device})"
     threads = torch.get_num_threads()
     return (f"{threads} torch thread{'s' * (threads != 1)}, load average {os.getloadavg()[0]:.1f} on "
             f"{os.cpu_count()} cores at the end")

@@ -26,6 +26,10 @@ RUNS/NAME/STAGE/, a folder meant to be committed (without checkpoints and attack
 .gitignore), so that a fresh clone resumes them model by model and rebuilds a finished stage's
 tables without training: what they keep per model is a few kilobytes of per-sample records
 (the comparison also its checkpoints, which it needs no more once a model is evaluated).
+The robust estimate keeps its finished score tables there (DIR/NAME/robust_estimate/, not its
+trials) and reads them when RUNS has no trials of it. Each of these folders also keeps its
+cost.json (:func:`memtool.manifest.account`), the wall time of the invocations that trained
+its models, on whatever machine: the manifest's per-stage time.
 """
 
 from __future__ import annotations
@@ -96,20 +100,15 @@ def _records(run: Path, dest: Path) -> list[Path]:
     return [dest] if found else []
 
 
-def _timed(fn):
-    t0 = time.time()
-    result = fn()
-    return result, time.time() - t0
-
-
 def _estimated(run: Path, fn):
     """``fn()`` (an estimate into ``run``) and its wall time, or None as the time when it
     trained no trial (a finished run re-read), so that the manifest's per-stage time counts work."""
     from .estimator.store import finished_trials
 
     before = len(finished_trials(run)) if (run / "trials").exists() else 0
-    summary, wall = _timed(fn)
-    return summary, (wall if len(finished_trials(run)) > before else None)
+    t0 = time.time()
+    summary = fn()
+    return summary, (time.time() - t0 if len(finished_trials(run)) > before else None)
 
 
 def make_figures(config, out, *, stages=None, progress: bool = True, device: str = "cpu", data_root=None) -> list[Path]:
@@ -134,7 +133,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
     kw = dict(device=device, data_root=data_root)
 
     est = flatten_settings(cfg["estimate"])
-    est_run = committed_reference(Path(config), name, est, runs / "estimate")
+    est_run = committed_reference(Path(config).resolve().parent.parent / "references" / name, est, runs / "estimate")
     wall = None
     if est_run is None:
         est_run = runs / "estimate"
@@ -155,26 +154,37 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
         work = Path(cfg["records"]) / name / key if cfg.get("records") and key in RECORDED else runs / key
-        _, wall = _timed(lambda: run_stage(est_run, work, progress=progress, **kw, **opts))
+        manifest.account(work, lambda: run_stage(est_run, work, progress=progress, **kw, **opts), device)
         files = _copy(work, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"],
                       stem=FILE_STEMS.get(key)) + _records(work, dest / "records" / key)
-        manifest.record(m, dest, key, files, data, manifest.headline(key, read_table(dest / f"{key}.parquet")), wall)
-    if cfg.get("robust_estimate"):
-        rob = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]})
-        rs, wall = _estimated(runs / "robust_estimate",
-                              lambda: estimate(runs / "robust_estimate", progress=progress, **{**kw, **rob}))
-        tables = {"standard training": load_scores(est_run), "adversarial training": load_scores(runs / "robust_estimate")}
+        manifest.record(m, dest, key, files, data, manifest.headline(key, read_table(dest / f"{key}.parquet")),
+                        cost=manifest.stage_cost(work))
+    if cfg.get("robust_estimate"):  # its score tables are kept (and then read) in the records, not its trials
+        rob, work = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]}), runs / "robust_estimate"
+        kept = Path(cfg["records"]) / name / "robust_estimate" if cfg.get("records") else None
+        if kept is not None and committed_reference(kept, rob, work) is not None:
+            work, rs = kept, read_json(kept / "run.json")["summary"]
+        else:
+            rs = manifest.account(work, lambda: estimate(work, progress=progress, **{**kw, **rob}), device)
+            if kept is not None:
+                kept.mkdir(parents=True, exist_ok=True)
+                _copy(work, kept, TABLES + (manifest.COST,))
+        tables = {"standard training": load_scores(est_run), "adversarial training": load_scores(work)}
         files = [mem_distributions(tables, dest / "mem_distributions.png")]
         head = manifest.summary_headline(rs, ("n_trials", "rob_test_acc", "n_high_rob_mem"))
-        manifest.record(m, dest, "robust_estimate", files, data + f"; AT run: {rs['n_trials']} trials", head, wall)
+        manifest.record(m, dest, "robust_estimate", files, data + f"; AT run: {rs['n_trials']} trials", head,
+                        cost=manifest.stage_cost(work))
     manifest.write_index(Path(out))
     return [dest / f for row in m["stages"].values() for f in row["files"]]
 
 
-def committed_reference(config: Path, name: str, settings: dict, run: Path) -> Path | None:
-    """references/NAME/ (beside the configs folder) when it holds the score tables of exactly
-    this estimate and ``run`` has no trials of its own: a fresh clone reruns every later stage
-    without re-estimating."""
+TABLES = ("run.json", "scores.parquet", "influence.parquet", "labels.npz")  # an estimate's, without its trials
+
+
+def committed_reference(ref: Path, settings: dict, run: Path) -> Path | None:
+    """``ref`` (references/NAME/, or a stage's records) when it holds the score tables of
+    exactly this estimate and ``run`` has no trials of its own: a fresh clone reruns every later
+    stage without re-estimating."""
     from .config import split_settings
     from .estimator import EstimateConfig
     from .estimator.run import Execution
@@ -182,7 +192,6 @@ def committed_reference(config: Path, name: str, settings: dict, run: Path) -> P
     from .estimator.tables import Thresholds
     from .rundir import diff_settings
 
-    ref = config.resolve().parent.parent / "references" / name
     if not (ref / "scores.parquet").exists() or ((run / "trials").exists() and finished_trials(run)):
         return None
     ex, _, rest = split_settings(settings, Execution, Thresholds)

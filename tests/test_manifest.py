@@ -3,6 +3,7 @@ committed figures index and the README's results table regenerated exactly."""
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -92,3 +93,49 @@ def test_two_processes_recording_other_stages_keep_both_rows(tmp_path):
     manifest.record(first, tmp_path, "finding_a", [], "data", [], wall_s=5.0)
     stages = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert {k: v["wall_s"] for k, v in stages.items()} == {"finding_a": 15.0, "finding_b": 20.0}
+
+
+def test_a_stage_costs_what_trained_its_records_and_the_cost_travels_with_them(tmp_path):
+    """account() adds an invocation's wall time to WORK/cost.json only when it wrote a model or
+    trial file; the row is the records' cost, never an older row's (another recipe's records)."""
+    work = tmp_path / "work"
+
+    def train(name):
+        (work / "AT" / "models").mkdir(parents=True, exist_ok=True)
+        (work / "AT" / "models" / name).write_bytes(b"x")
+
+    def tables_only():
+        (work / "finding_a.md").write_text("rewritten on every invocation")
+
+    manifest.account(work, lambda: (train("full-s0.npz"), time.sleep(0.05)))
+    manifest.account(work, tables_only)  # a finished stage re-read: no cost
+    (work / "claims").mkdir()
+    (work / "claims" / "x.claim").write_text("")  # claims are not work either
+    manifest.account(work, tables_only)
+    cost = manifest.stage_cost(work)
+    assert cost["invocations"] == 1 and cost["wall_s"] >= 0.05 and "torch thread" in cost["load"]
+    manifest.account(work, lambda: train("full-s1.npz"))
+    assert manifest.stage_cost(work)["invocations"] == 2
+    m = manifest.load(tmp_path, name="t", description="", command="c")
+    m["stages"]["finding_a"] = {"wall_s": 999.0, "invocations": 7, "load": "an MLP era"}  # an old row
+    manifest.record(m, tmp_path, "finding_a", [], "data", [], cost=manifest.stage_cost(work))
+    row = json.loads((tmp_path / "manifest.json").read_text())["stages"]["finding_a"]
+    assert (row["wall_s"], row["invocations"]) == (manifest.stage_cost(work)["wall_s"], 2)
+    manifest.record(m, tmp_path, "finding_b", [], "data", [], cost=manifest.stage_cost(tmp_path / "imported"))
+    row = json.loads((tmp_path / "manifest.json").read_text())["stages"]["finding_b"]
+    assert row["wall_s"] is None and row["invocations"] == 0 and row["load"] is None  # records trained elsewhere
+
+
+def test_an_interrupted_stage_keeps_the_cost_of_the_models_it_finished(tmp_path):
+    work = tmp_path / "work"
+
+    def killed():
+        (work / "models").mkdir(parents=True)
+        (work / "models" / "a.npz").write_bytes(b"x")
+        time.sleep(0.3)  # the ticker records it, then the process dies while training the next one
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        manifest.account(work, killed, every=0.1)
+    cost = manifest.stage_cost(work)
+    assert cost["invocations"] == 1 and 0 <= cost["wall_s"] < 0.3  # up to its last file, not the unfinished model

@@ -75,7 +75,10 @@ def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeyp
     assert manifest["command"].startswith("memtool figures --config")
     row = manifest["stages"]["finding_a"]
     assert row["files"] == ["finding_a.png", "finding_a.md", "finding_a.parquet"] and "digits" in row["data"]
-    assert row["invocations"] >= 2 and row["wall_s"] > 0 and "torch thread" in row["load"]
+    # the invocations that trained its models, as their records keep it (the third re-read them)
+    assert row["invocations"] >= 1 and row["wall_s"] > 0 and "torch thread" in row["load"]
+    work = tmp_path / "runs" / "tiny" / "finding_a"
+    assert {k: row[k] for k in ("wall_s", "invocations", "load")} == json.loads((work / "cost.json").read_text())
     # an estimate counts the invocations that trained trials, not those that re-read a finished run
     assert manifest["stages"]["estimate"]["invocations"] == manifest["stages"]["robust_estimate"]["invocations"] == 1
     _check_headlines_against_tables(out / "tiny", manifest)
@@ -247,8 +250,26 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
     assert len(calls) == 3 and (tmp_path / "figures" / "tiny" / "validate.md").read_text() == \
         (ref / "validate" / "validate.md").read_text()
     other = flatten_settings({**est, "epochs": 6})
-    assert committed_reference(config, "tiny", other, tmp_path / "runs" / "tiny" / "estimate") is None
-    assert committed_reference(config, "tiny", {**est, "trials": 8}, tmp_path / "x") is None  # more trials asked
+    assert committed_reference(ref, other, tmp_path / "runs" / "tiny" / "estimate") is None
+    assert committed_reference(ref, {**est, "trials": 8}, tmp_path / "x") is None  # more trials asked
+    # the robust estimate keeps its score tables (not its trials) in the records, and a clone reads them
+    config.write_text(config.read_text() + "robust_estimate: {method: pgd-at, eps: 0.1, pgd_steps: 1, trials: 2}\n")
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figures"), "--quiet",
+                 "--stages", "robust_estimate"]) == 0
+    kept = ref / "robust_estimate"
+    assert sorted(p.name for p in kept.iterdir()) == ["cost.json", "influence.parquet", "labels.npz", "run.json",
+                                                      "scores.parquet"]
+    trained, row = len(calls), json.loads((tmp_path / "figures" / "tiny" / "manifest.json").read_text())["stages"]
+    assert trained > 3 and row["robust_estimate"]["invocations"] == 1
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "figures" / "tiny" / "mem_distributions.png").unlink()
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figures"), "--quiet",
+                 "--stages", "robust_estimate"]) == 0
+    assert len(calls) == trained and not (tmp_path / "runs").exists()  # read, not retrained
+    assert (tmp_path / "figures" / "tiny" / "mem_distributions.png").stat().st_size > 0
+    again = json.loads((tmp_path / "figures" / "tiny" / "manifest.json").read_text())["stages"]["robust_estimate"]
+    assert {k: v for k, v in again.items() if k != "date"} == {k: v for k, v in row["robust_estimate"].items()
+                                                              if k != "date"}  # the same headline and cost
     assert main(["figures", "--config", str(config), "--out", str(tmp_path / "f2"), "--stages", "nope"]) == 2
 
 
