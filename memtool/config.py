@@ -189,6 +189,14 @@ class Runtime:
             fail("device", self.device, "cpu, cuda or cuda:N")
 
 
+def device_name(device) -> str:
+    """Where a model was trained, as its records keep it: ``cpu``, or ``cuda:0 NVIDIA H200``."""
+    import torch
+
+    d = torch.device(device)
+    return f"cuda:{d.index or 0} {torch.cuda.get_device_name(d)}" if d.type == "cuda" else d.type
+
+
 def split_settings(settings: dict, *classes) -> list[dict]:
     """Split flat ``settings`` into one dict per dataclass in ``classes`` (by field name) and
     a last dict of the rest."""

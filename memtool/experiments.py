@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from .config import device_name
 from .engine import fit
 from .recipe import Recipe, stream
 from .rundir import atomic_write, open_settings, read_json, write_json
@@ -103,9 +104,10 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
                 x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
                 rec[f"{split}_robust_correct"] = models.margins(x, y, robust=robust_eps, steps=robust_steps,
                                                                 key=key) > 0
+        where = np.array(device_name(data.x_train.device))  # kept with the records: where they were trained
         for j, s in enumerate(pending):
-            atomic_write(_file(out, v, s),
-                         lambda f, j=j: np.savez_compressed(f, **{k: r[j].numpy() for k, r in rec.items()}))
+            atomic_write(_file(out, v, s), lambda f, j=j: np.savez_compressed(
+                f, device=where, **{k: r[j].cpu().numpy() for k, r in rec.items()}))
 
     todo = [v for v in variants if any(not _file(out, v, s).exists() for s in range(seeds))]
     shared(todo, "retrain", stack, out / "claims", desc="retraining", name=slug, progress=progress and bool(todo),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import device_name
 from .rundir import read_json, read_table, write_json
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -211,7 +212,7 @@ def load_note(device="cpu") -> str:
     import torch
 
     if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name(torch.device(device))} (--device {device})"
+        return device_name(device)
     threads = torch.get_num_threads()
     return (f"{threads} torch thread{'s' * (threads != 1)}, load average {os.getloadavg()[0]:.1f} on "
             f"{os.cpu_count()} cores at the end")

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attacks import PGD, attacked_logits
 from .checkpoints import CHECKPOINT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import check_choice, check_int, check_number, setting
+from .config import check_choice, check_int, check_number, device_name, setting
 from .datasets import load_dataset
 from .engine import fit
 from .progress import progress_bar
@@ -290,6 +290,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
                 best.update(best_model={k: v.clone() for k, v in model.state_dict().items()}, best_epoch=epoch,
                             best_val=val["robust_acc"])
         record["time_s"], record["cpu_s"] = time.time() - clock[0], time.process_time() - clock[1]
+        record["device"] = device_name(device)
         log.append(record)
         save_checkpoint({"format": "memtool-train/2", "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "epoch": epoch, "settings": settings_now, "log": log, **best,

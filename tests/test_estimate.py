@@ -49,6 +49,7 @@ def test_score_table_columns_and_run_files(digits_run):
     assert (high.train_label == high.test_label).all() and (high.mem >= 0.25).all() and (high.infl >= 0.15).all()
     assert infl.groupby("test_id")["rank"].max().eq(9).all()  # top-10 of every test sample
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    assert json.loads((out / "log.jsonl").read_text())["device"] == "cpu"
 
 
 def test_load_trials_gives_masks_and_records(digits_run):

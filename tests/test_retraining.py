@@ -36,7 +36,8 @@ def test_retrain_attacks_only_the_robust_splits_and_their_values_do_not_move(tmp
     both = experiments.retrain(tmp_path / "both", data, recipe, {"full": []}, **kw)
     test_only = experiments.retrain(tmp_path / "test", data, recipe, {"full": []}, robust_splits=("test",), **kw)
     with np.load(tmp_path / "test" / "models" / "full-s0.npz") as z:
-        assert set(z.files) == {"train_correct", "test_correct", "test_robust_correct"}
+        assert set(z.files) == {"train_correct", "test_correct", "test_robust_correct", "device"}
+        assert str(z["device"]) == "cpu"  # where the records were trained
     assert test_only[test_only.split == "train"]["robust_correct"].isna().all()
     pd.testing.assert_frame_equal(test_only[test_only.split == "test"].reset_index(drop=True),
                                   both[both.split == "test"].reset_index(drop=True), check_dtype=False)

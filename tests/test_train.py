@@ -306,4 +306,4 @@ def test_the_per_epoch_checks_do_not_change_the_model(tmp_path):
         for a, b in zip(models[0].state_dict().values(), m.state_dict().values()):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
     log = json.loads((tmp_path / "never" / "log.jsonl").read_text().splitlines()[-1])
-    assert "clean_acc" not in log and log["epoch"] == 3
+    assert "clean_acc" not in log and log["epoch"] == 3 and log["device"] == "cpu"
