@@ -132,10 +132,14 @@ def load_records(out, variants, seeds: int) -> pd.DataFrame:
     return records
 
 
+COLLAPSED = 0.15  # a model this far below the median model's clean training accuracy did not train
+
+
 def model_accuracy(records: pd.DataFrame) -> str:
     """Each model's clean (and robust) accuracy on the training set (all of it, the samples a
-    variant leaves out included) and on the test set, as a markdown table: a model that did not
-    train (near chance) stands out here, where the intervals over seeds only widen."""
+    variant leaves out included) and on the test set, as a markdown table, and a line naming
+    the models more than :data:`COLLAPSED` below the median model on the training set: a model
+    that did not train stands out here, where the intervals over seeds only widen."""
     rec = records.copy()
     if "robust_correct" in rec.columns:
         rec["robust_correct"] = rec["robust_correct"].astype("Float64")  # <NA> where a split was not attacked
@@ -146,6 +150,12 @@ def model_accuracy(records: pd.DataFrame) -> str:
     lines = [head, "|---|---|" + "---:|" * len(acc.columns)]
     for (v, seed), row in acc.iterrows():
         lines.append(f"| {v} | {seed} | " + " | ".join("-" if pd.isna(x) else f"{100 * x:.1f}" for x in row) + " |")
+    fit = acc[("correct", "train")]
+    low = fit[fit < fit.median() - COLLAPSED]
+    if len(low):
+        lines += ["", f"**Did not train** (clean training accuracy more than {100 * COLLAPSED:.0f} points below the "
+                      f"median model's {100 * fit.median():.1f} %): "
+                      + ", ".join(f"{v} seed {s} ({100 * a:.1f} %)" for (v, s), a in low.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

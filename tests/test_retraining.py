@@ -95,7 +95,11 @@ def test_model_accuracy_lists_each_model_and_shows_one_that_did_not_train():
                                   "robust_correct": pd.array([True, False, False, False], dtype="boolean")}))
     table = model_accuracy(pd.concat(rows, ignore_index=True)).splitlines()
     assert table[0] == "| variant | seed | clean train % | clean test % | robust train % | robust test % |"
-    assert table[2:] == ["| full | 0 | 75.0 | 50.0 | - | 25.0 |", "| full | 1 | 25.0 | 0.0 | - | 25.0 |"]
+    assert table[2:4] == ["| full | 0 | 75.0 | 50.0 | - | 25.0 |", "| full | 1 | 25.0 | 0.0 | - | 25.0 |"]
+    assert table[5] == ("**Did not train** (clean training accuracy more than 15 points below the median model's "
+                        "50.0 %): full seed 1 (25.0 %).")  # seed 0 is 25 points above the median, not named
+    first = pd.concat(rows[:2], ignore_index=True)
+    assert "Did not train" not in model_accuracy(pd.concat([first, first.assign(seed=1)], ignore_index=True))
 
 
 def test_retrain_leaves_a_variant_another_process_holds_and_trains_it_once_that_one_is_gone(tmp_path, monkeypatch):
