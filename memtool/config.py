@@ -194,7 +194,10 @@ def device_name(device) -> str:
     import torch
 
     d = torch.device(device)
-    return f"cuda:{d.index or 0} {torch.cuda.get_device_name(d)}" if d.type == "cuda" else d.type
+    if d.type != "cuda":
+        return d.type
+    index = torch.cuda.current_device() if d.index is None else d.index
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
 
 
 def split_settings(settings: dict, *classes) -> list[dict]:

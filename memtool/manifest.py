@@ -11,9 +11,12 @@ the tables, and :func:`refresh` recomputes them from the committed tables alone.
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,25 +165,31 @@ def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[
     write_json(dest / "manifest.json", manifest)
 
 
-COST = "cost.json"  # a stage's compute, beside its records: a clone or another machine resuming them keeps it
+COST = "cost"  # a stage's compute: one JSON file per invocation that wrote its records, kept beside them
 
 
 def account(work: Path, fn, device="cpu", every: float = 60.0):
-    """``fn()``, its wall time added to ``work``/cost.json as it writes files under a ``models/``
-    or ``trials/`` folder of ``work``: checked every ``every`` seconds, the time up to each new
-    file is added, so an invocation killed midway loses only what followed its last file. One
-    that re-read finished records costs nothing, and records trained elsewhere keep their cost."""
-    work = Path(work)
-    last = {"files": _work_files(work), "t": time.time(), "counted": False}
+    """``fn()``, its wall time kept in ``work``/cost/START-HOST-PID.json: the time from its start
+    to the last check (every ``every`` seconds, and at its end) that found files under a
+    ``models/`` or ``trials/`` folder of ``work`` new or changed. So an invocation that re-read
+    finished records costs nothing, one killed midway keeps the time up to that check, records
+    trained elsewhere keep the cost that came with them, and two processes on one stage each
+    keep their own (:func:`stage_cost` adds them up)."""
+    work, t0 = Path(work), time.monotonic()
+    start = datetime.datetime.now().strftime("%Y%m%dT%H%M%S.%f")
+    mine = work / COST / f"{start}-{socket.gethostname()}-{os.getpid()}.json"
+    seen = [_work_files(work)]
 
     def flush():
-        files, now = _work_files(work), time.time()
-        if files != last["files"]:
-            c = stage_cost(work)
-            write_json(work / COST, {"wall_s": round(c.get("wall_s", 0) + now - last["t"], 1),
-                                     "invocations": c.get("invocations", 0) + (not last["counted"]),
-                                     "load": load_note(device)})
-            last.update(files=files, t=now, counted=True)
+        try:
+            files = _work_files(work)
+            if files != seen[0]:
+                seen[0] = files
+                mine.parent.mkdir(parents=True, exist_ok=True)
+                write_json(mine, {"wall_s": round(time.monotonic() - t0, 1), "device": device_name(device),
+                                  "load": load_note(device)})
+        except OSError as e:  # accounting never fails a stage
+            warnings.warn(f"could not record the wall time of {work}: {e}", stacklevel=2)
 
     def tick():
         while not stop.wait(every):
@@ -198,13 +207,29 @@ def account(work: Path, fn, device="cpu", every: float = 60.0):
 
 
 def stage_cost(work: Path) -> dict:
-    """``work``/cost.json ({} when no invocation trained anything there)."""
-    return read_json(Path(work) / COST) if (Path(work) / COST).exists() else {}
+    """The wall time of every invocation that wrote ``work``'s records, added up, their number,
+    and where they ran (the last one's load note, or the time per device if there were several);
+    {} when none did."""
+    rows = [read_json(f) for f in sorted((Path(work) / COST).glob("*.json"))]
+    if not rows:
+        return {}
+    per_device: dict[str, float] = {}
+    for r in rows:
+        per_device[r["device"]] = per_device.get(r["device"], 0.0) + r["wall_s"]
+    where = rows[-1]["load"] if len(per_device) == 1 else ", ".join(f"{d}: {t:.0f} s" for d, t in per_device.items())
+    return {"wall_s": round(sum(per_device.values()), 1), "invocations": len(rows), "load": where}
 
 
 def _work_files(work: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in work.rglob("*")
-            if p.is_file() and not p.name.endswith(".tmp") and {"models", "trials"} & set(p.relative_to(work).parts)}
+    found = {}
+    for p in work.rglob("*"):
+        if {"models", "trials"} & set(p.relative_to(work).parts) and not p.name.endswith(".tmp"):
+            try:
+                if p.is_file():
+                    found[p] = p.stat().st_mtime_ns
+            except FileNotFoundError:  # removed meanwhile (a retrained model's folder, a set-aside trial)
+                pass
+    return found
 
 
 def load_note(device="cpu") -> str:

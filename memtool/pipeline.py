@@ -26,10 +26,12 @@ RUNS/NAME/STAGE/, a folder meant to be committed (without checkpoints and attack
 .gitignore), so that a fresh clone resumes them model by model and rebuilds a finished stage's
 tables without training: what they keep per model is a few kilobytes of per-sample records
 (the comparison also its checkpoints, which it needs no more once a model is evaluated).
-The robust estimate keeps its finished score tables there (DIR/NAME/robust_estimate/, not its
-trials) and reads them when RUNS has no trials of it. Each of these folders also keeps its
-cost.json (:func:`memtool.manifest.account`), the wall time of the invocations that trained
-its models, on whatever machine: the manifest's per-stage time.
+The estimate reads the committed score tables of DIR/NAME/ (without ``records``:
+references/NAME/ beside the configs folder) when they are of exactly its settings; the robust
+estimate keeps its finished score tables in DIR/NAME/robust_estimate/ (not its trials) and
+reads them when RUNS has no trials of it. Each of these folders also keeps cost/
+(:func:`memtool.manifest.account`): the wall time of every invocation that trained its models,
+on whatever machine, which the manifest shows per stage.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 from . import manifest
 from .config import flatten_settings, read_yaml
 from .recipe import Recipe
-from .rundir import read_json, read_table
+from .rundir import atomic_write, read_json, read_table
 
 STAGES = ("estimate", "validate", "validate_transfer", "finding_a", "finding_b", "bat_comparison", "score_cost",
           "robust_estimate")
@@ -80,14 +82,25 @@ def load_config(path) -> dict:
 
 
 def _copy(src_dir: Path, dst_dir: Path, names, stem: str | None = None) -> list[Path]:
-    """Copy ``names`` that exist; ``stem``: the source files' stem, if not the destination's."""
+    """Copy ``names`` that exist, each file whole or not at all; ``stem``: the source files'
+    stem, if not the destination's."""
     out = []
     for name in names:
         src = src_dir / (name if stem is None else stem + Path(name).suffix)
         if src.exists():
-            shutil.copyfile(src, dst_dir / name)
-            out.append(dst_dir / name)
+            out.append(atomic_write(dst_dir / name, lambda f, src=src: f.write(src.read_bytes())))
     return out
+
+
+def _keep_tables(run: Path, kept: Path) -> None:
+    """An estimate's score tables and cost (not its trials) into ``kept``; run.json last, so a
+    copy cut short is never taken for this estimate's tables."""
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / "run.json").unlink(missing_ok=True)
+    _copy(run, kept, TABLES)
+    shutil.rmtree(kept / manifest.COST, ignore_errors=True)
+    if (run / manifest.COST).exists():
+        shutil.copytree(run / manifest.COST, kept / manifest.COST)
 
 
 def _records(run: Path, dest: Path) -> list[Path]:
@@ -133,7 +146,8 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
     kw = dict(device=device, data_root=data_root)
 
     est = flatten_settings(cfg["estimate"])
-    est_run = committed_reference(Path(config).resolve().parent.parent / "references" / name, est, runs / "estimate")
+    refs = Path(cfg["records"]) if cfg.get("records") else Path(config).resolve().parent.parent / "references"
+    est_run = committed_reference(refs / name, est, runs / "estimate")
     wall = None
     if est_run is None:
         est_run = runs / "estimate"
@@ -167,8 +181,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         else:
             rs = manifest.account(work, lambda: estimate(work, progress=progress, **{**kw, **rob}), device)
             if kept is not None:
-                kept.mkdir(parents=True, exist_ok=True)
-                _copy(work, kept, TABLES + (manifest.COST,))
+                _keep_tables(work, kept)
         tables = {"standard training": load_scores(est_run), "adversarial training": load_scores(work)}
         files = [mem_distributions(tables, dest / "mem_distributions.png")]
         head = manifest.summary_headline(rs, ("n_trials", "rob_test_acc", "n_high_rob_mem"))
@@ -178,7 +191,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
     return [dest / f for row in m["stages"].values() for f in row["files"]]
 
 
-TABLES = ("run.json", "scores.parquet", "influence.parquet", "labels.npz")  # an estimate's, without its trials
+TABLES = ("scores.parquet", "influence.parquet", "labels.npz", "run.json")  # an estimate's, without its trials
 
 
 def committed_reference(ref: Path, settings: dict, run: Path) -> Path | None:
@@ -192,12 +205,14 @@ def committed_reference(ref: Path, settings: dict, run: Path) -> Path | None:
     from .estimator.tables import Thresholds
     from .rundir import diff_settings
 
-    if not (ref / "scores.parquet").exists() or ((run / "trials").exists() and finished_trials(run)):
+    if not (ref / "run.json").exists() or ((run / "trials").exists() and finished_trials(run)):
         return None
-    ex, _, rest = split_settings(settings, Execution, Thresholds)
-    meta = read_json(ref / "run.json")
+    ex, th, rest = split_settings(settings, Execution, Thresholds)
+    meta, th = read_json(ref / "run.json"), Thresholds(**th)
     if diff_settings(meta["config"], EstimateConfig.from_kwargs(**rest).to_dict()) or \
-            meta["summary"]["n_trials"] < Execution(**ex).trials:
+            meta["summary"]["n_trials"] < Execution(**ex).trials or \
+            (meta["summary"].get("mem_threshold"), meta["summary"].get("infl_threshold")) != \
+            (th.mem_threshold, th.infl_threshold):
         return None
     return ref.relative_to(Path.cwd()) if ref.is_relative_to(Path.cwd()) else ref  # tables name it as typed
 

@@ -96,7 +96,7 @@ def test_two_processes_recording_other_stages_keep_both_rows(tmp_path):
 
 
 def test_a_stage_costs_what_trained_its_records_and_the_cost_travels_with_them(tmp_path):
-    """account() adds an invocation's wall time to WORK/cost.json only when it wrote a model or
+    """account() keeps an invocation's wall time in WORK/cost/ only when it wrote a model or
     trial file; the row is the records' cost, never an older row's (another recipe's records)."""
     work = tmp_path / "work"
 
@@ -106,12 +106,11 @@ def test_a_stage_costs_what_trained_its_records_and_the_cost_travels_with_them(t
 
     def tables_only():
         (work / "finding_a.md").write_text("rewritten on every invocation")
+        (work / "claims").mkdir(exist_ok=True)
+        (work / "claims" / "x.claim").write_text("")  # claims are not work either
 
-    manifest.account(work, lambda: (train("full-s0.npz"), time.sleep(0.05)))
+    manifest.account(work, lambda: (time.sleep(0.05), train("full-s0.npz")))
     manifest.account(work, tables_only)  # a finished stage re-read: no cost
-    (work / "claims").mkdir()
-    (work / "claims" / "x.claim").write_text("")  # claims are not work either
-    manifest.account(work, tables_only)
     cost = manifest.stage_cost(work)
     assert cost["invocations"] == 1 and cost["wall_s"] >= 0.05 and "torch thread" in cost["load"]
     manifest.account(work, lambda: train("full-s1.npz"))
@@ -132,10 +131,55 @@ def test_an_interrupted_stage_keeps_the_cost_of_the_models_it_finished(tmp_path)
     def killed():
         (work / "models").mkdir(parents=True)
         (work / "models" / "a.npz").write_bytes(b"x")
-        time.sleep(0.3)  # the ticker records it, then the process dies while training the next one
+        time.sleep(0.5)  # a check records it, then the process dies while training the next one
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         manifest.account(work, killed, every=0.1)
     cost = manifest.stage_cost(work)
-    assert cost["invocations"] == 1 and 0 <= cost["wall_s"] < 0.3  # up to its last file, not the unfinished model
+    assert cost["invocations"] == 1 and 0 <= cost["wall_s"] < 0.4  # up to that check, not the unfinished model
+
+
+def test_two_processes_on_one_stage_keep_both_costs_and_a_vanished_folder_is_no_error(tmp_path):
+    """Two invocations working at once (threads here, processes in a study) each keep their own
+    time; a model folder removed between checks (a retrained model) neither stops nor fails them."""
+    import shutil
+    import threading
+    import warnings
+
+    work = tmp_path / "work"
+    (work / "models" / "old").mkdir(parents=True)
+    (work / "models" / "old" / "checkpoint.pt").write_bytes(b"x")
+
+    def worker(name, remove):
+        def fn():
+            for i in range(3):
+                (work / "models" / name).mkdir(exist_ok=True)
+                (work / "models" / name / f"epoch{i}").write_bytes(b"x")
+                time.sleep(0.1)
+            if remove:
+                shutil.rmtree(work / "models" / "old")
+        return fn
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=manifest.account, args=(work, worker(n, n == "b")), kwargs={"every": 0.05})
+                   for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not [w for w in caught if "wall time" in str(w.message)]
+    cost = manifest.stage_cost(work)
+    assert cost["invocations"] == 2 and cost["wall_s"] >= 0.5  # both, about 0.3 s each
+
+
+def test_a_gpu_is_named_in_the_records_and_the_manifest(monkeypatch):
+    import torch
+
+    from memtool.config import device_name
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Card {i}")
+    assert device_name("cuda") == "cuda:1 Card 1" and device_name("cuda:0") == "cuda:0 Card 0"
+    assert manifest.load_note("cuda:0") == "cuda:0 Card 0" and device_name("cpu") == "cpu"

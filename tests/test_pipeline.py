@@ -78,7 +78,9 @@ def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeyp
     # the invocations that trained its models, as their records keep it (the third re-read them)
     assert row["invocations"] >= 1 and row["wall_s"] > 0 and "torch thread" in row["load"]
     work = tmp_path / "runs" / "tiny" / "finding_a"
-    assert {k: row[k] for k in ("wall_s", "invocations", "load")} == json.loads((work / "cost.json").read_text())
+    from memtool.manifest import stage_cost
+
+    assert {k: row[k] for k in ("wall_s", "invocations", "load")} == stage_cost(work)
     # an estimate counts the invocations that trained trials, not those that re-read a finished run
     assert manifest["stages"]["estimate"]["invocations"] == manifest["stages"]["robust_estimate"]["invocations"] == 1
     _check_headlines_against_tables(out / "tiny", manifest)
@@ -257,7 +259,7 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
     assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figures"), "--quiet",
                  "--stages", "robust_estimate"]) == 0
     kept = ref / "robust_estimate"
-    assert sorted(p.name for p in kept.iterdir()) == ["cost.json", "influence.parquet", "labels.npz", "run.json",
+    assert sorted(p.name for p in kept.iterdir()) == ["cost", "influence.parquet", "labels.npz", "run.json",
                                                       "scores.parquet"]
     trained, row = len(calls), json.loads((tmp_path / "figures" / "tiny" / "manifest.json").read_text())["stages"]
     assert trained > 3 and row["robust_estimate"]["invocations"] == 1
@@ -270,6 +272,11 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
     again = json.loads((tmp_path / "figures" / "tiny" / "manifest.json").read_text())["stages"]["robust_estimate"]
     assert {k: v for k, v in again.items() if k != "date"} == {k: v for k, v in row["robust_estimate"].items()
                                                               if k != "date"}  # the same headline and cost
+    # tables of other thresholds are not this estimate's: trained again
+    config.write_text(config.read_text().replace("trials: 2}", "trials: 2, mem_threshold: 0.3}"))
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figures"), "--quiet",
+                 "--stages", "robust_estimate"]) == 0
+    assert len(calls) > trained and json.loads((kept / "run.json").read_text())["summary"]["mem_threshold"] == 0.3
     assert main(["figures", "--config", str(config), "--out", str(tmp_path / "f2"), "--stages", "nope"]) == 2
 
 
