@@ -6,7 +6,11 @@ text and default live in one place."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -141,8 +145,11 @@ def cmd_figures(a: argparse.Namespace) -> int:
     elif a.config:
         from .pipeline import make_figures
 
+        if a.processes < 1:
+            raise ValueError(f"--processes must be at least 1, got {a.processes}")
         stages = a.stages.split(",") if a.stages else None
-        paths = make_figures(a.config, a.out, stages=stages, progress=not a.quiet, **flag_values(a, Runtime))
+        with helpers(a.argv, a.processes):
+            paths = make_figures(a.config, a.out, stages=stages, progress=not a.quiet, **flag_values(a, Runtime))
         print(f"wrote {Path(a.out) / 'README.md'}")
     else:
         from .figures import run_figures
@@ -153,6 +160,36 @@ def cmd_figures(a: argparse.Namespace) -> int:
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+@contextlib.contextmanager
+def helpers(argv: list[str], processes: int):
+    """Start ``processes - 1`` quiet copies of this command (``--processes`` left out) beside
+    this one, each with ``cores / processes`` torch threads: they share the stages' models
+    through claim files (:mod:`memtool.sharing`). Waits for them at the end; an error or an
+    interrupt here stops them."""
+    import torch
+
+    threads, before = max(1, (os.cpu_count() or 1) // processes), torch.get_num_threads()
+    if processes > 1:
+        torch.set_num_threads(threads)
+    rest = [x for i, x in enumerate(argv) if not x.startswith("--processes") and
+            not (i and argv[i - 1] == "--processes")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen([sys.executable, "-m", "memtool", *rest, *(["--quiet"] * ("--quiet" not in rest))], env=env)
+             for _ in range(processes - 1)]
+    try:
+        yield
+    except BaseException:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        raise
+    finally:
+        codes = [p.wait() for p in procs]
+        torch.set_num_threads(before)
+    if any(codes):
+        raise ChildProcessError(f"{sum(c != 0 for c in codes)} of the {len(procs)} helper processes failed "
+                                f"(exit codes {codes}); run the command again: it resumes")
 
 
 def cmd_proxies(a: argparse.Namespace) -> int:
@@ -335,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None, help="with --config: only these comma-separated sections (e.g. "
                                                   "score_cost); the estimate is always read (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--processes", type=int, default=1,
+                   help="with --config: run as N processes that share the models of the retraining stages and the "
+                        "BAT comparison (one per core, or several per GPU); the estimates parallelize by their "
+                        "n_jobs instead (default: 1)")
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_figures)
 
@@ -372,12 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets import MissingDatasetError
     from .rundir import RunMismatchError, storage_error
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (MissingDatasetError, RunMismatchError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"memtool {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except ChildProcessError as e:
+        print(f"memtool {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         if storage_error(e) is None:
             raise

@@ -299,3 +299,47 @@ def test_score_cost_study_on_a_tiny_reference(tmp_path):
     assert csl["compute_fraction"] == pytest.approx(2 * 1437 / (16 * round(0.7 * 1437)))
     for f in ("score_cost.md", "score_cost.png", "score_cost.parquet", "score_cost_validate.parquet"):
         assert (tmp_path / "out" / f).stat().st_size > 0
+
+
+def test_figures_as_several_processes_starts_quiet_copies_and_waits_for_them(tmp_path, monkeypatch, capsys):
+    """`--processes 3`: two copies of the same command (without --processes, quiet, cores / 3
+    torch threads) beside this one, which share the models through claims (memtool.sharing);
+    a copy that failed fails the command, and an interrupt here interrupts the copies."""
+    import signal
+    import subprocess
+    import sys
+
+    import memtool.pipeline
+
+    started, code = [], {"exit": 0}
+
+    class Copy:
+        def __init__(self, cmd, env):
+            self.cmd, self.env, self.signals = cmd, env, []
+            started.append(self)
+
+        def wait(self):
+            return code["exit"]
+
+        def send_signal(self, sig):
+            self.signals.append(sig)
+
+    runs = []
+    monkeypatch.setattr(subprocess, "Popen", Copy)
+    monkeypatch.setattr(memtool.pipeline, "make_figures", lambda *a, **kw: runs.append(kw) or [])
+    argv = ["figures", "--config", "c.yaml", "--processes", "3", "--out", str(tmp_path), "--stages", "finding_a"]
+    assert main(argv) == 0 and len(runs) == 1 and runs[0]["progress"]  # this one shows the progress
+    assert [c.cmd for c in started] == [[sys.executable, "-m", "memtool", "figures", "--config", "c.yaml", "--out",
+                                         str(tmp_path), "--stages", "finding_a", "--quiet"]] * 2
+    assert started[0].env["OMP_NUM_THREADS"] == str(max(1, (__import__("os").cpu_count() or 1) // 3))
+    started.clear()
+    code["exit"] = 1
+    assert main(argv) == 1 and "2 of the 2 helper processes failed" in capsys.readouterr().err
+    started.clear()
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memtool.pipeline, "make_figures", interrupted)
+    assert main(argv) == 130 and [c.signals for c in started] == [[signal.SIGINT]] * 2
+    assert main(["figures", "--config", "c.yaml", "--out", str(tmp_path), "--processes", "0"]) == 2
