@@ -144,24 +144,16 @@ def load(dest: Path, **header) -> dict:
             "stages": old.get("stages", {})}
 
 
-def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[dict],
-           wall_s: float | None = None, cost: dict | None = None) -> None:
+def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[dict], cost: dict) -> None:
     """Set ``stage``'s row and write the manifest, over the rows other processes wrote meanwhile
-    (one stage each). Its wall time: ``cost`` (a stage's :func:`account` of its records, which
-    travels with them), else ``wall_s`` added to the row's over the invocations that worked on it."""
+    (one stage each). Its wall time is ``cost``: :func:`stage_cost` of the folder that holds the
+    stage's records, so it travels with them ({}: none recorded)."""
     if (dest / "manifest.json").exists():
         manifest["stages"] = {**manifest["stages"], **read_json(dest / "manifest.json").get("stages", {})}
-    prev = manifest["stages"].get(stage, {})
     files = [Path(os.path.relpath(f, dest)).as_posix() for f in files]  # names, or records/STAGE folders
-    row = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"),
-           "headline": head, "wall_s": prev.get("wall_s"), "invocations": prev.get("invocations", 0),
-           "load": prev.get("load")}
-    if cost is not None:
-        row.update(wall_s=cost.get("wall_s"), invocations=cost.get("invocations", 0), load=cost.get("load"))
-    elif wall_s is not None:
-        row.update(wall_s=round((prev.get("wall_s") or 0) + wall_s, 1), invocations=row["invocations"] + 1,
-                   load=load_note())
-    manifest["stages"][stage] = row
+    manifest["stages"][stage] = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"), "headline": head,
+                                 "wall_s": cost.get("wall_s"), "invocations": cost.get("invocations", 0),
+                                 "load": cost.get("load")}
     write_json(dest / "manifest.json", manifest)
 
 

@@ -37,7 +37,6 @@ on whatever machine, which the manifest shows per stage.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 from . import manifest
@@ -113,17 +112,6 @@ def _records(run: Path, dest: Path) -> list[Path]:
     return [dest] if found else []
 
 
-def _estimated(run: Path, fn):
-    """``fn()`` (an estimate into ``run``) and its wall time, or None as the time when it
-    trained no trial (a finished run re-read), so that the manifest's per-stage time counts work."""
-    from .estimator.store import finished_trials
-
-    before = len(finished_trials(run)) if (run / "trials").exists() else 0
-    t0 = time.time()
-    summary = fn()
-    return summary, (time.time() - t0 if len(finished_trials(run)) > before else None)
-
-
 def make_figures(config, out, *, stages=None, progress: bool = True, device: str = "cpu", data_root=None) -> list[Path]:
     """Run (or resume) every stage of ``config`` (or only ``stages``, names of its sections;
     the estimate is always read), write its figures and tables to ``out``/NAME, its row of
@@ -148,10 +136,9 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
     est = flatten_settings(cfg["estimate"])
     refs = Path(cfg["records"]) if cfg.get("records") else Path(config).resolve().parent.parent / "references"
     est_run = committed_reference(refs / name, est, runs / "estimate")
-    wall = None
     if est_run is None:
         est_run = runs / "estimate"
-        summary, wall = _estimated(est_run, lambda: estimate(est_run, progress=progress, **{**kw, **est}))
+        summary = manifest.account(est_run, lambda: estimate(est_run, progress=progress, **{**kw, **est}), device)
     else:  # the committed score tables of this very estimate: every later stage reads them
         summary = read_json(est_run / "run.json")["summary"]
         if progress:
@@ -160,7 +147,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
     data = (f"{est.get('dataset', 'mnist')}, first {est.get('limit') or 'all'} training samples, "
             f"{summary['n_trials']} trials")
     files = run_figures(est_run, dest, data_root=data_root)
-    manifest.record(m, dest, "estimate", files, data, manifest.estimate_headline(summary), wall)
+    manifest.record(m, dest, "estimate", files, data, manifest.estimate_headline(summary), manifest.stage_cost(est_run))
     for key, run_stage in analyses().items():
         if cfg.get(key) is None:
             continue
@@ -172,7 +159,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         files = _copy(work, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"],
                       stem=FILE_STEMS.get(key)) + _records(work, dest / "records" / key)
         manifest.record(m, dest, key, files, data, manifest.headline(key, read_table(dest / f"{key}.parquet")),
-                        cost=manifest.stage_cost(work))
+                        manifest.stage_cost(work))
     if cfg.get("robust_estimate"):  # its score tables are kept (and then read) in the records, not its trials
         rob, work = flatten_settings({**cfg["estimate"], **cfg["robust_estimate"]}), runs / "robust_estimate"
         kept = Path(cfg["records"]) / name / "robust_estimate" if cfg.get("records") else None
@@ -186,7 +173,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         files = [mem_distributions(tables, dest / "mem_distributions.png")]
         head = manifest.summary_headline(rs, ("n_trials", "rob_test_acc", "n_high_rob_mem"))
         manifest.record(m, dest, "robust_estimate", files, data + f"; AT run: {rs['n_trials']} trials", head,
-                        cost=manifest.stage_cost(work))
+                        manifest.stage_cost(work))
     manifest.write_index(Path(out))
     return [dest / f for row in m["stages"].values() for f in row["files"]]
 
@@ -228,7 +215,7 @@ def run_manifest(run, out, paths, command: str) -> Path:
             f"{c.get('label_noise', 0)}, {s.get('n_trials')} trials")
     out = Path(out)
     m = manifest.load(out, name=out.name, description=f"figures of the run {run}", command=command)
-    manifest.record(m, out, "estimate", paths, data, manifest.estimate_headline(s))
+    manifest.record(m, out, "estimate", paths, data, manifest.estimate_headline(s), manifest.stage_cost(run))
     index = out.parent / "README.md"
     if index.exists() and index.read_text().startswith("# Figures"):
         manifest.write_index(out.parent)

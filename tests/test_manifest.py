@@ -85,12 +85,12 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path):
 
 def test_two_processes_recording_other_stages_keep_both_rows(tmp_path):
     """Two `memtool figures --stages X` processes load the manifest at their start and record
-    their own stage at their end: neither row is lost, and a stage's wall time adds up."""
+    their own stage at their end: neither row is lost."""
     first = manifest.load(tmp_path, name="t", description="", command="a")
     second = manifest.load(tmp_path, name="t", description="", command="b")
-    manifest.record(first, tmp_path, "finding_a", [], "data", [], wall_s=10.0)
-    manifest.record(second, tmp_path, "finding_b", [], "data", [], wall_s=20.0)
-    manifest.record(first, tmp_path, "finding_a", [], "data", [], wall_s=5.0)
+    manifest.record(first, tmp_path, "finding_a", [], "data", [], {"wall_s": 10.0})
+    manifest.record(second, tmp_path, "finding_b", [], "data", [], {"wall_s": 20.0})
+    manifest.record(first, tmp_path, "finding_a", [], "data", [], {"wall_s": 15.0})
     stages = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert {k: v["wall_s"] for k, v in stages.items()} == {"finding_a": 15.0, "finding_b": 20.0}
 
@@ -117,10 +117,10 @@ def test_a_stage_costs_what_trained_its_records_and_the_cost_travels_with_them(t
     assert manifest.stage_cost(work)["invocations"] == 2
     m = manifest.load(tmp_path, name="t", description="", command="c")
     m["stages"]["finding_a"] = {"wall_s": 999.0, "invocations": 7, "load": "an MLP era"}  # an old row
-    manifest.record(m, tmp_path, "finding_a", [], "data", [], cost=manifest.stage_cost(work))
+    manifest.record(m, tmp_path, "finding_a", [], "data", [], manifest.stage_cost(work))
     row = json.loads((tmp_path / "manifest.json").read_text())["stages"]["finding_a"]
     assert (row["wall_s"], row["invocations"]) == (manifest.stage_cost(work)["wall_s"], 2)
-    manifest.record(m, tmp_path, "finding_b", [], "data", [], cost=manifest.stage_cost(tmp_path / "imported"))
+    manifest.record(m, tmp_path, "finding_b", [], "data", [], manifest.stage_cost(tmp_path / "imported"))
     row = json.loads((tmp_path / "manifest.json").read_text())["stages"]["finding_b"]
     assert row["wall_s"] is None and row["invocations"] == 0 and row["load"] is None  # records trained elsewhere
 
