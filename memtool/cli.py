@@ -176,8 +176,8 @@ def helpers(argv: list[str], processes: int):
     rest = [x for i, x in enumerate(argv) if not x.startswith("--processes") and
             not (i and argv[i - 1] == "--processes")]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, "-m", "memtool", *rest, *(["--quiet"] * ("--quiet" not in rest))], env=env)
-             for _ in range(processes - 1)]
+    quiet = [] if "--quiet" in rest else ["--quiet"]
+    procs = [subprocess.Popen([sys.executable, "-m", "memtool", *rest, *quiet], env=env) for _ in range(processes - 1)]
     try:
         yield
     except BaseException:

@@ -159,8 +159,8 @@ def _train_and_store(run, cfg, data, ids, device, eval_batch, on_step, record_pr
     member = plan.membership(len(data["y_train"]), cfg.ratio, cfg.seed, ids)
     path = write_trials(run, ids, member, rec)
     log = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "trials": [int(ids[0]), int(ids[-1])],
-           "seconds": round(time.perf_counter() - t0, 3), "file": path.name, "host": socket.gethostname(), "device": device_name(device),
-           "pid": os.getpid(),
+           "seconds": round(time.perf_counter() - t0, 3), "file": path.name, "host": socket.gethostname(),
+           "device": device_name(device), "pid": os.getpid(),
            "train_acc_in_subset": float((rec["train_margin"] > 0)[member].mean()),
            "test_acc": float((rec["test_margin"] > 0).mean())}
     if "test_rob_margin" in rec:
