@@ -70,8 +70,10 @@ class FindingB(StudySettings):
 
 def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, fractions=FRACTIONS,
         thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None, device: str = "cpu", data_root=None,
-        progress: bool = True) -> pd.DataFrame:
-    """Run finding (b) on ``run_dir``'s scores into ``out`` (see the module docstring)."""
+        progress: bool = True, reuse=None) -> pd.DataFrame:
+    """Run finding (b) on ``run_dir``'s scores into ``out`` (see the module docstring).
+    ``reuse``: finding (a)'s AT folder, whose full-set models are this one's when their
+    settings agree (:func:`memtool.experiments.retrain`)."""
     run_dir, out = Path(run_dir), Path(out)
     st = load_study(run_dir, eps, thresholds, device, data_root)
     mem_threshold = thresholds.mem_threshold
@@ -104,7 +106,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         variants[f"random atypical {k}"] = shuffled[:k]
     records = retrain(out / "AT", data, train_recipe, variants, seeds, seed=cfg.seed, robust_eps=eps,
                       robust_steps=EVAL_STEPS, robust_splits=("test",),
-                      settings={"fingerprint": ds.fingerprint}, progress=progress)
+                      settings={"fingerprint": ds.fingerprint}, progress=progress, reuse=reuse)
     table = summarize(records, {"typical test": ~atyp_test, "atypical test": atyp_test}, baseline="full")
     kind = table["variant"].str.extract(r"^(harmful|random atypical|full)")[0]
     table.insert(1, "removed", kind)

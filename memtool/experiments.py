@@ -17,6 +17,7 @@ seeds stack where the architecture allows.
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from dataclasses import dataclass
@@ -67,12 +68,14 @@ def _file(out: Path, variant: str, s: int) -> Path:
 
 def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, seed: int = 0,
             robust_eps: float | None = None, robust_steps: int | None = None, robust_splits=("train", "test"),
-            settings: dict | None = None, progress: bool = True) -> pd.DataFrame:
+            settings: dict | None = None, progress: bool = True, reuse: Path | None = None) -> pd.DataFrame:
     """Train ``seeds`` models per variant (``variants``: name -> training sample ids to leave
     out) and return their per-sample records: one row per (variant, seed, split, sample_id)
     with ``correct`` and, with ``robust_eps``, ``robust_correct`` (PGD at that eps) on the
     ``robust_splits``, or per variant with a dict variant -> splits (<NA> on the others: a split
-    nobody reads robustly costs no attack)."""
+    nobody reads robustly costs no attack). ``reuse``: another experiment's folder; a model it
+    trained with the same settings, seed and left-out samples, attacked on at least these
+    splits, is copied from it instead of trained (finding (b)'s full set is finding (a)'s)."""
     out = Path(out)
     n = len(data.y_train)
     per_variant = robust_splits if isinstance(robust_splits, dict) else dict.fromkeys(variants, robust_splits)
@@ -80,7 +83,7 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
     excluded = {v: np.unique(np.asarray(ids, dtype=np.int64)) for v, ids in variants.items()}
     if (out / "experiment.json").exists() and "run" in (old := read_json(out / "experiment.json")):
         write_json(out / "experiment.json", {k: v for k, v in old.items() if k != "run"})  # the path: no setting
-    open_settings(out / "experiment.json", {
+    mine = open_settings(out / "experiment.json", {
         **(settings or {}), "recipe": recipe.to_dict(), "seeds": seeds, "seed": seed, "robust_eps": robust_eps,
         "robust_steps": robust_steps, **({"robust_splits": splits} if robust_eps is not None else {}),
         "variants": {v: {"n_excluded": len(ids), "excluded": ids.tolist()} for v, ids in excluded.items()}},
@@ -89,7 +92,7 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
     model_seeds = experiment_seeds(seed, seeds)
 
     def stack(v):  # a variant's missing seeds, trained as one stack
-        pending = [s for s in range(seeds) if not _file(out, v, s).exists()]
+        pending = [s for s in range(seeds) if not _file(out, v, s).exists() and not _copied(reuse, mine, out, v, s)]
         if not pending:
             return
         subset = np.setdiff1d(np.arange(n), excluded[v])
@@ -113,6 +116,28 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
     shared(todo, "retrain", stack, out / "claims", desc="retraining", name=slug, progress=progress and bool(todo),
            unit="variant")
     return load_records(out, variants, seeds)
+
+
+def _copied(src: Path | None, mine: dict, out: Path, variant: str, s: int) -> bool:
+    """Copy (``variant``, seed ``s``)'s records from the experiment in ``src`` if it trained
+    that very model (data, recipe, seed, left-out samples, attack) and attacked at least the
+    splits read here; whether it did."""
+    if src is None or not (Path(src) / "experiment.json").exists():
+        return False
+    other, same = read_json(Path(src) / "experiment.json"), ("fingerprint", "recipe", "seed", "robust_eps", "robust_steps")
+    if json.dumps([other.get(k) for k in same]) != json.dumps([mine.get(k) for k in same]) or s >= other["seeds"]:
+        return False
+    wanted = mine.get("robust_splits", {}).get(variant, [])
+    keep = {"train_correct", "test_correct", "device"} | {f"{split}_robust_correct" for split in wanted}
+    for w, info in other["variants"].items():
+        f = _file(Path(src), w, s)
+        if info["excluded"] == mine["variants"][variant]["excluded"] and f.exists() and \
+                set(wanted) <= set(other.get("robust_splits", {}).get(w, [])):
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files if k in keep}
+            atomic_write(_file(out, variant, s), lambda fh: np.savez_compressed(fh, **arrays))
+            return True
+    return False
 
 
 def load_records(out, variants, seeds: int) -> pd.DataFrame:

@@ -155,6 +155,8 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
         if "recipe" in opts:
             opts["recipe"] = Recipe.from_flat(**flatten_settings({"recipe": opts["recipe"]}))
         work = Path(cfg["records"]) / name / key if cfg.get("records") and key in RECORDED else runs / key
+        if key == "finding_b":  # its full-set PGD-AT models are finding (a)'s when the settings agree
+            opts["reuse"] = work.parent / "finding_a" / "AT"
         manifest.account(work, lambda: run_stage(est_run, work, progress=progress, **kw, **opts), device)
         files = _copy(work, dest, [f"{key}.png", f"{key}.md", f"{key}.parquet"],
                       stem=FILE_STEMS.get(key)) + _records(work, dest / "records" / key)

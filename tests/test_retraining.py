@@ -43,6 +43,37 @@ def test_retrain_attacks_only_the_robust_splits_and_their_values_do_not_move(tmp
                                   both[both.split == "test"].reset_index(drop=True), check_dtype=False)
 
 
+def test_a_model_another_experiment_trained_is_copied_not_retrained(tmp_path, monkeypatch):
+    """reuse=: finding (b)'s full-set models are finding (a)'s when data, recipe, seed, left-out
+    samples and attack agree (the splits it reads attacked there); any difference retrains."""
+    from memtool.recipe import Recipe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (60, 1, 4, 4), dtype=torch.uint8, generator=g)
+    y = torch.arange(60) % 3
+    data = experiments.Data(x[:40], y[:40], x[40:], y[40:], 3)
+    recipe = Recipe(model="mlp", hidden=8, epochs=2, batch_size=20, lr=0.1)
+    kw = dict(seeds=2, robust_eps=0.3, robust_steps=2, progress=False, settings={"fingerprint": "f"})
+    a = experiments.retrain(tmp_path / "a", data, recipe, {"full": [], "without": [0, 1]},
+                            robust_splits={"full": ("train", "test"), "without": ("test",)}, **kw)
+    trained, real = [], experiments.fit
+    monkeypatch.setattr(experiments, "fit", lambda r, x, y, subsets, seeds, **k: (trained.append(len(seeds)),
+                                                                                   real(r, x, y, subsets, seeds, **k))[1])
+    b = experiments.retrain(tmp_path / "b", data, recipe, {"full": [], "other": [5]}, robust_splits=("test",),
+                            reuse=tmp_path / "a", **kw)
+    assert trained == [2]  # only "other": both seeds of "full" were copied
+    with np.load(tmp_path / "b" / "models" / "full-s1.npz") as z:
+        assert set(z.files) == {"train_correct", "test_correct", "test_robust_correct", "device"}
+    pd.testing.assert_frame_equal(b[b.variant == "full"].reset_index(drop=True),
+                                  a[(a.variant == "full")].assign(robust_correct=lambda t: t.robust_correct.where(
+                                      t.split == "test")).reset_index(drop=True), check_dtype=False)
+    # another recipe, or splits the other experiment did not attack: trained here
+    experiments.retrain(tmp_path / "c", data, Recipe(model="mlp", hidden=8, epochs=3, batch_size=20, lr=0.1),
+                        {"full": []}, reuse=tmp_path / "a", **kw)
+    experiments.retrain(tmp_path / "d", data, recipe, {"without": [0, 1]}, reuse=tmp_path / "a", **kw)
+    assert trained == [2, 2, 2]
+
+
 def test_validate_end_to_end_and_resume(digits_run, tmp_path, capsys, monkeypatch):
     run, _ = digits_run
     out = tmp_path / "v"
