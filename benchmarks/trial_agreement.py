@@ -3,6 +3,7 @@ models? Per shared trial id: its subset (must be identical), clean and robust te
 each run, and the fraction of test samples whose robust (else clean) correctness agrees.
 
     python benchmarks/trial_agreement.py RUN_A RUN_B
+    python benchmarks/trial_agreement.py A.npz B.npz ...   # pairs of a retraining experiment's model records
 
 Results: benchmarks/README.md (GPU)."""
 
@@ -31,7 +32,19 @@ def agreement(a, b) -> list[dict]:
     return rows
 
 
+def record_agreement(files) -> None:
+    """Per pair of model records (models/VARIANT-sS.npz of two experiments): the fraction of
+    samples whose clean and robust outcomes are the same."""
+    for a, b in zip(files[::2], files[1::2]):
+        with np.load(a) as za, np.load(b) as zb:
+            same = {k: float((za[k] == zb[k]).mean()) for k in za.files if k in zb.files and k.endswith("correct")}
+        print(f"{a} ~ {b}: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in same.items()))
+
+
 if __name__ == "__main__":
+    if sys.argv[1].endswith(".npz"):
+        record_agreement(sys.argv[1:])
+        sys.exit()
     rows = agreement(*sys.argv[1:3])
     print("| trial | clean A % | clean B % | robust A % | robust B % | per-sample agreement % |\n|---:|---:|---:|---:|---:|---:|")
     for r in rows:
