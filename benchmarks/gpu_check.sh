@@ -11,6 +11,8 @@
 #     its score tables and cost packed as RESULTS_DIR/robust_estimate.tgz (records/NAME/robust_estimate:
 #     what references/NAME/robust_estimate holds).
 # Usage: bash benchmarks/gpu_check.sh WORK_DIR [RESULTS_DIR]   (RESULTS_DIR gets the logs and records)
+# A bare GPU machine: first `bash benchmarks/gpu_bundle.sh` here, carry .gpu/, and there export
+# PYTHONPATH=$PWD/.gpu/site:$PWD MEMTOOL_DATA_ROOT=$PWD/.gpu/data (torch, numpy, pandas, ... from its image).
 # Env: DEVICE (cuda), TRIALS (2000), RN_TRAIN (20000), EPOCHS_RN (2), PYTHON (python3),
 # SKIP ("estimate paper cnn": steps to leave out). Each step has its own time limit (LIMIT_*).
 set -uo pipefail
