@@ -37,6 +37,7 @@ from memtool.experiments import EXPERIMENT, markdown, model_accuracy, retrain, s
 from memtool.methods import PGDAT, Batch, other_class_confidence
 from memtool.recipe import EVAL, Recipe, stream
 from memtool.rundir import read_table, write_table
+from memtool.sharing import shared
 
 from .study import StudySettings, load_study, main as study_main
 
@@ -85,16 +86,20 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     train_recipe = replace(recipe or cfg.recipe, method=at)
 
     h_path = out / "harmfulness.parquet"
-    if not h_path.exists():  # the reference model: PGD-AT on the full set, a seed of its own
+
+    def reference(_):  # PGD-AT on the full set, a seed of its own: one process trains it, the others wait
+        if h_path.exists():
+            return
         ref = fit(train_recipe, data.x_train, data.y_train, [np.arange(len(atyp_train))],
                   [stream(cfg.seed, EXPERIMENT, REFERENCE)], num_classes=data.num_classes)[0]
         probe = PGDAT(eps=eps, pgd_steps=EVAL_STEPS, eps_warmup=0.0)
         h = harmfulness(ref, data.x_train[atypical_ids], data.y_train[atypical_ids], probe, cfg.seed)
-        out.mkdir(parents=True, exist_ok=True)
         tr = load_scores(run_dir).query("split == 'train'").set_index("sample_id")
         write_table(pd.DataFrame({"sample_id": atypical_ids, "label": ds.y_train[atypical_ids],
                                   "mem": tr.loc[atypical_ids, "mem"].to_numpy(), "h": h}),
                     h_path, {"run": str(run_dir), "eps": eps, "attack": f"pgd{EVAL_STEPS}"})
+
+    shared(["harmfulness"], "reference", reference, out / "claims", desc="reference model", progress=False)
     harm = read_table(h_path).sort_values(["h", "sample_id"], ascending=[False, True])
 
     rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh /tmp/w          # or any memtool command with --device cuda
 set -euo pipefail
 B=${1:-.gpu}
+B=${B%/}
 S=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 mkdir -p "$B/site/mnist/data" "$B/data/fashion-mnist"
 cp "$S/mnist/__init__.py" "$B/site/mnist/" && cp "$S/mnist/data/mnist.pkl.gz" "$B/site/mnist/data/"

@@ -42,6 +42,8 @@ def record_agreement(files) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or (sys.argv[1].endswith(".npz") and len(sys.argv) % 2 == 0):
+        raise SystemExit(__doc__)
     if sys.argv[1].endswith(".npz"):
         record_agreement(sys.argv[1:])
         sys.exit()

@@ -134,6 +134,8 @@ def cmd_figures(a: argparse.Namespace) -> int:
         raise ValueError("figures needs one of a RUN directory, --config CONFIG or --index OUT")
     if a.readme and not a.index:
         raise ValueError("--readme goes with --index OUT (the figures folder whose manifests it renders)")
+    if a.processes != 1 and not a.config:
+        raise ValueError(f"--processes goes with --config (a study's stages), got --processes {a.processes}")
     if a.index:
         from . import manifest
 
@@ -143,13 +145,17 @@ def cmd_figures(a: argparse.Namespace) -> int:
     elif not a.out:
         raise ValueError("figures RUN and figures --config need --out OUT")
     elif a.config:
-        from .pipeline import make_figures
+        from .pipeline import RECORDED, load_config, make_figures
 
         if a.processes < 1:
             raise ValueError(f"--processes must be at least 1, got {a.processes}")
-        stages = a.stages.split(",") if a.stages else None
-        with helpers(a.argv, a.processes):
-            paths = make_figures(a.config, a.out, stages=stages, progress=not a.quiet, **flag_values(a, Runtime))
+        stages, runtime = (a.stages.split(",") if a.stages else None), flag_values(a, Runtime)
+        shared = []
+        if a.processes > 1:  # the estimate here alone first; the copies share the stages that claim their models
+            make_figures(a.config, a.out, stages=[], progress=not a.quiet, **runtime)
+            shared = [s for s in (stages or load_config(a.config)) if s in RECORDED]
+        with helpers(a, shared, a.processes, runtime):
+            paths = make_figures(a.config, a.out, stages=stages, progress=not a.quiet, **runtime)
         print(f"wrote {Path(a.out) / 'README.md'}")
     else:
         from .figures import run_figures
@@ -162,23 +168,35 @@ def cmd_figures(a: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def helpers(argv: list[str], processes: int):
-    """Start ``processes - 1`` quiet copies of this command (``--processes`` left out) beside
-    this one, each with ``cores / processes`` torch threads: they share the stages' models
-    through claim files (:mod:`memtool.sharing`). Waits for them at the end; an error or an
-    interrupt here stops them."""
+def helpers(a: argparse.Namespace, stages: list[str], processes: int, runtime: dict):
+    """Beside this process, ``processes - 1`` quiet copies of ``memtool figures --config`` that
+    run only ``stages`` (those that claim their models, :mod:`memtool.sharing`), each process
+    with cores / ``processes`` torch threads. Waits for them at the end; an error, an interrupt
+    or a SIGTERM here interrupts them, and a copy that failed fails the command."""
+    import threading
+
     import torch
 
-    threads, before = max(1, (os.cpu_count() or 1) // processes), torch.get_num_threads()
-    if processes > 1:
-        torch.set_num_threads(threads)
-    rest = [x for i, x in enumerate(argv) if not x.startswith("--processes") and
-            not (i and argv[i - 1] == "--processes")]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    quiet = [] if "--quiet" in rest else ["--quiet"]
-    procs = [subprocess.Popen([sys.executable, "-m", "memtool", *rest, *quiet], env=env) for _ in range(processes - 1)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads, before = max(1, cores // processes), torch.get_num_threads()
+    cmd = [sys.executable, "-m", "memtool", "figures", "--config", a.config, "--out", a.out, "--quiet",
+           "--stages", ",".join(stages)] + [x for k, v in runtime.items() if v is not None
+                                            for x in (f"--{k.replace('_', '-')}", str(v))]
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term, procs = signal.getsignal(signal.SIGTERM), []
     try:
+        if processes > 1:
+            torch.set_num_threads(threads)
+            if main_thread:
+                signal.signal(signal.SIGTERM, _interrupt)
+        for _ in range(processes - 1 if stages else 0):  # a session of their own: a terminal's Ctrl-C comes from here
+            procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                          stdout=subprocess.DEVNULL, start_new_session=True))
         yield
     except BaseException:
         for p in procs:
@@ -187,6 +205,8 @@ def helpers(argv: list[str], processes: int):
     finally:
         codes = [p.wait() for p in procs]
         torch.set_num_threads(before)
+        if main_thread and processes > 1:
+            signal.signal(signal.SIGTERM, old_term)
     if any(codes):
         raise ChildProcessError(f"{sum(c != 0 for c in codes)} of the {len(procs)} helper processes failed "
                                 f"(exit codes {codes}); run the command again: it resumes")
@@ -373,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "score_cost); the estimate is always read (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--processes", type=int, default=1,
-                   help="with --config: run as N processes that share the models of the retraining stages and the "
-                        "BAT comparison (one per core, or several per GPU); the estimates parallelize by their "
-                        "n_jobs instead (default: 1)")
+                   help="with --config: after the estimate, run the retraining stages and the BAT comparison as N "
+                        "processes that share their models (one per core, or several per GPU); the estimates "
+                        "parallelize by their own n_jobs (default: 1)")
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_figures)
 
@@ -413,9 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets import MissingDatasetError
     from .rundir import RunMismatchError, storage_error
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
     try:
         return args.func(args)
     except (MissingDatasetError, RunMismatchError, ValueError, FileNotFoundError, TypeError) as e:

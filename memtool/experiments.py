@@ -125,8 +125,9 @@ def _copied(src: Path | None, mine: dict, out: Path, variant: str, s: int) -> bo
     if src is None or not (Path(src) / "experiment.json").exists():
         return False
     other, same = read_json(Path(src) / "experiment.json"), ("fingerprint", "recipe", "seed", "robust_eps", "robust_steps")
-    if json.dumps([other.get(k) for k in same]) != json.dumps([mine.get(k) for k in same]) or s >= other["seeds"]:
-        return False
+    if mine.get("fingerprint") is None or s >= other["seeds"] or \
+            json.dumps([other.get(k) for k in same], sort_keys=True) != json.dumps([mine.get(k) for k in same], sort_keys=True):
+        return False  # (a model's seed depends on ``seed`` and s alone: experiment_seeds)
     wanted = mine.get("robust_splits", {}).get(variant, [])
     keep = {"train_correct", "test_correct", "device"} | {f"{split}_robust_correct" for split in wanted}
     for w, info in other["variants"].items():

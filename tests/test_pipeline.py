@@ -302,20 +302,22 @@ def test_score_cost_study_on_a_tiny_reference(tmp_path):
 
 
 def test_figures_as_several_processes_starts_quiet_copies_and_waits_for_them(tmp_path, monkeypatch, capsys):
-    """`--processes 3`: two copies of the same command (without --processes, quiet, cores / 3
-    torch threads) beside this one, which share the models through claims (memtool.sharing);
-    a copy that failed fails the command, and an interrupt here interrupts the copies."""
+    """`--processes 3`: the estimate here alone first, then two quiet copies that run only the
+    stages that claim their models (cores / 3 torch threads each) beside this one; a copy that
+    failed fails the command, and an interrupt here interrupts the copies."""
     import signal
     import subprocess
     import sys
+
+    import torch
 
     import memtool.pipeline
 
     started, code = [], {"exit": 0}
 
     class Copy:
-        def __init__(self, cmd, env):
-            self.cmd, self.env, self.signals = cmd, env, []
+        def __init__(self, cmd, env, **kw):
+            self.cmd, self.env, self.kw, self.signals = cmd, env, kw, []
             started.append(self)
 
         def wait(self):
@@ -326,13 +328,18 @@ def test_figures_as_several_processes_starts_quiet_copies_and_waits_for_them(tmp
 
     runs = []
     monkeypatch.setattr(subprocess, "Popen", Copy)
-    monkeypatch.setattr(memtool.pipeline, "make_figures", lambda *a, **kw: runs.append(kw) or [])
-    argv = ["figures", "--config", "c.yaml", "--processes", "3", "--out", str(tmp_path), "--stages", "finding_a"]
-    assert main(argv) == 0 and len(runs) == 1 and runs[0]["progress"]  # this one shows the progress
+    monkeypatch.setattr(memtool.pipeline, "make_figures", lambda *a, **kw: runs.append(kw["stages"]) or [])
+    threads = torch.get_num_threads()
+    argv = ["figures", "--config", "c.yaml", "--proc", "3", "--out", str(tmp_path), "--data-root", "/d",
+            "--stages", "finding_a,score_cost"]  # --proc: argparse's abbreviation, the copies get none
+    assert main(argv) == 0 and runs == [[], ["finding_a", "score_cost"]]  # the estimate alone, then the stages
     assert [c.cmd for c in started] == [[sys.executable, "-m", "memtool", "figures", "--config", "c.yaml", "--out",
-                                         str(tmp_path), "--stages", "finding_a", "--quiet"]] * 2
-    assert started[0].env["OMP_NUM_THREADS"] == str(max(1, (__import__("os").cpu_count() or 1) // 3))
+                                         str(tmp_path), "--quiet", "--stages", "finding_a", "--data-root", "/d"]] * 2
+    assert all(c.kw["start_new_session"] for c in started) and torch.get_num_threads() == threads
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert started[0].env["OMP_NUM_THREADS"] == str(max(1, cores // 3))
     started.clear()
+    assert main(argv[:-1] + ["score_cost"]) == 0 and not started  # nothing to share: no copies
     code["exit"] = 1
     assert main(argv) == 1 and "2 of the 2 helper processes failed" in capsys.readouterr().err
     started.clear()
@@ -340,6 +347,27 @@ def test_figures_as_several_processes_starts_quiet_copies_and_waits_for_them(tmp
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(memtool.pipeline, "make_figures", interrupted)
+    monkeypatch.setattr(memtool.pipeline, "make_figures", lambda *a, **kw: None if kw["stages"] == [] else
+                        interrupted())
     assert main(argv) == 130 and [c.signals for c in started] == [[signal.SIGINT]] * 2
     assert main(["figures", "--config", "c.yaml", "--out", str(tmp_path), "--processes", "0"]) == 2
+    assert main(["figures", "--index", str(tmp_path), "--processes", "2"]) == 2
+
+
+def test_a_study_as_two_processes_trains_each_model_once(tmp_path):
+    """The real thing, at toy size and with no estimate yet: `--processes 2` estimates here, then
+    both processes retrain finding (a) and finding (b); every model is there, each trained once
+    (a model file is written only when absent), and the stages' costs count both processes."""
+    config = tmp_path / "tiny.yaml"
+    recipe = "{model: mlp, hidden: 16, epochs: 3, batch_size: 32, lr: 0.1, schedule: constant}"
+    config.write_text(f"name: tiny\nruns: {tmp_path / 'runs'}\nrecords: {tmp_path / 'records'}\n"
+                      "estimate: {dataset: digits, trials: 8, model: mlp, hidden: 16, epochs: 3, batch_size: 32, "
+                      "lr: 0.1, schedule: constant}\n"
+                      f"finding_a: {{seeds: 2, eps: 0.1, pgd_steps: 1, recipe: {recipe}}}\n"
+                      f"finding_b: {{seeds: 2, eps: 0.1, pgd_steps: 1, fractions: [0.5], recipe: {recipe}}}\n")
+    assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figs"), "--quiet", "--processes", "2"]) == 0
+    rec = tmp_path / "records" / "tiny"
+    assert len(list((rec / "finding_a").glob("*/models/*.npz"))) == 12 and (rec / "finding_b" / "harmfulness.parquet").exists()
+    assert len(list((rec / "finding_b" / "AT" / "models").glob("*.npz"))) == 6
+    manifest = json.loads((tmp_path / "figs" / "tiny" / "manifest.json").read_text())["stages"]
+    assert set(manifest) == {"estimate", "finding_a", "finding_b"} and manifest["estimate"]["invocations"] == 1

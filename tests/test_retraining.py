@@ -71,7 +71,10 @@ def test_a_model_another_experiment_trained_is_copied_not_retrained(tmp_path, mo
     experiments.retrain(tmp_path / "c", data, Recipe(model="mlp", hidden=8, epochs=3, batch_size=20, lr=0.1),
                         {"full": []}, reuse=tmp_path / "a", **kw)
     experiments.retrain(tmp_path / "d", data, recipe, {"without": [0, 1]}, reuse=tmp_path / "a", **kw)
-    assert trained == [2, 2, 2]
+    experiments.retrain(tmp_path / "e", data, recipe, {"full": []}, reuse=tmp_path / "a",
+                        **{**kw, "settings": {"fingerprint": "other data"}})
+    experiments.retrain(tmp_path / "f", data, recipe, {"full": []}, reuse=tmp_path / "a", **{**kw, "seeds": 3})
+    assert trained == [2, 2, 2, 2, 1]  # other data: both seeds; seed 2, which "a" never trained: one
 
 
 def test_validate_end_to_end_and_resume(digits_run, tmp_path, capsys, monkeypatch):
