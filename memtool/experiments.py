@@ -8,8 +8,8 @@ seeds. `memtool validate` and the findings' analyses are such experiments.
 
 Each (variant, seed) model's records are written to ``OUT/models/VARIANT-sSEED.npz`` as soon
 as its stack finishes (atomically), and an interrupted experiment trains only what is
-missing; several processes may run the same experiment at once (one per core,
-``OMP_NUM_THREADS=1``): each variant's stack is claimed by one of them (OUT/claims/).
+missing; several processes may run the same experiment at once (``memtool figures
+--processes N``): each variant's stack is claimed by one of them (OUT/claims/).
 ``OUT/experiment.json`` holds its settings and a reopen with others is refused.
 The models of one variant share seeds with the other variants' (a paired design), and the
 seeds stack where the architecture allows.
@@ -124,10 +124,14 @@ def _copied(src: Path | None, mine: dict, out: Path, variant: str, s: int) -> bo
     splits read here; whether it did."""
     if src is None or not (Path(src) / "experiment.json").exists():
         return False
-    other, same = read_json(Path(src) / "experiment.json"), ("fingerprint", "recipe", "seed", "robust_eps", "robust_steps")
-    if mine.get("fingerprint") is None or s >= other["seeds"] or \
-            json.dumps([other.get(k) for k in same], sort_keys=True) != json.dumps([mine.get(k) for k in same], sort_keys=True):
-        return False  # (a model's seed depends on ``seed`` and s alone: experiment_seeds)
+    other = read_json(Path(src) / "experiment.json")
+
+    def model(e):  # what makes the model: a model's seed depends on ``seed`` and s alone (experiment_seeds)
+        return json.dumps([e.get(k) for k in ("fingerprint", "recipe", "seed", "robust_eps", "robust_steps")],
+                          sort_keys=True)
+
+    if mine.get("fingerprint") is None or s >= other["seeds"] or model(other) != model(mine):
+        return False
     wanted = mine.get("robust_splits", {}).get(variant, [])
     keep = {"train_correct", "test_correct", "device"} | {f"{split}_robust_correct" for split in wanted}
     for w, info in other["variants"].items():
