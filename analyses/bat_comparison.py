@@ -298,13 +298,14 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         evaluated("eval")(j)
         if owes_last(j):
             evaluated("eval-last")(j)
+        if j in aa_jobs:  # at once, while the checkpoint is here: a fresh clone would have to retrain it
+            evaluated("autoattack")(j)
 
-    # several processes may share the work; every model is evaluated before AutoAttack starts on any
-    step = dict(claims=out / "claims", progress=progress, name=lambda j: f"{slug(j[0])}-s{j[1]}")
-    shared(jobs, "model", model, desc="train, PGD-20, CW-20", **step)
+    # several processes may share the work, seed by seed: a whole first seed, AutoAttack included, exists early
+    shared(jobs, "model", model, desc="train, PGD-20, CW-20, AutoAttack", claims=out / "claims", progress=progress,
+           name=lambda j: f"{slug(j[0])}-s{j[1]}")
     best = {j: kept_epoch(dirs[j]) for j in tracked}
     last = {j: "eval-last" if owes_last(j) else "eval" for j in tracked}
-    shared(aa_jobs, "autoattack", evaluated("autoattack"), desc="AutoAttack", **step)
 
     def records(sub, which, suffix=""):
         subs = sub if isinstance(sub, dict) else dict.fromkeys(which, sub)

@@ -99,8 +99,16 @@ def clean_digits_run(tmp_path_factory):
 def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path, monkeypatch):
     out = tmp_path / "bc"
     variants = ["standard", "pgd-at", "trades b=1", "trades b=6", "bat", "bat weights only"]
+    order, train, evaluate = [], bc.train, bc.evaluate
+    monkeypatch.setattr(bc, "train", lambda config, out, **kw: (order.append(("train", out.name)), train(config, out, **kw))[1])
+    monkeypatch.setattr(bc, "evaluate", lambda run, out, **kw: (order.append((out.name, run.name)), evaluate(run, out, **kw))[1])
     table = bc.run(clean_digits_run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, variants=variants,
                    aa_samples=40, aa_variants="headline", progress=False)
+    # seed by seed, each model attacked while its checkpoint is there: AutoAttack of seed 0 before seed 1 trains
+    assert order.index(("autoattack", "bat-s0")) < order.index(("train", "standard-s1"))
+    assert order.index(("train", "bat-s0")) < order.index(("autoattack", "bat-s0")) < order.index(("train", "bat_weights_only-s0"))
+    monkeypatch.setattr(bc, "train", train)
+    monkeypatch.setattr(bc, "evaluate", evaluate)
     assert set(table.variant) == set(variants) and (table.seeds == 2).all()
     assert set(table.group) == {"all test", "typical test", "atypical test"}
     assert set(table.metric) == {"clean", "pgd20", "cw20", "autoattack"}
