@@ -202,7 +202,7 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
 def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline: str | None = None,
               confidence: float = 0.95, metrics: dict | None = None) -> pd.DataFrame:
     """Accuracy per (variant, group, metric) over seeds: mean and t-interval of the per-seed
-    accuracies; with ``baseline``, also the paired difference to that variant (same seeds).
+    accuracies; with ``baseline``, also the paired difference to that variant (on the seeds both have).
     ``groups``: name -> bool array over the split's sample ids; ``metrics``: column of
     ``records`` -> metric name (default: correct -> clean, robust_correct -> robust)."""
     rec = records[records["split"] == split]
@@ -225,8 +225,8 @@ def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline
         if baseline is not None:
             base = per_seed[(per_seed["variant"] == baseline) & (per_seed["group"] == key[1])
                             & (per_seed["metric"] == key[2])].set_index("seed")["accuracy"]
-            d = g.set_index("seed")["accuracy"] - base.reindex(g["seed"]).to_numpy()
-            row["diff"], row["diff_low"], row["diff_high"] = t_interval(d, confidence)
+            d = (g.set_index("seed")["accuracy"] - base.reindex(g["seed"]).to_numpy()).dropna()  # the seeds both have
+            row["diff"], row["diff_low"], row["diff_high"] = t_interval(d, confidence) if len(d) else (np.nan,) * 3
         out.append(row)
     return pd.DataFrame(out)
 

@@ -146,14 +146,17 @@ def load(dest: Path, **header) -> dict:
 
 def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[dict], cost: dict) -> None:
     """Set ``stage``'s row and write the manifest, over the rows other processes wrote meanwhile
-    (one stage each). Its wall time is ``cost``: :func:`stage_cost` of the folder that holds the
+    (one stage each); the row keeps its date where nothing else in it changed. Its wall time is ``cost``: :func:`stage_cost` of the folder that holds the
     stage's records, so it travels with them ({}: none recorded)."""
     if (dest / "manifest.json").exists():
         manifest["stages"] = {**manifest["stages"], **read_json(dest / "manifest.json").get("stages", {})}
     files = [Path(os.path.relpath(f, dest)).as_posix() for f in files]  # names, or records/STAGE folders
-    manifest["stages"][stage] = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"), "headline": head,
-                                 "wall_s": cost.get("wall_s"), "invocations": cost.get("invocations", 0),
-                                 "load": cost.get("load")}
+    row = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"), "headline": head,
+           "wall_s": cost.get("wall_s"), "invocations": cost.get("invocations", 0), "load": cost.get("load")}
+    old = manifest["stages"].get(stage, {})
+    if {**old, "date": None} == {**row, "date": None}:  # nothing new (a rerun that re-read its records)
+        row["date"] = old["date"]
+    manifest["stages"][stage] = row
     write_json(dest / "manifest.json", manifest)
 
 

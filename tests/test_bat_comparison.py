@@ -191,6 +191,11 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path, monkey
     aa = table[table.metric == "autoattack"]
     assert (out / "models" / "bat-s1" / "autoattack").exists()
     assert aa.groupby("variant")["seeds"].max().to_dict() == {"pgd-at": 1, "bat": 2}
+    # BAT - PGD-AT under AutoAttack pairs one seed: no interval, said so (never "nan")
+    md = (out / "bat_comparison.md").read_text()
+    row = next(line for line in md.split("## Paired differences")[1].splitlines() if line.startswith("| bat | "))
+    assert row.endswith("(one seed) |") and "| variant | clean | PGD-20 | CW-20 | AutoAttack |" in md
+    assert "nan" not in md
     # PGD-AT and BAT also at their last epoch: evaluated again only where it is not the chosen one
     info = read_table(out / "bat_comparison.parquet").attrs["memtool"]
     assert sorted(info["best_epochs"]) == ["bat s0", "bat s1", "pgd-at s0", "pgd-at s1"]

@@ -95,6 +95,22 @@ def test_two_processes_recording_other_stages_keep_both_rows(tmp_path):
     assert {k: v["wall_s"] for k, v in stages.items()} == {"finding_a": 15.0, "finding_b": 20.0}
 
 
+def test_a_rerun_that_changes_nothing_keeps_the_rows_date(tmp_path):
+    """A stage rerun on its finished records (same files, headline and cost) leaves the date it
+    was made on; a changed headline re-dates the row."""
+    def record(value):
+        m = manifest.load(tmp_path, name="t", description="", command="a")
+        manifest.record(m, tmp_path, "estimate", [], "data", [{"label": "x", "value": value}], {"wall_s": 10.0})
+        return json.loads((tmp_path / "manifest.json").read_text())["stages"]["estimate"]["date"]
+
+    assert record(1) == time.strftime("%Y-%m-%d")
+    rows = json.loads((tmp_path / "manifest.json").read_text())
+    rows["stages"]["estimate"]["date"] = "2000-01-01"
+    (tmp_path / "manifest.json").write_text(json.dumps(rows))
+    assert record(1) == "2000-01-01"
+    assert record(2) == time.strftime("%Y-%m-%d")
+
+
 def test_a_stage_costs_what_trained_its_records_and_the_cost_travels_with_them(tmp_path):
     """account() keeps an invocation's wall time in WORK/cost/ only when it wrote a model or
     trial file; the row is the records' cost, never an older row's (another recipe's records)."""

@@ -22,6 +22,11 @@ def test_t_interval_and_paired_summary_hand_computed():
     assert row["diff"] == pytest.approx(-0.25)  # seed 0: 0.5 - 1.0, seed 1: 0.5 - 0.5
     first = t[(t.variant == "b") & (t.group == "first")].iloc[0]
     assert first.accuracy == pytest.approx(0.5) and first["diff"] == pytest.approx(-0.5)
+    # the baseline lacks seed 1: the difference pairs seed 0 alone (one seed, no interval)
+    t = experiments.summarize(rec[(rec.variant == "b") | (rec.seed == 0)], {"both": np.array([True, True])},
+                              baseline="a")
+    row = t[t.variant == "b"].iloc[0]
+    assert row.seeds == 2 and row["diff"] == pytest.approx(-0.5) and np.isnan(row.diff_low)
 
 
 def test_retrain_attacks_only_the_robust_splits_and_their_values_do_not_move(tmp_path):
