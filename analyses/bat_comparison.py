@@ -428,6 +428,16 @@ def off_panel(points: dict) -> list[str]:
     return [v for v, (c, r) in points.items() if v in low or c < best_clean - 15]
 
 
+def zoom(intervals, margin: float, reach: float = 5.0) -> tuple[float, float]:
+    """Axis limits around the means of ``intervals`` ((mean, low, high) each): the intervals
+    shown up to ``reach`` beyond the means (a wider one, as from two seeds, runs off the
+    panel instead of squashing it), plus ``margin``."""
+    means = [m for m, _, _ in intervals]
+    low = np.nanmin([lo if lo == lo else m for m, lo, _ in intervals])
+    high = np.nanmax([hi if hi == hi else m for m, _, hi in intervals])
+    return max(low, min(means) - reach) - margin, min(high, max(means) + reach) + margin
+
+
 def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n: int):
     """Clean against robust accuracy on the first ``n`` test samples: AutoAttack (left, the
     variants that have it) and CW-20 (right, every variant); each variant's mean with its
@@ -463,12 +473,10 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
             ax.text(1.02, 1.0, "\n".join(f"{i} {v}" for i, v in enumerate(keyed, 1)), transform=ax.transAxes,
                     ha="left", va="top", fontsize=6.5, color="C1")
         off = off_panel({v: (c[0], a[0]) for v, (c, a) in pts.items()})
-        if off:  # zoom on the robust models; the far-off points are named with their values
-            shown = [pts[v] for v in pts if v not in off]
-            ax.set_xlim(min(np.nanmin([c[0], c[1]]) for c, _ in shown) - 1,
-                        max(np.nanmax([c[0], c[2]]) for c, _ in shown) + 1)
-            ax.set_ylim(min(np.nanmin([a[0], a[1]]) for _, a in shown) - 3,
-                        max(np.nanmax([a[0], a[2]]) for _, a in shown) + 3)
+        shown = [pts[v] for v in pts if v not in off]
+        ax.set_xlim(*zoom([c for c, _ in shown], 1))  # the means, and their intervals up to 5 points beyond
+        ax.set_ylim(*zoom([a for _, a in shown], 3))
+        if off:  # the far-off points are named with their values
             ax.text(0.0, -0.12, "off the panel (clean, robust): " + "; ".join(
                 f"{v} ({pts[v][0][0]:.1f}, {pts[v][1][0]:.1f})" for v in off), transform=ax.transAxes,
                 ha="left", va="top", fontsize=6.5, color="0.35")

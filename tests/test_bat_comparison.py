@@ -37,6 +37,14 @@ def test_off_panel_names_the_points_far_from_the_robust_models():
     assert bc.off_panel({"pgd-at": (80.0, 16.7), "trades b=1": (91.0, 5.3)}) == []  # 5.3 >= 16.7 / 4
 
 
+def test_zoom_shows_the_means_and_cuts_a_wide_interval_at_five_points():
+    """Hand-computed: means 80 and 84; the second's interval (60 to 108, as two seeds give) is cut
+    5 points beyond the means; a tight one is shown whole; a single seed (NaN bounds) is a point."""
+    assert bc.zoom([(80.0, 79.0, 81.0), (84.0, 60.0, 108.0)], margin=1) == (74.0, 90.0)
+    assert bc.zoom([(80.0, 79.0, 81.0), (84.0, 83.0, 86.0)], margin=1) == (78.0, 87.0)
+    assert bc.zoom([(80.0, np.nan, np.nan), (84.0, 83.0, 85.0)], margin=0) == (80.0, 85.0)
+
+
 def test_frontier_gaps_skip_seeds_without_every_baseline():
     """TRADES measured on seed 0 only: seeds 1 and 2 have no whole frontier, so only seed 0
     counts. There the frontier at clean 0.90 runs from PGD-AT (0.80, 0.50) to TRADES (0.95,
