@@ -12,6 +12,7 @@ the tables, and :func:`refresh` recomputes them from the committed tables alone.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import threading
@@ -152,7 +153,8 @@ def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[
         manifest["stages"] = {**manifest["stages"], **read_json(dest / "manifest.json").get("stages", {})}
     files = [Path(os.path.relpath(f, dest)).as_posix() for f in files]  # names, or records/STAGE folders
     row = {"files": files, "data": data, "date": time.strftime("%Y-%m-%d"), "headline": head,
-           "wall_s": cost.get("wall_s"), "invocations": cost.get("invocations", 0), "load": cost.get("load")}
+           "wall_s": cost.get("wall_s"), "process_s": cost.get("process_s"), "invocations": cost.get("invocations", 0),
+           "load": cost.get("load")}
     old = manifest["stages"].get(stage, {})
     if {**old, "date": None} == {**row, "date": None}:  # nothing new (a rerun that re-read its records)
         row["date"] = old["date"]
@@ -169,7 +171,7 @@ def account(work: Path, fn, device="cpu", every: float = 60.0):
     ``models/`` or ``trials/`` folder of ``work`` new or changed. So an invocation that re-read
     finished records costs nothing, one killed midway keeps the time up to that check, records
     trained elsewhere keep the cost that came with them, and two processes on one stage each
-    keep their own (:func:`stage_cost` adds them up)."""
+    keep their own (:func:`stage_cost` counts the time they overlap once)."""
     work, t0 = Path(work), time.monotonic()
     start = datetime.datetime.now().strftime("%Y%m%dT%H%M%S.%f")
     mine = work / COST / f"{start}-{socket.gethostname()}-{os.getpid()}.json"
@@ -202,17 +204,38 @@ def account(work: Path, fn, device="cpu", every: float = 60.0):
 
 
 def stage_cost(work: Path) -> dict:
-    """The wall time of every invocation that wrote ``work``'s records, added up, their number,
-    and where they ran (the last one's load note, or the time per device if there were several);
-    {} when none did."""
-    rows = [read_json(f) for f in sorted((Path(work) / COST).glob("*.json"))]
-    if not rows:
+    """The wall time of the invocations that wrote ``work``'s records: the time during which at
+    least one of them worked (two processes at once count once), ``process_s`` their times
+    added up, their number, and where they ran (the last one's load note, or the wall time per
+    device if there were several); {} when none did."""
+    files = sorted((Path(work) / COST).glob("*.json"))
+    if not files:
         return {}
-    per_device: dict[str, float] = {}
-    for r in rows:
-        per_device[r["device"]] = per_device.get(r["device"], 0.0) + r["wall_s"]
-    where = rows[-1]["load"] if len(per_device) == 1 else ", ".join(f"{d}: {t:.0f} s" for d, t in per_device.items())
-    return {"wall_s": round(sum(per_device.values()), 1), "invocations": len(rows), "load": where}
+    spans: dict[str, list] = {}
+    for f in files:
+        r = read_json(f)
+        spans.setdefault(r["device"], []).append((_started(f), r["wall_s"]))
+    wall = {d: _union(s) for d, s in spans.items()}
+    where = read_json(files[-1])["load"] if len(wall) == 1 else ", ".join(f"{d}: {t:.0f} s" for d, t in wall.items())
+    return {"wall_s": round(sum(wall.values()), 1), "process_s": round(sum(w for s in spans.values() for _, w in s), 1),
+            "invocations": len(files), "load": where}
+
+
+def _started(f: Path) -> float | None:
+    """An invocation's start, from its cost file's name (START-HOST-PID.json); None if unnamed."""
+    try:
+        return datetime.datetime.strptime(f.name[:22], "%Y%m%dT%H%M%S.%f").timestamp()
+    except ValueError:
+        return None
+
+
+def _union(spans) -> float:
+    """Seconds covered by (start, duration) intervals; those without a start count in full."""
+    total, end = sum(w for t, w in spans if t is None), -math.inf
+    for t, w in sorted((t, w) for t, w in spans if t is not None):
+        total += max(0.0, t + w - max(t, end))
+        end = max(end, t + w)
+    return total
 
 
 def _work_files(work: Path) -> dict:
@@ -264,7 +287,9 @@ def render_index(out: Path) -> str:
                   "| stage | files | data | date | wall time | headline |", "|---|---|---|---|---|---|"]
         for stage, r in m["stages"].items():
             files = ", ".join(f"[{f}]({m['name']}/{f})" for f in r.get("files", []))
-            wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f} s ({r.get('load') or 'load not recorded'})"
+            wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f} s ({r.get('load') or 'load not recorded'}" + (
+                f"; {r['process_s']:.0f} s over {r['invocations']} processes" if r.get("process_s", 0) > 1.01 * r["wall_s"]
+                else "") + ")"
             head = "; ".join(f"{h['label']}: {fmt(h)}" for h in r.get("headline", []))
             lines.append(f"| {stage} | {files} | {r.get('data', '')} | {r.get('date', '')} | {wall} | {head} |")
         lines.append("")

@@ -187,7 +187,22 @@ def test_two_processes_on_one_stage_keep_both_costs_and_a_vanished_folder_is_no_
             t.join()
     assert not [w for w in caught if "wall time" in str(w.message)]
     cost = manifest.stage_cost(work)
-    assert cost["invocations"] == 2 and cost["wall_s"] >= 0.5  # both, about 0.3 s each
+    assert cost["invocations"] == 2 and cost["process_s"] >= 0.5  # both, about 0.3 s each
+    assert 0.25 <= cost["wall_s"] < cost["process_s"] - 0.15  # at once: the wall time counts them once
+
+
+def test_the_wall_time_counts_overlapping_invocations_once(tmp_path):
+    """Hand-computed: two processes started together (100 s and 90 s), a third 200 s later
+    (50 s): 150 s of wall time, 240 s of process time; a file without a start counts in full."""
+    cost = tmp_path / "cost"
+    cost.mkdir()
+    for name, wall in (("20261205T000000.000000-vm-1", 100.0), ("20261205T000001.000000-vm-2", 90.0),
+                       ("20261205T000320.000000-vm-3", 50.0)):
+        (cost / f"{name}.json").write_text(json.dumps({"wall_s": wall, "device": "cpu", "load": "two jobs"}))
+    c = manifest.stage_cost(tmp_path)
+    assert (c["wall_s"], c["process_s"], c["invocations"], c["load"]) == (150.0, 240.0, 3, "two jobs")
+    (cost / "migrated.json").write_text(json.dumps({"wall_s": 10.0, "device": "cpu", "load": "old"}))
+    assert manifest.stage_cost(tmp_path)["wall_s"] == 160.0
 
 
 def test_a_gpu_is_named_in_the_records_and_the_manifest(monkeypatch):
