@@ -37,6 +37,27 @@ def test_off_panel_names_the_points_far_from_the_robust_models():
     assert bc.off_panel({"pgd-at": (80.0, 16.7), "trades b=1": (91.0, 5.3)}) == []  # 5.3 >= 16.7 / 4
 
 
+def test_bootstrap_gap_over_test_samples():
+    """A copy of a frontier model is on the curve in every draw: (0, 0). A model robust on every
+    sample, against a baseline robust on half of them at the same clean accuracy: gap 0.5, and
+    the interval of 1 - (a bootstrap mean of half ones): 0.5 -+ 1.96 sqrt(0.25 / 400)."""
+    n = 400
+    rows = lambda v, rob, seed=0: pd.DataFrame({"variant": v, "seed": seed, "sample_id": np.arange(n),
+                                                "clean": True, "autoattack": rob})
+    half = np.arange(n) % 2 == 0
+    samples = pd.concat([rows("standard", np.zeros(n, bool)), rows("pgd-at", half), rows("copy", half),
+                         rows("bat", np.ones(n, bool)), rows("pgd-at", ~half, seed=1)])
+    assert bc.bootstrap_gap(samples, "copy", 0, ["standard", "pgd-at"], "autoattack") == (0.0, 0.0)
+    lo, hi = bc.bootstrap_gap(samples, "bat", 0, ["standard", "pgd-at"], "autoattack")
+    assert lo == pytest.approx(0.5 - 0.049, abs=0.01) and hi == pytest.approx(0.5 + 0.049, abs=0.01)
+    # through frontier_gaps: the one seed with every baseline gets the bootstrap, not a t-interval
+    per_seed = samples.groupby(["variant", "seed"])[["clean", "autoattack"]].mean()
+    g = bc.frontier_gaps(per_seed, ["bat"], samples=samples).iloc[0]
+    assert g.seeds == 1 and np.isnan(g.gap_low) and (g.boot_low, g.boot_high) == (lo, hi)
+    with pytest.raises(ValueError, match="different test samples"):
+        bc.bootstrap_gap(samples.iloc[1:], "bat", 0, ["standard", "pgd-at"], "autoattack")
+
+
 def test_zoom_shows_the_means_and_cuts_a_wide_interval_at_five_points():
     """Hand-computed: means 80 and 84; the second's interval (60 to 108, as two seeds give) is cut
     5 points beyond the means; a tight one is shown whole; a single seed (NaN bounds) is a point."""
@@ -55,7 +76,7 @@ def test_frontier_gaps_skip_seeds_without_every_baseline():
     aa = pd.DataFrame(rows, columns=["variant", "seed", "clean", "autoattack"]).set_index(["variant", "seed"])
     gap = bc.frontier_gaps(aa, ["bat"], baselines=("pgd-at", "trades")).set_index("variant").loc["bat"]
     assert gap["seeds"] == 1 and gap["gap"] == pytest.approx(0.45 - (0.50 - 0.2 * 2 / 3))
-    assert gap["verdict"] == "one seed: no interval"
+    assert gap["verdict"] == "one seed: no interval over seeds"
 
 
 def test_shared_step_waits_for_a_model_another_process_holds(tmp_path, monkeypatch, capsys):
