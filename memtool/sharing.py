@@ -14,6 +14,7 @@ from .estimator.store import holding
 from .progress import progress_bar
 
 POLL_S = 30.0  # how often a process waits for the jobs another one is working on
+SLOW_S = 1.0  # a job that took longer did work (a finished one returns at once): the bar shows it at once
 
 
 def shared(jobs, step: str, fn, claims: Path, desc: str, name=str, progress: bool = True, unit: str = "model") -> None:
@@ -28,8 +29,11 @@ def shared(jobs, step: str, fn, claims: Path, desc: str, name=str, progress: boo
         for job in jobs:
             with holding(Path(claims) / f"{name(job)}.{step}.claim") as mine:
                 if mine:
+                    t0 = time.monotonic()
                     fn(job)
                     bar.update()
+                    if time.monotonic() - t0 > SLOW_S:  # real work: shown now, with the finished jobs skipped before it
+                        bar.refresh()
                 else:
                     busy.append(job)
         if busy and busy != said and progress:  # said again only when the set of held jobs changes

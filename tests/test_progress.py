@@ -54,3 +54,17 @@ def test_memtool_train_into_a_log_file_writes_lines_not_redraws(tmp_path):
     lines = raw.decode().splitlines()
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
     assert len(lines) <= 3 + 2 + 3  # the epochs, the bar's first and last line, the closing messages
+
+
+def test_shared_work_shows_each_real_job_at_once_in_a_log(tmp_path, monkeypatch, capsys):
+    """Jobs finished earlier return at once and their count waits; a job that works is shown as
+    soon as it ends (not a minute later, after the next one), with the skipped ones counted."""
+    import time
+
+    from memtool import sharing
+
+    monkeypatch.setattr(sharing, "SLOW_S", 0.05)
+    sharing.shared(["a", "b", "c", "slow", "d"], "train", lambda j: time.sleep(0.1) if j == "slow" else None,
+                   tmp_path / "claims", "models")
+    states = [line.split("|")[-1].split()[0] for line in capsys.readouterr().err.splitlines()]
+    assert states == ["0/5", "4/5", "5/5"]
