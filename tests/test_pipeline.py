@@ -80,7 +80,7 @@ def test_interrupted_pipeline_resumes_and_trains_nothing_twice(tmp_path, monkeyp
     work = tmp_path / "runs" / "tiny" / "finding_a"
     from memtool.manifest import stage_cost
 
-    assert {k: row[k] for k in ("wall_s", "invocations", "load")} == stage_cost(work)
+    assert {k: row[k] for k in ("wall_s", "process_s", "invocations", "load")} == stage_cost(work)
     # an estimate counts the invocations that trained trials, not those that re-read a finished run
     assert manifest["stages"]["estimate"]["invocations"] == manifest["stages"]["robust_estimate"]["invocations"] == 1
     _check_headlines_against_tables(out / "tiny", manifest)
