@@ -147,8 +147,9 @@ def load(dest: Path, **header) -> dict:
 
 def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[dict], cost: dict) -> None:
     """Set ``stage``'s row and write the manifest, over the rows other processes wrote meanwhile
-    (one stage each); the row keeps its date where nothing else in it changed. Its wall time is ``cost``: :func:`stage_cost` of the folder that holds the
-    stage's records, so it travels with them ({}: none recorded)."""
+    (one stage each); the row keeps its date where nothing else in it changed. Its wall time is
+    ``cost``: :func:`stage_cost` of the folder that holds the stage's records, so it travels with
+    them ({}: none recorded)."""
     if (dest / "manifest.json").exists():
         manifest["stages"] = {**manifest["stages"], **read_json(dest / "manifest.json").get("stages", {})}
     files = [Path(os.path.relpath(f, dest)).as_posix() for f in files]  # names, or records/STAGE folders
@@ -288,8 +289,8 @@ def render_index(out: Path) -> str:
         for stage, r in m["stages"].items():
             files = ", ".join(f"[{f}]({m['name']}/{f})" for f in r.get("files", []))
             wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f} s ({r.get('load') or 'load not recorded'}" + (
-                f"; {r['process_s']:.0f} s over {r['invocations']} processes" if r.get("process_s", 0) > 1.01 * r["wall_s"]
-                else "") + ")"
+                f"; {r['process_s']:.0f} s over {r['invocations']} processes"
+                if (r.get("process_s") or 0) > 1.01 * r["wall_s"] else "") + ")"
             head = "; ".join(f"{h['label']}: {fmt(h)}" for h in r.get("headline", []))
             lines.append(f"| {stage} | {files} | {r.get('data', '')} | {r.get('date', '')} | {wall} | {head} |")
         lines.append("")
