@@ -203,6 +203,10 @@ def test_the_wall_time_counts_overlapping_invocations_once(tmp_path):
     assert (c["wall_s"], c["process_s"], c["invocations"], c["load"]) == (150.0, 240.0, 3, "two jobs")
     (cost / "migrated.json").write_text(json.dumps({"wall_s": 10.0, "device": "cpu", "load": "old"}))
     assert manifest.stage_cost(tmp_path)["wall_s"] == 160.0
+    (tmp_path / "t").mkdir()
+    m = manifest.load(tmp_path / "t", name="t", description="", command="c")
+    manifest.record(m, tmp_path / "t", "finding_a", [], "data", [], manifest.stage_cost(tmp_path))
+    assert "| 160 s (old; 250 s over 4 processes) |" in manifest.render_index(tmp_path)
 
 
 def test_a_gpu_is_named_in_the_records_and_the_manifest(monkeypatch):
