@@ -157,7 +157,8 @@ def record(manifest: dict, dest: Path, stage: str, files, data: str, head: list[
            "wall_s": cost.get("wall_s"), "process_s": cost.get("process_s"), "invocations": cost.get("invocations", 0),
            "load": cost.get("load")}
     old = manifest["stages"].get(stage, {})
-    if {**old, "date": None} == {**row, "date": None}:  # nothing new (a rerun that re-read its records)
+    same = lambda r: {k: v for k, v in r.items() if k not in ("date", "process_s")}  # noqa: E731 (older rows lack it)
+    if same(old) == same(row):  # nothing new (a rerun that re-read its records)
         row["date"] = old["date"]
     manifest["stages"][stage] = row
     write_json(dest / "manifest.json", manifest)
