@@ -284,7 +284,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
                            **select)
 
     aa_jobs = [(v, s) for v, s in jobs if v in attacked and (s < (aa_seeds or seeds) or v in aa_all_seeds)]
-    tracked = {j for j in jobs if val_samples and j[0] in LAST_EPOCH}  # robust overfitting (Rice et al.)
+    tracked = [j for j in jobs if val_samples and j[0] in LAST_EPOCH]  # robust overfitting (Rice et al.); in order
 
     evaluations = {"eval": dict(attacks=ATTACKS), "eval-last": dict(attacks=ATTACKS, weights="last"),
                    "autoattack": dict(attacks="clean,autoattack", n_samples=aa_samples, backend=backend)}
@@ -476,17 +476,17 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
     panels = [(aa, "autoattack", "AutoAttack"), (cw, "cw20", "CW-20")]
     panels = [p for p in panels if len(p[0])]
     fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 4.8), squeeze=False)
-    curves = {"TRADES (beta 1, 3, 6)": ["trades b=1", "trades b=3", "trades b=6"],
-              "PGD-AT (eps x0.5 to x1.25)": list(PGD_CURVE)}
+    curves = {"TRADES (beta 1, 3, 6)": ("C0", ["trades b=1", "trades b=3", "trades b=6"]),
+              "PGD-AT (eps x0.5 to x1.25)": ("C2", list(PGD_CURVE))}  # BAT red, its ablations orange
     for ax, (frame, metric, name) in zip(axes[0], panels):
         pts = {}
         for v, g in frame.groupby(level="variant", sort=False):
             pts[v] = (100 * np.array(t_interval(g["clean"])), 100 * np.array(t_interval(g[metric])))
-        for label, names in curves.items():
+        for label, (color, names) in curves.items():
             names = [k for k in names if k in pts]
             if len(names) > 1:
                 ax.plot([pts[k][0][0] for k in names], [pts[k][1][0] for k in names], "-", lw=1, alpha=0.6,
-                        label=label)
+                        color=color, label=label)
         keyed = []  # BAT's ablations crowd one spot: numbered, with a key
         for v, (c, a) in pts.items():
             bat = v.startswith("bat")

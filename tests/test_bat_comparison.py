@@ -237,6 +237,8 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path, monkey
             assert rb["checkpoint_rule"].startswith(f"last epoch ({SMALL.epochs})")
     last = table[table.variant.str.endswith(" (last epoch)")]
     assert set(last.variant) == {"pgd-at (last epoch)", "bat (last epoch)"} and set(last.metric) == {"clean", "pgd20", "cw20"}
+    # in the grid's order, whatever the process's hash seed: a rerun writes the same table
+    assert list(dict.fromkeys(last.variant)) == ["pgd-at (last epoch)", "bat (last epoch)"]
     # the committed records alone (no checkpoint): nothing trained, the same table, the kept epochs
     # read from selected.json; a rerun with another eps or another training recipe is refused
     from memtool.rundir import RunMismatchError
