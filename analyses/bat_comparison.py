@@ -462,8 +462,8 @@ def zoom(intervals, margin: float, reach: float = 5.0) -> tuple[float, float]:
     shown up to ``reach`` beyond the means (a wider one, as from two seeds, runs off the
     panel instead of squashing it), plus ``margin``."""
     means = [m for m, _, _ in intervals]
-    low = np.nanmin([lo if lo == lo else m for m, lo, _ in intervals])
-    high = np.nanmax([hi if hi == hi else m for m, _, hi in intervals])
+    low = min(m if np.isnan(lo) else lo for m, lo, _ in intervals)  # one seed (NaN bounds): the mean
+    high = max(m if np.isnan(hi) else hi for m, _, hi in intervals)
     return max(low, min(means) - reach) - margin, min(high, max(means) + reach) + margin
 
 
