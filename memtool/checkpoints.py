@@ -4,8 +4,9 @@
 (finished epochs), ``settings`` (the run's config with its recipe, dataset facts, digests of
 the excluded ids and weights: see :mod:`memtool.training`) and ``log``. It is written
 atomically (:func:`memtool.rundir.atomic_write`) and read with ``torch.load(...,
-weights_only=True)``; the model is rebuilt from the stored recipe with
-:func:`memtool.models.build_model`.
+weights_only=True)``; the model is rebuilt from the stored recipe's model spec (a
+registered name; user code only when the caller names its factory, ``model=``) and checked
+against the stored ``model_record`` (structural digest).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .models import build_model
+from .models import check_model_record, model_record
 from .rundir import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
@@ -36,8 +37,12 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     p = checkpoint_path(path)
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p} (expected a `memtool train` output directory or .pt file)")
-    ck = torch.load(p, map_location=device, weights_only=True)
-    if "settings" not in ck:
+    try:
+        ck = torch.load(p, map_location=device, weights_only=True)
+    except Exception as e:  # weights_only refused a pickled object, or the file is not a checkpoint
+        raise ValueError(f"{p} cannot be loaded as a checkpoint of tensors and plain values ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); memtool never unpickles other objects") from None
+    if not isinstance(ck, dict) or "settings" not in ck:
         raise ValueError(f"{p} is a checkpoint of an older memtool (format {ck.get('format')!r}); "
                          "train it again with this version")
     return ck
@@ -58,15 +63,24 @@ def selected_epoch(ck: dict, last: bool = False) -> tuple[int, str]:
     return int(ck["epoch"]), f"last epoch ({ck['epoch']})"
 
 
-def model_from_checkpoint(ck: dict, device="cpu", last: bool = False) -> torch.nn.Module:
-    """The model of the selected epoch (:func:`selected_epoch`; ``last``: of the last epoch)."""
+def model_from_checkpoint(ck: dict, device="cpu", last: bool = False, model=None, where="the checkpoint") -> torch.nn.Module:
+    """The model of the selected epoch (:func:`selected_epoch`; ``last``: of the last epoch).
+    ``model``: the factory of a user's model (the checkpoint names it, memtool does not import it)."""
+    from .recipe import Recipe
+
     recipe, ds = ck["settings"]["config"]["recipe"], ck["settings"]["dataset"]
-    model = build_model(recipe["model"], ds["image_shape"], ds["num_classes"], recipe["hidden"])
-    model.load_state_dict(ck["best_model"] if _best(ck) and not last else ck["model"])
-    return model.to(device).eval()
+    r = Recipe(**{k: recipe[k] for k in ("model", "model_kwargs", "hidden") if k in recipe}).with_factory(model)
+    net = r.build(ds["image_shape"], ds["num_classes"])
+    check_model_record(ck.get("model_record"), model_record(net, r.model), where)
+    net.load_state_dict(ck["best_model"] if _best(ck) and not last else ck["model"])
+    return net.to(device).eval()
 
 
-def load_model(path: str | os.PathLike, device="cpu") -> torch.nn.Module:
-    """The trained nn.Module (eval mode; takes images in [0, 1]) from ``path``, a `memtool
-    train` output directory or its checkpoint.pt; loaded with ``weights_only=True``."""
-    return model_from_checkpoint(load_checkpoint(path, device), device)
+def load_model(path: str | os.PathLike, device="cpu", model=None) -> torch.nn.Module:
+    """The trained nn.Module (eval mode) from ``path``, a `memtool train` output directory or
+    its checkpoint.pt; loaded with ``weights_only=True``. ``model``: your factory (or
+    MODULE:FUNCTION), when the checkpoint was trained with your own model."""
+    from .models import resolve_model
+
+    return model_from_checkpoint(load_checkpoint(path, device), device, model=None if model is None else
+                                 resolve_model(model), where=checkpoint_path(path))

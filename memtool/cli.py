@@ -282,7 +282,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     try:
-        summary = evaluate(a.checkpoint, a.out, progress=not a.quiet, **flag_values(a, Evaluation),
+        summary = evaluate(a.checkpoint, a.out, model=a.model, progress=not a.quiet, **flag_values(a, Evaluation),
                            **flag_values(a, Runtime))
     except KeyboardInterrupt:
         print(f"\nmemtool evaluate: interrupted; finished batches are saved in {Path(a.out) / 'state'}, "
@@ -311,8 +311,9 @@ def _recipe_flags(p: argparse.ArgumentParser) -> None:
     """The recipe's flags, --method and every method's own parameters (each declared once)."""
     add_flags(p.add_argument_group("training recipe"), Recipe)
     g = p.add_argument_group("training method (parameters apply to the methods that take them)")
-    g.add_argument("--method", default=argparse.SUPPRESS, choices=list(METHODS),
-                   help=" | ".join(METHODS) + " (default: standard)")
+    g.add_argument("--method", default=argparse.SUPPRESS,
+                   help=" | ".join(METHODS) + " | a method registered with memtool.register_method or installed "
+                        "under the entry-point group memtool.methods (default: standard)")
     seen: set = set()
     for m in METHODS.values():
         add_flags(g, m, seen=seen)
@@ -373,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-sample robustness of a trained model under attacks (resumable)")
-    p.add_argument("checkpoint", help="a `memtool train` output directory or its checkpoint.pt")
+    p.add_argument("checkpoint", nargs="?", help="a `memtool train` output directory or its checkpoint.pt (omit it "
+                                                 "for a model memtool did not train: --model and --weights FILE.pt)")
+    p.add_argument("--model", default=None, help="MODULE:FUNCTION, build(in_shape, num_classes) -> nn.Module: the "
+                                                 "network of --weights FILE.pt, or of a checkpoint trained with it")
     p.add_argument("--out", required=True, help="output directory (created, or resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_flags(p, Evaluation)
@@ -434,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     from .rundir import RunMismatchError, storage_error
 
     args = build_parser().parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:  # --model mymodule:build finds ./mymodule.py
+        sys.path.insert(0, os.getcwd())
     try:
         return args.func(args)
     except (MissingDatasetError, RunMismatchError, ValueError, FileNotFoundError, TypeError) as e:

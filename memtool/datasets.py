@@ -51,13 +51,22 @@ class Dataset:
     num_classes: int
     original_label: np.ndarray  # training labels before planted noise
     meta: dict = field(default_factory=dict)
+    input_range: tuple | None = (0.0, 1.0)  # what attacks clip to; None: features, no attacks
+
+    def check_attackable(self, what: str = "an attack") -> None:
+        """Refuse ``what`` on data that declare no input range (feature vectors)."""
+        if self.input_range is None:
+            raise ValueError(f"{what} needs the range the inputs live in, and dataset {self.name} declares none "
+                             "(feature vectors): declare input_range=(0, 1) on ArrayData with features scaled to "
+                             "[0, 1], or use standard training and clean evaluation (--attacks clean)")
 
     @property
     def label_corrupted(self) -> np.ndarray:
         return self.y_train != self.original_label
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one input (C, H, W for images; any shape for arrays)."""
         return tuple(self.x_train.shape[1:])
 
     @property
@@ -300,8 +309,9 @@ REGISTRY: dict[str, DatasetInfo] = {
 
 def _load_npz(path: Path):
     """A user-supplied dataset: an .npz with x_train, y_train, x_test, y_test (images (n, H, W)
-    or (n, C, H, W), uint8 0..255 or floats in [0, 1], stored as uint8 after rounding; labels
-    integers 0..num_classes-1) and optionally num_classes. Read without pickle."""
+    or (n, C, H, W), uint8 0..255 or floats in [0, 1]; labels integers 0..num_classes-1) and
+    optionally num_classes. Read without pickle. Feature arrays (n, d) and any other shape go
+    through :class:`memtool.ArrayData` (floats stay floats)."""
     if not path.exists():
         raise MissingDatasetError(f"dataset file {path} does not exist (a user dataset is an .npz with x_train, "
                                   "y_train, x_test, y_test)")
@@ -319,9 +329,7 @@ def _load_npz(path: Path):
         where = f"{path}: x_{split}"
         if x.ndim == 3:
             x = x[:, None]
-        if x.ndim != 4:
-            raise DatasetFileError(f"{where} must have shape (n, H, W) or (n, C, H, W), got {x.shape}")
-        if x.dtype != np.uint8:
+        if x.ndim == 4 and x.dtype != np.uint8:  # images; other shapes are features, checked by ArrayData
             if not np.issubdtype(x.dtype, np.floating):
                 raise DatasetFileError(f"{where} must be uint8 (0..255) or floats in [0, 1], got dtype {x.dtype}")
             bad = ~np.isfinite(x)
@@ -334,7 +342,6 @@ def _load_npz(path: Path):
                 raise DatasetFileError(f"{where} pixels must be in [0, 1] (floats) or 0..255 (uint8); found "
                                        f"{float(x.min()):g}..{float(x.max()):g} (first outside in sample {first}): "
                                        "rescale them")
-            x = np.round(x * 255).astype(np.uint8)
         if not np.issubdtype(y.dtype, np.integer):
             raise DatasetFileError(f"{path}: y_{split} must hold integer labels, got dtype {y.dtype}")
         out += [x, y.astype(np.int64)]
@@ -361,8 +368,9 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
 
 def _info(name: str) -> DatasetInfo:
     if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)} or give an .npz file "
-                         "(x_train, y_train, x_test, y_test)")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)}, npz:PATH (x_train, y_train, "
+                         "x_test, y_test), imagefolder:DIR or MODULE:FUNCTION; data given as arrays in Python are "
+                         "known only to the process they were given to: pass them again (dataset=...)")
     return REGISTRY[name]
 
 
@@ -401,10 +409,23 @@ def load_dataset(
 ) -> Dataset:
     """Load ``name`` in canonical order; keep the first ``limit`` training samples and flip a
     seeded fraction ``label_noise`` of their labels."""
-    if name.endswith(".npz"):  # a user-supplied dataset
-        (xtr, ytr, xte, yte), k = _load_npz(Path(name))
-        k = k or int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
-        _check_arrays(name, name, xtr, ytr, xte, yte, k)
+    from . import userdata
+
+    input_range = (0.0, 1.0)
+    user = userdata.in_memory(name)
+    if user is None and (name.endswith(".npz") or name.startswith(("npz:", "imagefolder:"))):
+        kind, _, path = name.partition(":") if name.startswith(("npz:", "imagefolder:")) else ("npz", "", name)
+        if kind == "npz":
+            (xtr, ytr, xte, yte), k = _load_npz(Path(path))
+            user = userdata.ArrayData(xtr, ytr, xte, yte, name=name, num_classes=k)
+        else:
+            user = userdata.image_folder(path)
+    if user is None and userdata.MODULE_SPEC.fullmatch(name):
+        raise ValueError(f"dataset {name!r} is user code, and memtool never imports code named in a run directory: "
+                         f"name it yourself (--dataset {name}, or dataset=<the data> in Python)")
+    if user is not None:
+        xtr, ytr, xte, yte, k, input_range = (user.x_train, user.original_label, user.x_test, user.y_test,
+                                              user.num_classes, user.input_range)
     else:
         info = _info(name)
         root, k = resolve_data_root(data_root), info.num_classes
@@ -424,6 +445,7 @@ def load_dataset(
         num_classes=k,
         original_label=ytr,
         meta={"limit": limit, "label_noise": label_noise, "seed": seed},
+        input_range=input_range,
     )
 
 

@@ -6,10 +6,13 @@
     models[k]                                   # model k as a plain nn.Module
 
 An estimator trial, `memtool train`, the findings' retraining and a BAT run are all this
-call. ``x`` (n, C, H, W) uint8 or float in [0, 1] and ``y`` (n,) live on the device; a
-subset is an index array, a minibatch an index tensor. Models whose architecture allows it
-(no BatchNorm) and whose subsets have the same size are stacked ``ensemble_size`` at a time
-(:class:`memtool.ensemble.Ensemble`); the others train one at a time. Both run the same loop.
+call. ``x`` (n, ...) uint8 images (scaled to [0, 1] per batch) or floats and ``y`` (n,) live
+on the device, or in host memory (each batch is then moved to ``device``; the same result);
+a subset is an index array, a minibatch an index tensor. Models whose subsets have the same
+size are stacked ``ensemble_size`` at a time: the hand-written :class:`memtool.ensemble.Ensemble`
+where the architecture allows (Linear / Conv2d / ReLU / pooling), else any module through
+``torch.func`` (:class:`memtool.ensemble.FuncEnsemble`, BatchNorm included). The default
+stacks where it was measured faster (:func:`default_ensemble_size`). All run the same loop.
 
 Seeding rule: model k's initialisation, minibatch order, augmentation and attack noise derive
 from ``seeds[k]`` alone (:func:`memtool.recipe.stream`; the order and the noise from
@@ -37,67 +40,83 @@ from .attacks import PGD, attacked_logits
 from .attacks.base import margins_from_logits
 from .augment import crop_flip
 from .config import check_int
-from .ensemble import Ensemble, stackable
+from .ensemble import Ensemble, FuncEnsemble, stackable
 from .methods import Batch, weighted_mean
-from .models import build_model
 from .recipe import EVAL, Recipe, epoch_order, init_model, noise_generator, stream
 
 
 def default_ensemble_size(recipe: Recipe, device, in_features: int = 784) -> int:
     """Models per stack where stacking pays off (benchmarks/README.md): MLPs everywhere; the
-    CNN only on GPUs (on a CPU its per-model convolutions already run near peak, and K
-    models' activations overflow the cache: K = 8 measured 16 % slower than one at a time).
+    CNN and any other module only on GPUs (on a CPU per-model convolutions already run near
+    peak, and K models' activations overflow the cache: K = 8 CNNs measured 16 % slower than
+    one at a time, a vmap stack of 8 small BN-ResNets 2.5x slower).
     On a CPU, small MLPs stack more models so each batched matmul stays big enough for BLAS:
     K = 64 below 10^6 multiply-adds per model and step (digits 64-128-10 at batch 32), else 16
     (MNIST 784-256-10: K = 8, 16, 32 within 4 %)."""
     if torch.device(device).type == "cuda":
-        return 64 if recipe.model in ("mlp", "cnn") else 1
-    if recipe.model != "mlp":
+        return 64 if recipe.model in ("mlp", "cnn") else 16 if recipe.model not in ("preact-resnet18",) and \
+            not recipe.model.startswith("wrn-") else 1
+    if recipe.model != "mlp":  # a user's model too: give --ensemble-size to stack it
         return 1
     return 64 if recipe.batch_size * in_features * recipe.hidden < 1_000_000 else 16
 
 
 def _autocast(recipe: Recipe, device: torch.device):
-    if recipe.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if recipe.precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if recipe.precision == "bf16" else torch.float16)
     return nullcontext()
 
 
-def _floats(xb: torch.Tensor) -> torch.Tensor:
-    return xb.float().div_(255) if xb.dtype == torch.uint8 else xb
+def as_floats(xb: torch.Tensor, device=None) -> torch.Tensor:
+    """A batch as floats on ``device`` (uint8 images scaled to [0, 1]; floats as they are)."""
+    xb = xb.to(device, non_blocking=True) if device is not None else xb
+    return xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
 
 
 def _builder(recipe: Recipe, x: torch.Tensor, num_classes: int) -> Callable[[], nn.Module]:
-    return partial(build_model, recipe.model, tuple(x.shape[1:]), num_classes, recipe.hidden)
+    return partial(recipe.build, tuple(x.shape[1:]), num_classes)
+
+
+def _stack(modules: list[nn.Module], build) -> nn.Module:
+    """One module for K models: the hand-written ensemble where the layers allow, else torch.func."""
+    if len(modules) == 1:
+        return modules[0]
+    return Ensemble(modules, build) if stackable(modules[0]) else FuncEnsemble(modules, build)
+
+
+def is_stack(model: nn.Module) -> bool:
+    return isinstance(model, (Ensemble, FuncEnsemble))
 
 
 def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int], *, num_classes: int,
                 weights: torch.Tensor | None = None, start: dict | None = None,
                 on_epoch: Callable | None = None, on_step: Callable[[int], None] | None = None,
-                recorder=None, positions: Sequence[int] | None = None) -> nn.Module:
+                recorder=None, positions: Sequence[int] | None = None, device=None) -> nn.Module:
     """Train ``len(seeds)`` models on the equal-size ``subsets`` ((K, m) indices) at once:
-    an :class:`Ensemble` for K > 1, a plain module for K = 1.
+    a stack (:class:`Ensemble` or :class:`FuncEnsemble`) for K > 1, a plain module for K = 1.
+    ``device``: where the models train (default: ``x``'s; ``x`` may stay in host memory).
 
     ``start``: {"model", "optimizer", "epoch"} state to resume from; ``on_epoch(epochs_done,
     model, optimizer, stats)`` runs after every epoch (checkpoints; ``stats["loss"]``: each
     model's mean batch loss, plus the method's own statistics, e.g. BAT's weights, pooled over
-    the stack); ``on_step(k)`` after every step. ``recorder`` (:class:`memtool.proxies.Recorder`)
+    the stack); ``on_step(k)`` after every step. ``recorder`` (:class:`memtool.recorder.Recorder`)
     sees every step's per-sample losses and the model after every epoch, as models
     ``positions`` (default 0..K-1) of its own numbering."""
-    device = x.device
+    device = torch.device(device) if device is not None else x.device
     build = _builder(recipe, x, num_classes)
     k, m = subsets.shape
     stacked = k > 1
     positions = list(range(k)) if positions is None else list(positions)
     modules = [init_model(build, int(s)).to(device) for s in seeds]
-    model = Ensemble(modules, build) if stacked else modules[0]
+    model = _stack(modules, build)
     opt = recipe.make_optimizer(model.parameters())
+    scaler = torch.amp.GradScaler(device.type) if recipe.precision == "fp16" else None
     first = 0
     if start is not None:
         model.load_state_dict(start["model"])
         opt.load_state_dict(start["optimizer"])
         first = int(start["epoch"])
-    subsets_t = torch.as_tensor(subsets, device=device)
+    subsets_t = torch.as_tensor(subsets, device=x.device)
     if weights is not None and weights.dim() == 1:
         weights = weights.expand(k, -1)
     method, bs = recipe.method, recipe.batch_size
@@ -105,7 +124,7 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
     total = recipe.epochs * per_epoch
     ac = _autocast(recipe, device)
     for epoch in range(first, recipe.epochs):
-        order = torch.stack([epoch_order(m, int(s), epoch) for s in seeds]).to(device)
+        order = torch.stack([epoch_order(m, int(s), epoch) for s in seeds]).to(x.device)
         batches = subsets_t.gather(1, order)  # (K, m) sample ids in this epoch's order
         gens = [noise_generator(int(s), epoch, device) for s in seeds]
         loss_sum = torch.zeros(k if stacked else (), device=device)
@@ -116,8 +135,11 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
             wb = None if weights is None else weights.gather(1, ids)
             if not stacked:
                 ids, wb = ids[0], None if wb is None else wb[0]
-            batch = Batch(ids, epoch, (epoch * per_epoch + s) / total, gens, stacked, wb)
-            xb, yb = _floats(x[ids]), y[ids]
+            batch = Batch(ids, epoch, (epoch * per_epoch + s) / total, gens, stacked, wb, recipe.label_smoothing)
+            xb, yb = as_floats(x[ids], device), y[ids].to(device)
+            if ids.device != device:
+                ids, wb = ids.to(device), None if wb is None else wb.to(device)
+                batch.ids, batch.weights = ids, wb
             if recipe.augment:
                 xb = crop_flip(xb, gens, stacked)
             with ac:
@@ -130,11 +152,16 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
             if out.extra is not None:
                 loss = loss + out.extra
             opt.zero_grad(set_to_none=True)
-            loss.sum().backward()  # model k's gradient is that of its own loss
             lr = recipe.lr_at(epoch * per_epoch + s, total)
             for group in opt.param_groups:
                 group["lr"] = lr
-            opt.step()
+            if scaler is None:
+                loss.sum().backward()  # model k's gradient is that of its own loss
+                opt.step()
+            else:  # fp16: one scale for the stack (a step with an inf/NaN gradient is skipped for every model)
+                scaler.scale(loss.sum()).backward()
+                scaler.step(opt)
+                scaler.update()
             loss_sum += loss.detach()
             for name, (num, den) in (out.stats or {}).items():
                 prev = stat_sums.get(name, (0.0, 0.0))
@@ -162,7 +189,7 @@ class Models:
     def __getitem__(self, k: int) -> nn.Module:
         for positions, model in self.stacks:
             if k in positions:
-                return model.member(positions.index(k)) if isinstance(model, Ensemble) else model
+                return model.member(positions.index(k)) if is_stack(model) else model
         raise IndexError(k)
 
     def margins(self, x, y, robust: float | None = None, steps: int | None = None, batch: int = 1024,
@@ -180,14 +207,15 @@ class Models:
 
 
 def _margins(model, x, y, recipe, seeds, robust, steps, batch, key) -> torch.Tensor:
-    stacked = isinstance(model, Ensemble)
-    ac = _autocast(recipe, x.device)
+    stacked = is_stack(model)
+    device = next(model.parameters()).device
+    ac = _autocast(recipe, device)
     if robust is not None:
         attack = PGD(eps=float(robust), steps=steps or getattr(recipe.method, "pgd_steps", 10))
-        gens = [torch.Generator(device=x.device).manual_seed(stream(s, EVAL, key)) for s in seeds]
+        gens = [torch.Generator(device=device).manual_seed(stream(s, EVAL, key)) for s in seeds]
     out = []
     for i in range(0, len(y), batch):
-        xb, yb = _floats(x[i : i + batch]), y[i : i + batch]
+        xb, yb = as_floats(x[i : i + batch], device), y[i : i + batch].to(device)
         if robust is None:
             with torch.no_grad(), ac:
                 logits = model.forward_shared(xb) if stacked else model(xb)
@@ -202,12 +230,14 @@ def _margins(model, x, y, recipe, seeds, robust, steps, batch, key) -> torch.Ten
 
 def fit(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, subsets, seeds: Sequence[int], *, num_classes: int,
         weights=None, ensemble_size: int | None = None, start: dict | None = None, on_epoch=None,
-        on_step=None, recorder=None) -> Models:
+        on_step=None, recorder=None, device=None) -> Models:
     """Train one model per subset (``subsets``: K index arrays into ``x``) with ``seeds[k]``.
 
     ``weights``: optional per-sample weights, (n,) shared or (K, n) per model. Models whose
-    subsets have equal size are stacked ``ensemble_size`` at a time where the architecture
-    allows (default: :func:`default_ensemble_size`). ``start`` / ``on_epoch`` (resume and
+    subsets have equal size are stacked ``ensemble_size`` at a time (default:
+    :func:`default_ensemble_size`, which stacks only where it was measured faster).
+    ``device``: where the models train (default ``x``'s); ``x`` and ``y`` may stay in host
+    memory, one batch at a time is moved. ``start`` / ``on_epoch`` (resume and
     checkpoints, see :func:`train_stack`) need a single model; ``recorder`` records proxies of
     every model (:mod:`memtool.proxies`)."""
     subsets = [np.asarray(s, dtype=np.int64) for s in subsets]
@@ -226,9 +256,8 @@ def fit(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, subsets, seeds: Sequen
         if not torch.isfinite(weights).all() or (weights < 0).any():
             raise ValueError("weights must be finite and >= 0")
     check_int("ensemble_size", ensemble_size, 1, optional=True)
-    k_max = ensemble_size or default_ensemble_size(recipe, x.device, int(np.prod(x.shape[1:])))
-    if not stackable(_builder(recipe, x, num_classes)()):
-        k_max = 1
+    device = torch.device(device) if device is not None else x.device
+    k_max = ensemble_size or default_ensemble_size(recipe, device, int(np.prod(x.shape[1:])))
     by_size: dict[int, list[int]] = {}
     for k, s in enumerate(subsets):
         by_size.setdefault(len(s), []).append(k)
@@ -241,6 +270,6 @@ def fit(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, subsets, seeds: Sequen
         w = weights if weights is not None and weights.dim() == 1 else w
         model = train_stack(recipe, x, y, np.stack([subsets[k] for k in g]), [seeds[k] for k in g],
                             num_classes=num_classes, weights=w, start=start, on_epoch=on_epoch, on_step=on_step,
-                            recorder=recorder, positions=g)
+                            recorder=recorder, positions=g, device=device)
         stacks.append((g, model))
     return Models(recipe, seeds, stacks)

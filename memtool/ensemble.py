@@ -107,3 +107,57 @@ class Ensemble(nn.Module):
                 layer.weight.data.copy_(w[j].transpose(0, 1) if isinstance(layer, nn.Linear) else w[j])
                 layer.bias.data.copy_(b[j])
         return model.eval()
+
+
+class FuncEnsemble(nn.Module):
+    """K copies of any architecture through ``torch.func``: parameters and buffers stacked
+    along a leading model axis (``stack_module_state``), one ``vmap`` of ``functional_call``
+    over them. BatchNorm keeps per-model running statistics (the stacked buffers are updated
+    in place, slice k by model k). Same interface as :class:`Ensemble`: ``forward`` on
+    (K, B, ...), ``forward_shared`` on (B, ...), ``member(k)``.
+
+    Measured (benchmarks/README.md, stack_speed): on a CPU, a vmap stack of convolutional
+    nets is slower than one model at a time, so the engine stacks them only where asked or on
+    GPUs; dropout draws differ from separate models (vmap's ``randomness="different"``)."""
+
+    def __init__(self, models: list[nn.Module], build: Callable[[], nn.Module]):
+        super().__init__()
+        from torch.func import stack_module_state
+
+        self.k, self.build = len(models), build
+        params, buffers = stack_module_state(models)
+        self._pnames, self._bnames = list(params), list(buffers)
+        self.stacked = nn.ParameterList(nn.Parameter(params[n].detach().clone()) for n in self._pnames)
+        for i, n in enumerate(self._bnames):
+            self.register_buffer(f"buffer_{i}", buffers[n].clone())
+        self.base = [models[0].to("meta")]  # the architecture only (a list: not a registered submodule)
+
+    def _state(self) -> tuple[dict, dict]:
+        return (dict(zip(self._pnames, self.stacked)),
+                {n: getattr(self, f"buffer_{i}") for i, n in enumerate(self._bnames)})
+
+    def _call(self, x: torch.Tensor, x_dim) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        base = self.base[0].train(self.training)
+
+        def one(params, buffers, xb):
+            return functional_call(base, (params, buffers), (xb,))
+
+        return vmap(one, in_dims=(0, 0, x_dim), randomness="different")(*self._state(), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, B, ...) -> (K, B, classes): model k on batch k."""
+        return self._call(x, 0)
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (K, B, classes): every model on the same batch."""
+        return self._call(x, None)
+
+    def member(self, j: int) -> nn.Module:
+        """Model ``j`` as a plain module (a copy, in eval mode)."""
+        params, buffers = self._state()
+        model = self.build().to(self.stacked[0].device)
+        model.load_state_dict({**{n: p[j].detach() for n, p in params.items()},
+                               **{n: b[j] for n, b in buffers.items()}})
+        return model.eval()

@@ -32,9 +32,11 @@ import pandas as pd
 import torch
 
 from .attacks import attacked_logits, build_attack
+from .engine import as_floats
 from .attacks.autoattack import BACKENDS
 from .config import check_int, check_number, setting
 from .datasets import load_dataset, standard_eps
+from .models import create_model, resolve_model, spec_of
 from .progress import progress_bar
 from .rundir import RunMismatchError, atomic_write, open_settings, write_json, write_table
 from .checkpoints import checkpoint_path, load_checkpoint, model_from_checkpoint, selected_epoch
@@ -87,7 +89,7 @@ def _run_attack(name, attack, model, x_u8, y, ids, state: _State, seed, batch_si
     for s in range(0, len(todo), batch_size):
         b = todo[s : s + batch_size]
         t0, cpu0 = time.time(), time.process_time()
-        xb = torch.from_numpy(x_u8[b]).to(device).float().div_(255)
+        xb = as_floats(torch.from_numpy(x_u8[b]), device)
         yb = torch.from_numpy(y[b]).to(device)
         gen = torch.Generator(device=device).manual_seed(_batch_seed(seed, name, int(b[0])))
         state.correct[b] = (attacked_logits(attack, model, xb, yb, gen).argmax(1) == yb).cpu().numpy()
@@ -112,20 +114,29 @@ class Evaluation:
     seed: int = setting(0, "seed of the attacks' random starts")
     backend: str = setting("pyautoattack", "AutoAttack package: pyautoattack (the authors' code) | torchattacks",
                            choices=BACKENDS)
-    weights: str = setting("selected", "the checkpoint's weights to evaluate: selected (by its rule: the last "
-                                       "epoch, or with --select best-pgd the best) | last (the last epoch's)",
-                           choices=("selected", "last"))
+    weights: str = setting("selected", "the weights to evaluate: selected (a memtool checkpoint's, by its rule: the "
+                                       "last epoch, or with --select best-pgd the best) | last (its last epoch's) | "
+                                       "FILE.pt, a plain state_dict of --model's network (no memtool checkpoint)")
 
 
-def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_root=None,
+def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, device="cpu", data_root=None,
              attack_options: dict | None = None, **settings) -> dict:
     """Evaluate the model in ``checkpoint`` on the first ``n_samples`` test samples of
     ``dataset`` (default: the training dataset) under ``attacks`` at radius ``eps`` (default:
     the training eps, else the dataset's standard one; none for ``attacks="clean"``); write
     the per-sample table and summary into ``out``; return the summary.
 
+    A model memtool did not train: ``model`` an ``nn.Module`` (``checkpoint=None``), or a
+    factory / MODULE:FUNCTION with ``weights="FILE.pt"`` (a plain state_dict, loaded with
+    ``weights_only=True``); ``dataset`` is then required. ``model`` with a memtool
+    ``checkpoint``: the factory of the user's network it was trained with.
+
     ``settings``: the fields of :class:`Evaluation`. ``attack_options``: per-attack field
     overrides, e.g. ``{"pgd20": {"step_size": 0.01}}``."""
+    if "dataset" in settings and settings["dataset"] is not None:
+        from .userdata import resolve_dataset
+
+        settings["dataset"] = resolve_dataset(settings["dataset"])
     ev = Evaluation(**settings)
     dataset, attacks, eps, n_samples, batch_size, seed = (ev.dataset, ev.attacks, ev.eps, ev.n_samples,
                                                           ev.batch_size, ev.seed)
@@ -134,15 +145,29 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
         raise ValueError("out must name the evaluation's output directory, got None")
     check_int("batch_size", batch_size, 1)
     device = torch.device(device)
-    ck = load_checkpoint(checkpoint, device)
-    model = model_from_checkpoint(ck, device, last=ev.weights == "last")
+    plain = ev.weights not in ("selected", "last") or isinstance(model, torch.nn.Module)
+    if plain == (checkpoint is not None):
+        raise ValueError("evaluate takes a memtool checkpoint (CHECKPOINT), or a model it did not train (model= an "
+                         "nn.Module, or --model MODULE:FUNCTION with --weights FILE.pt), not both or neither")
+    if plain:
+        if dataset is None:
+            raise ValueError("a model memtool did not train needs --dataset (the data to evaluate it on)")
+        ck, model, identity = None, *_plain_model(model, ev.weights, dataset, data_root, device)
+        trained = {"dataset": dataset, "seed": None, "recipe": {"model": identity["model"], "method": {"name": None}}}
+    else:
+        ck = load_checkpoint(checkpoint, device)
+        model = model_from_checkpoint(ck, device, last=ev.weights == "last",
+                                      model=None if model is None else resolve_model(model), where=checkpoint)
+        trained = ck["settings"]["config"]
+        identity = {"checkpoint_sha": _sha(checkpoint_path(checkpoint))}
     for p in model.parameters():
         p.requires_grad_(False)
-    trained = ck["settings"]["config"]
     dataset = dataset or trained["dataset"]
     names = parse_attacks(attacks)
-    eps = _radius(eps, names, trained["recipe"]["method"].get("eps"), dataset)
     ds = load_dataset(dataset, data_root)
+    if names != ["clean"]:
+        ds.check_attackable(f"attacks {', '.join(names[1:])}")
+    eps = _radius(eps, names, trained["recipe"]["method"].get("eps"), dataset)
     n_test = len(ds.y_test)
     if n_samples is not None and not 1 <= n_samples <= n_test:
         raise ValueError(f"n_samples must be in 1..{n_test} (the {dataset} test set), got {n_samples}")
@@ -150,7 +175,7 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
     built = {a: build_attack(a, eps, **opts.get(a, {})) for a in names}
 
     out = Path(out)
-    _open(out, {"checkpoint_sha": _sha(checkpoint_path(checkpoint)), "dataset": dataset,
+    _open(out, {**identity, "dataset": dataset,
                 "dataset_fingerprint": ds.fingerprint, "eps": eps, "seed": seed,
                 "attacks": {a: built[a].describe() for a in names},
                 **({"weights": "last"} if ev.weights == "last" else {})})
@@ -168,7 +193,8 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
     cols = {a: states[a].correct[:n].copy() for a in names}
     df = pd.DataFrame({"sample_id": ids, "label": y[:n], **cols})
     df["worst_case"] = np.logical_and.reduce([cols[a] for a in names])
-    summary = {"checkpoint": str(checkpoint_path(checkpoint)), "dataset": dataset, "eps": eps, "n_samples": n,
+    summary = {"checkpoint": str(checkpoint_path(checkpoint)) if checkpoint is not None else identity.get("weights"),
+               "dataset": dataset, "eps": eps, "n_samples": n,
                "seed": seed, "train_config": trained, "attacks": {}}
     for a in names:
         k, cpu = int(cols[a].sum()), states[a].cpu_s
@@ -180,6 +206,38 @@ def evaluate(checkpoint, out=None, *, progress: bool = True, device="cpu", data_
     write_table(df, out / "per_sample.parquet", summary)
     write_json(out / "robustbench.json", robustbench_record(summary, ck, ev.backend, last=ev.weights == "last"))
     return summary
+
+
+def _plain_model(model, weights: str, dataset: str, data_root, device) -> tuple[torch.nn.Module, dict]:
+    """A model memtool did not train, and what identifies it in evaluation.json."""
+    if isinstance(model, torch.nn.Module):
+        h = hashlib.sha256()
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return model.to(device).eval(), {"model": type(model).__qualname__, "module_sha": h.hexdigest()[:16]}
+    if model is None:
+        raise ValueError(f"--weights {weights} is a plain state_dict: give the network it belongs to "
+                         "(--model MODULE:FUNCTION, or model= in Python)")
+    path = Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(f"--weights {weights}: no such file (selected | last | FILE.pt)")
+    factory = resolve_model(model)
+    ds = load_dataset(dataset, data_root)
+    net = create_model(factory, ds.image_shape, ds.num_classes)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--weights {path} cannot be loaded as tensors ({type(e).__name__}); memtool loads with "
+                         "weights_only=True and never unpickles other objects") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
+        state = state.get("state_dict", state.get("model"))  # common wrappers {"state_dict": ...}
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"--weights {path} does not fit model {spec_of(factory)} built for {dataset} "
+                         f"(inputs {tuple(ds.image_shape)}, {ds.num_classes} classes): {str(e).splitlines()[0]}") from None
+    return net.to(device).eval(), {"model": spec_of(factory), "weights": str(path.resolve()), "weights_sha": _sha(path)}
 
 
 def _radius(eps, names: list[str], trained_eps, dataset: str) -> float | None:
@@ -216,10 +274,11 @@ def robustbench_record(summary: dict, ck: dict, backend: str, last: bool = False
             "clean_acc": attacks["clean"]["accuracy"], "autoattack_acc": None if aa is None else aa["accuracy"],
             "attack_version": None if aa is None else f"AutoAttack standard ({', '.join(aa['attacks'])}; {package})",
             "other_attacks": {a: r["accuracy"] for a, r in attacks.items() if a not in ("clean", "autoattack")},
-            "seed": summary["seed"], "train_seed": summary["train_config"]["seed"],
+            "attack_seed": summary["seed"], "train_seed": summary["train_config"]["seed"],
             "method": summary["train_config"]["recipe"]["method"]["name"],
             "architecture": summary["train_config"]["recipe"]["model"],
-            "checkpoint_rule": f"{selected_epoch(ck, last)[1]}; never selected on the test set",
+            "checkpoint_rule": "not trained by memtool" if ck is None else
+                               f"{selected_epoch(ck, last)[1]}; never selected on the test set",
             "checkpoint": summary["checkpoint"]}
 
 

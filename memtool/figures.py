@@ -112,17 +112,30 @@ def pair_gallery(infl: pd.DataFrame, ds, top: int = 12):
     return fig
 
 
+def is_image(shape) -> bool:
+    """Whether samples of ``shape`` can be drawn: (C, H, W) with 1 or 3 channels."""
+    return len(shape) == 3 and shape[0] in (1, 3)
+
+
 def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: float = MEM_THRESHOLD,
-                data_root=None) -> list[Path]:
-    """Write the run's figures to ``out``; return their paths."""
+                data_root=None, dataset=None) -> list[Path]:
+    """Write the run's figures to ``out``; return their paths: the mem histogram, and for
+    images the galleries of the most memorized samples and of the high-influence pairs.
+    ``dataset``: the data of a run made from arrays given in Python (checked by fingerprint)."""
     run, out = Path(run), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if dataset is not None:
+        from .userdata import resolve_dataset
+
+        resolve_dataset(dataset)
     ds = run_dataset(run, data_root)
     scores, infl = load_scores(run), load_influence(run)
-    figs = {"mem_hist.png": mem_histogram(scores, threshold).figure, "most_memorized.png": most_memorized(scores, ds, top),
-            "most_memorized_by_class.png": class_gallery(scores, ds)}
-    if infl["high"].any():
-        figs["high_influence_pairs.png"] = pair_gallery(infl, ds, top // 2)
+    figs = {"mem_hist.png": mem_histogram(scores, threshold).figure}
+    if is_image(ds.image_shape):
+        figs.update({"most_memorized.png": most_memorized(scores, ds, top),
+                     "most_memorized_by_class.png": class_gallery(scores, ds)})
+        if infl["high"].any():
+            figs["high_influence_pairs.png"] = pair_gallery(infl, ds, top // 2)
     paths = []
     for name, fig in figs.items():
         fig.tight_layout()

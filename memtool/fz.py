@@ -1,6 +1,6 @@
 """Import Feldman & Zhang's released CIFAR-100 scores as memtool score tables.
 
-Two files are understood (keys in PAPER.md section 1), read with ``allow_pickle=False``:
+Two files are understood (keys in docs/science.md section 1), read with ``allow_pickle=False``:
 
 - ``cifar100_infl_matrix.npz``: ``tr_mem``, ``tr_labels``, ``tt_labels`` and, per class k,
   ``infl_matrix_class{k}`` (train x test of that class) with ``tr_classidx_{k}`` and

@@ -29,7 +29,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.model_selection import KFold
 
 from .estimator.scores import INFL_THRESHOLD, MEM_THRESHOLD, at_least, influence_at, memorization
-from .proxies import PROXIES
+from .recorder import PROXIES
 from .rundir import read_json, write_json, write_table
 
 FOLDS = 5

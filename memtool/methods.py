@@ -60,10 +60,11 @@ class LossOutput(NamedTuple):
 class Batch:
     """What the engine tells a method about the current batch."""
 
-    __slots__ = ("ids", "epoch", "progress", "gens", "stacked", "weights")
+    __slots__ = ("ids", "epoch", "progress", "gens", "stacked", "weights", "label_smoothing")
 
     def __init__(self, ids: torch.Tensor, epoch: int, progress: float, gens: list, stacked: bool,
-                 weights: torch.Tensor | None = None):
+                 weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing  # of the training cross-entropy (Recipe.label_smoothing)
         self.ids = ids  # (B,) or (K, B) sample ids: positions in the training set
         self.weights = weights  # the given per-sample weights of these samples (the engine applies them)
         self.epoch = epoch  # 0-based
@@ -82,6 +83,10 @@ class Batch:
 
     def randn_like(self, x):
         return self._draw(torch.randn, x)
+
+    def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training cross-entropy per sample, with the recipe's label smoothing."""
+        return ce(logits, y, self.label_smoothing)
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -118,7 +123,7 @@ def mart_per_sample(logits_nat, logits_adv, y, beta: float) -> torch.Tensor:
 
 
 def other_class_confidence(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """h_i = max over k != y_i of softmax(logits_i)_k (PAPER.md section 4): how confidently
+    """h_i = max over k != y_i of softmax(logits_i)_k (docs/science.md section 4): how confidently
     the model puts the sample into another class. On adversarial logits, the harmfulness of
     an atypical training sample."""
     p = F.softmax(_full(logits), -1)
@@ -135,17 +140,14 @@ def weighted_mean(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torc
 
 @contextmanager
 def frozen_bn_stats(model: nn.Module):
-    """Train mode, but the running statistics of every BatchNorm layer are restored on exit."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns
-             if m.track_running_stats]
+    """Train mode, but every buffer (BatchNorm's running statistics, also a stacked model's)
+    is restored on exit."""
+    saved = [(b, b.clone()) for b in model.buffers()]
     try:
         yield model
     finally:
-        for m, (mean, var, n) in zip([m for m in bns if m.track_running_stats], saved):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(n)
+        for b, value in saved:
+            b.copy_(value)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -157,9 +159,10 @@ class Method:
 
     name: ClassVar[str] = "standard"
     adversarial: ClassVar[bool] = False
+    smooths: ClassVar[bool] = True  # takes the recipe's label smoothing (TRADES and MART: their official losses)
 
     def loss(self, model, x, y, batch: Batch) -> LossOutput:
-        return LossOutput(ce(model(x), y))
+        return LossOutput(batch.ce(model(x), y))
 
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
@@ -241,7 +244,7 @@ class PGDAT(Adversarial):
     name: ClassVar[str] = "pgd-at"
 
     def loss(self, model, x, y, batch):
-        return LossOutput(ce(model(self.pgd(model, x, y, batch)), y))
+        return LossOutput(batch.ce(model(self.pgd(model, x, y, batch)), y))
 
 
 GAIR_FUNCTIONS = ("tanh", "sigmoid", "discrete")
@@ -295,7 +298,7 @@ class GAIRAT(Adversarial):
         def count(logits):
             kappa.add_((logits.argmax(-1) == y).to(kappa.dtype))
 
-        per_sample = ce(model(self.pgd(model, x, y, batch, on_iterate=count)), y)
+        per_sample = batch.ce(model(self.pgd(model, x, y, batch, on_iterate=count)), y)
         if batch.progress < self.gair_burnin:
             return LossOutput(per_sample)
         w = gair_weights(kappa, self.pgd_steps, self.gair_lambda, self.gair_function)
@@ -305,6 +308,8 @@ class GAIRAT(Adversarial):
 @dataclass(frozen=True)
 class _Tradeoff(Adversarial):
     """An adversarial method with a trade-off between a clean and a robust term."""
+
+    smooths: ClassVar[bool] = False
 
     beta: float = setting(6.0, "TRADES / MART trade-off between the clean and the robust term")
 
@@ -343,7 +348,7 @@ class MART(_Tradeoff):
 
 @dataclass(frozen=True)
 class BAT(Adversarial):
-    """Benign Adversarial Training as memtool defines it (PAPER.md section 4; our
+    """Benign Adversarial Training as memtool defines it (docs/science.md section 4; our
     reconstruction of the paper's stated aim, its method section being unavailable).
 
     PGD-AT in which each atypical training sample (mem >= tau in the score table) is weighted
@@ -397,7 +402,7 @@ class BAT(Adversarial):
                                "(memtool train does)")
         x_adv = self.pgd(model, x, y, batch)
         logits_adv = model(x_adv)
-        per_sample = ce(logits_adv, y)
+        per_sample = batch.ce(logits_adv, y)
         a = atypical.to(batch.ids.device)[batch.ids]  # (..., B)
         if batch.progress < self.bat_warmup or not bool(a.any()):
             return LossOutput(per_sample)
@@ -408,12 +413,35 @@ class BAT(Adversarial):
         af = a.to(h.dtype)
         extra = None
         if self.lam > 0:
-            extra = self.lam * (ce(model(x), y) * af).sum(-1) / y.shape[-1]
+            extra = self.lam * (batch.ce(model(x), y) * af).sum(-1) / y.shape[-1]
         return LossOutput(per_sample, w, extra, {"atypical_weight": ((w * af).sum(), af.sum()),
                                                  "harmful_fraction": ((harmful & a).to(h.dtype).sum(), af.sum())})
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, PGDAT, TRADES, MART, GAIRAT, BAT)}
+ENTRY_POINTS = "memtool.methods"  # installed packages may add methods: [project.entry-points."memtool.methods"]
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make a :class:`Method` subclass (a frozen dataclass with a ``name`` ClassVar) known by
+    its name to every config, command and run reopened in this process; usable as a decorator.
+    Another class under a taken name is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register_method takes a Method subclass, got {cls!r}")
+    if METHODS.get(cls.name, cls) is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__qualname__}); "
+                         "give your class another name ClassVar")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _from_entry_points(name: str) -> None:
+    """Register the installed package's method ``name`` (entry-point group ``memtool.methods``)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        if ep.name == name:
+            register_method(ep.load())
 
 
 def method_fields(name: str) -> set[str]:
@@ -425,7 +453,11 @@ def build_method(name: str = "standard", **params) -> Method:
     that says which methods take it."""
     if isinstance(name, Method):
         return name
-    check_choice("method", name, tuple(METHODS))
+    if name not in METHODS:
+        _from_entry_points(name)
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {name!r} (a method of your own: "
+                         "memtool.register_method(cls) before the run is created or reopened)")
     extra = set(params) - method_fields(name)
     if extra:
         takers = {p: [m for m in METHODS if p in method_fields(m)] for p in sorted(extra)}

@@ -1,21 +1,192 @@
-"""Model zoo. Every model takes images in [0, 1] of shape (batch, C, H, W) and returns logits;
-any input normalization lives inside the model, so attacks never need to know about it.
+"""Model registry and the built-in models.
 
-- ``mlp`` and ``cnn``: small BatchNorm-free nets for MNIST-sized data on a CPU; the ensemble
-  trainer stacks many of them (see :mod:`memtool.ensemble`).
+A model is a factory ``build(in_shape, num_classes, **kwargs) -> nn.Module``: the built-ins
+and a user's own network take the same road (timm's ``register_model`` / ``create_model``).
+
+    @memtool.register_model                      # a name for the registry
+    def my_net(in_shape, num_classes, width=64): ...
+
+    create_model("cnn", (1, 28, 28), 10)          # a registered name
+    create_model("mypkg.nets:resnet", (3, 32, 32), 100, depth=20)   # MODULE:FUNCTION, imported
+
+A model spec is a registered name, ``wrn-D-W``, or ``MODULE:FUNCTION``. Only
+:func:`resolve_model` imports, and only the callers that act on what a user named (a command
+line flag, a ``model=`` argument) call it: a spec read back from a run directory is looked up
+in the registry and never imported (:func:`registered_factory`), so a run received from
+someone else cannot run code by itself. :func:`model_digest` (parameter and buffer names and
+shapes) is recorded with every run and checkpoint, and a model whose digest differs is refused.
+
+Every built-in takes inputs in [0, 1] of shape (batch, C, H, W) and returns logits; any input
+normalization lives inside the model, so attacks never need to know about it.
+
+- ``mlp`` and ``cnn``: small BatchNorm-free nets for MNIST-sized data on a CPU; the engine
+  stacks many of them (see :mod:`memtool.ensemble`). ``mlp`` takes any feature shape.
 - ``preact-resnet18`` and ``wrn-D-W`` (e.g. ``wrn-28-10``, ``wrn-34-10``): the paper-scale
   models for 32x32 and 64x64 images (global average pooling makes them size-agnostic).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import math
 import re
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("mlp", "cnn", "preact-resnet18", "wrn-D-W")
+Factory = Callable[..., nn.Module]
+_REGISTRY: dict[str, Factory] = {}
+SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # MODULE:FUNCTION
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be resolved or a factory that does not build a usable model;
+    the message names the spec and the fix."""
+
+
+def register_model(fn: Factory | None = None, *, name: str | None = None):
+    """Register ``fn(in_shape, num_classes, **kwargs) -> nn.Module`` under ``name`` (default:
+    its function name with ``_`` as ``-``); usable as ``@register_model`` or
+    ``@register_model(name="x")``. Registering another factory under a taken name is an error."""
+    def add(f: Factory) -> Factory:
+        key = name or f.__name__.replace("_", "-")
+        if _REGISTRY.get(key, f) is not f:
+            raise ValueError(f"a model named {key!r} is already registered ({_REGISTRY[key].__module__}."
+                             f"{_REGISTRY[key].__qualname__}); choose another name")
+        _REGISTRY[key] = f
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def list_models() -> list[str]:
+    """The registered model names (``wrn-D-W`` stands for every depth and width)."""
+    return sorted(_REGISTRY) + ["wrn-D-W"]
+
+
+def spec_of(factory: Factory) -> str:
+    """The spec recorded for a callable: its registered name, else MODULE:QUALNAME."""
+    for key, f in _REGISTRY.items():
+        if f is factory:
+            return key
+    target = getattr(factory, "func", factory)  # functools.partial
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', type(target).__name__)}"
+
+
+def check_model_spec(spec) -> None:
+    """Syntax only (nothing is imported): a registered name, wrn-D-W or MODULE:FUNCTION."""
+    if not isinstance(spec, str) or not (spec in _REGISTRY or re.fullmatch(r"wrn-\d+-\d+", spec)
+                                         or SPEC.fullmatch(spec) or re.fullmatch(r"[\w-]+", spec)):
+        raise ModelSpecError(f"model must be a registered name ({', '.join(list_models())}) or MODULE:FUNCTION "
+                             f"(e.g. mypkg.nets:resnet), got {spec!r}")
+
+
+def registered_factory(spec: str) -> Factory:
+    """The factory of a registered name or ``wrn-D-W``; never imports. A MODULE:FUNCTION spec
+    (user code) must be named again by the user: :func:`resolve_model`."""
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]
+    if m := re.fullmatch(r"wrn-(\d+)-(\d+)", spec):
+        return lambda in_shape, num_classes, **kw: wide_resnet(in_shape, num_classes, int(m[1]), int(m[2]), **kw)
+    if SPEC.fullmatch(spec):
+        raise ModelSpecError(f"model {spec!r} is user code, and memtool never imports code named in a run directory "
+                             f"or checkpoint: name it yourself (--model {spec}, or model=<the factory> in Python)")
+    raise ModelSpecError(f"model {spec!r} is not registered in this process: choose one of {', '.join(list_models())}, "
+                         "import the module that registers it, or give MODULE:FUNCTION")
+
+
+def resolve_model(model, flag: str = "--model") -> Factory:
+    """The factory a user named: a callable as it is, a registered name, or MODULE:FUNCTION
+    (imported here: call this only on what the user gave)."""
+    if callable(model):
+        return model
+    check_model_spec(model)
+    if not SPEC.fullmatch(model):
+        return registered_factory(model)
+    return import_spec(model, flag)
+
+
+def import_spec(spec: str, flag: str):
+    """The callable MODULE:FUNCTION names (the user named it with ``flag``)."""
+    model = spec
+    module, _, attr = model.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except Exception as e:  # ImportError, or an error raised by the module itself
+        raise ModelSpecError(f"{flag} {model}: cannot import module {module!r} ({type(e).__name__}: {e}); is it in "
+                             "the current directory, on PYTHONPATH or installed?") from e
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ModelSpecError(f"{flag} {model}: module {module!r} has no attribute {attr!r}")
+    if not callable(obj):
+        raise ModelSpecError(f"{flag} {model}: {attr!r} is not callable")
+    return obj
+
+
+def create_model(model, in_shape, num_classes: int, **kwargs) -> nn.Module:
+    """Build ``model`` (a factory, or a registered name: never imported here) for inputs of
+    ``in_shape``; the factory must return an ``nn.Module`` with parameters (see also
+    :func:`check_output`)."""
+    factory = model if callable(model) else registered_factory(model)
+    name = model if isinstance(model, str) else spec_of(model)
+    try:
+        net = factory(tuple(in_shape), int(num_classes), **kwargs)
+    except Exception as e:
+        raise ModelSpecError(f"model {name}: build{(tuple(in_shape), int(num_classes))}"
+                             f"{' with ' + str(kwargs) if kwargs else ''} raised {type(e).__name__}: {e}") from e
+    if not isinstance(net, nn.Module):
+        raise ModelSpecError(f"model {name}: the factory returned {type(net).__name__}, not an nn.Module")
+    if not any(True for _ in net.parameters()):
+        raise ModelSpecError(f"model {name}: the module it built has no parameters: nothing to train")
+    return net
+
+
+def check_output(net: nn.Module, name: str, in_shape, num_classes: int) -> None:
+    """One forward pass of two zero inputs must give (2, num_classes) logits."""
+    p = next(net.parameters())
+    was = net.training
+    try:
+        with torch.no_grad():
+            out = net.eval()(torch.zeros(2, *in_shape, device=p.device))
+    except Exception as e:
+        raise ModelSpecError(f"model {name}: a forward pass on inputs of shape (2, {', '.join(map(str, in_shape))}) "
+                             f"raised {type(e).__name__}: {e}") from e
+    finally:
+        net.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelSpecError(f"model {name}: inputs of shape (2, {', '.join(map(str, in_shape))}) gave output {shape}; "
+                             f"it must return logits of shape (batch, {num_classes})")
+
+
+def model_digest(net: nn.Module) -> str:
+    """A structural digest: the names and shapes of every parameter and buffer, in order."""
+    h = hashlib.sha256()
+    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def model_record(net: nn.Module, spec: str) -> dict:
+    """What a run directory and a checkpoint record of their model (run.json ``model``)."""
+    return {"spec": spec, "digest": model_digest(net), "parameters": sum(p.numel() for p in net.parameters())}
+
+
+def check_model_record(recorded: dict | None, current: dict, where) -> None:
+    """Refuse a model whose structure differs from the one ``where`` was made with, naming both
+    (records from before digests existed are not compared)."""
+    if recorded and recorded.get("digest") and recorded["digest"] != current["digest"]:
+        from .rundir import RunMismatchError
+
+        raise RunMismatchError(
+            f"{where} was made with model {recorded['spec']} (digest {recorded['digest']}, {recorded['parameters']:,} "
+            f"parameters), but this call builds {current['spec']} (digest {current['digest']}, "
+            f"{current['parameters']:,} parameters): the architectures differ. Nothing was changed; use a new output "
+            "directory, or give the model the run was made with")
 
 
 class Normalize(nn.Module):
@@ -28,13 +199,17 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+@register_model
 def mlp(in_shape, num_classes, hidden: int = 256) -> nn.Module:
-    c, h, w = in_shape
-    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    """One hidden ReLU layer over the flattened input (any input shape)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
+@register_model
 def cnn(in_shape, num_classes, hidden: int = 128, width: int = 32) -> nn.Module:
     """Two 3x3 conv + max-pool blocks and a hidden fully connected layer (no BatchNorm)."""
+    if len(in_shape) != 3:
+        raise ValueError(f"cnn takes images (C, H, W), got inputs of shape {tuple(in_shape)}: use mlp or your own model")
     c, h, w = in_shape
     return nn.Sequential(
         nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -97,26 +272,25 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def check_model_name(name: str) -> None:
-    if not isinstance(name, str) or not (name in ("mlp", "cnn", "preact-resnet18") or re.fullmatch(r"wrn-\d+-\d+", name)):
-        raise ValueError(f"model must be one of {', '.join(MODELS)} (e.g. wrn-28-10), got {name!r}")
+@register_model(name="preact-resnet18")
+def preact_resnet18(in_shape, num_classes) -> nn.Module:
+    return PreActResNet18(in_shape[0], num_classes)
 
 
-def build_model(name: str, in_shape, num_classes: int, hidden: int = 256, mean=None, std=None) -> nn.Module:
-    """Build model ``name`` for images of ``in_shape`` = (C, H, W).
+def wide_resnet(in_shape, num_classes, depth: int = 28, widen: int = 10) -> nn.Module:
+    return WideResNet(in_shape[0], num_classes, depth, widen)
 
-    ``mean``/``std`` (per channel, on the [0, 1] scale) add a normalization layer in front."""
-    in_shape = tuple(in_shape)
-    if name == "mlp":
-        net = mlp(in_shape, num_classes, hidden)
-    elif name == "cnn":
-        net = cnn(in_shape, num_classes, hidden)
-    elif name == "preact-resnet18":
-        net = PreActResNet18(in_shape[0], num_classes)
-    elif m := re.fullmatch(r"wrn-(\d+)-(\d+)", name):
-        net = WideResNet(in_shape[0], num_classes, int(m[1]), int(m[2]))
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODELS} (e.g. wrn-28-10)")
+
+HIDDEN_TAKERS = ("mlp", "cnn")  # the built-ins whose width is the recipe's ``hidden``
+
+
+def build_model(name, in_shape, num_classes: int, hidden: int = 256, mean=None, std=None, **kwargs) -> nn.Module:
+    """Build model ``name`` (a spec or a factory; see :func:`create_model`) for inputs of
+    ``in_shape``; ``hidden`` goes to the built-ins that take it (mlp, cnn), ``kwargs`` to the
+    factory. ``mean``/``std`` (per channel, on the [0, 1] scale) add a normalization layer in front."""
+    if name in HIDDEN_TAKERS:
+        kwargs = {"hidden": hidden, **kwargs}
+    net = create_model(name, in_shape, num_classes, **kwargs)
     if mean is not None:
         net = nn.Sequential(Normalize(mean, std), net)
     return net

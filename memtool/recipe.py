@@ -9,47 +9,72 @@ model derives from its own seed alone.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 from .config import check_choice, check_int, check_number, setting
 from .methods import METHODS, Method, build_method, method_fields, method_from_dict
-from .models import check_model_name
+from .models import (HIDDEN_TAKERS, ModelSpecError, check_model_spec, check_output, create_model, model_record,
+                     registered_factory, resolve_model, spec_of, SPEC)
 
-SCHEDULES = ("constant", "linear", "onecycle", "multistep")
-OPTIMIZERS = ("sgd", "adam")
-PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("constant", "linear", "onecycle", "multistep", "cosine")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    model: str = setting("mlp", "mlp | cnn | preact-resnet18 | wrn-D-W (e.g. wrn-28-10)")
+    model: str = setting("mlp", "a registered model (mlp | cnn | preact-resnet18 | wrn-D-W, e.g. wrn-28-10) or your "
+                                "own factory MODULE:FUNCTION, build(in_shape, num_classes) -> nn.Module")
+    model_kwargs: dict = setting(None, "JSON object of keyword arguments for the model factory", factory=dict)
     hidden: int = setting(256, "hidden width of the MLP / of the CNN's fully connected layer")
     epochs: int = setting(20, "passes over the model's own training subset")
     batch_size: int = setting(128, "samples per SGD step, per model")
-    optimizer: str = setting("sgd", "sgd (Nesterov momentum) | adam", choices=OPTIMIZERS)
+    optimizer: str = setting("sgd", "sgd (Nesterov momentum) | adam | adamw (decoupled weight decay)",
+                             choices=OPTIMIZERS)
     lr: float = setting(0.1, "peak learning rate")
     momentum: float = setting(0.9, "SGD Nesterov momentum (ignored by adam)")
     weight_decay: float = setting(0.0, "L2 coefficient (0 lets rare samples be memorized)")
     schedule: str | None = setting(None, "learning-rate schedule: constant | linear (decay to 0) | onecycle (20 %% "
-                                         "warm-up, linear decay) | multistep (x0.1 at 50 %% and 75 %%); default: "
+                                         "warm-up, linear decay) | multistep (x0.1 at 50 %% and 75 %%) | cosine (to 0); default: "
                                          "constant for standard training (its models must fit their subsets to "
                                          "memorize), onecycle for the adversarial methods (PGD-AT at a constant "
                                          "lr 0.1 does not train reliably)", choices=SCHEDULES)
     augment: bool | None = setting(None, "random crop (4-pixel padding) + horizontal flip; default: on for "
                                          "cifar10 / cifar100 / tiny-imagenet, off otherwise")
-    precision: str = setting("fp32", "fp32 | bf16 (autocast, for GPUs)", choices=PRECISIONS)
+    precision: str = setting("fp32", "fp32 | bf16 (autocast, for GPUs) | fp16 (autocast with a gradient scaler, "
+                                     "CUDA)", choices=PRECISIONS)
+    label_smoothing: float = setting(0.0, "label smoothing of every cross-entropy the method trains with")
     method: Method = setting(None, "training method", cli=False, factory=Method)
+    # the factory of a user's model (never serialized: run.json keeps ``model`` and its digest)
+    factory: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.method, Method):
             object.__setattr__(self, "method", method_from_dict(self.method))
         if self.schedule is None:
             object.__setattr__(self, "schedule", default_schedule(self.method))
-        check_model_name(self.model)
+        if callable(self.model):  # Recipe(model=build): the factory itself
+            object.__setattr__(self, "factory", self.model)
+            object.__setattr__(self, "model", spec_of(self.model))
+        check_model_spec(self.model)
+        kwargs = self.model_kwargs
+        if isinstance(kwargs, str):  # --model-kwargs '{"width": 64}'
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"model_kwargs must be a JSON object, got {self.model_kwargs!r} ({e.msg})") from None
+        if not isinstance(kwargs or {}, dict):
+            raise ValueError(f"model_kwargs must be a mapping of keyword arguments, got {kwargs!r}")
+        object.__setattr__(self, "model_kwargs", dict(kwargs or {}))
+        check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        if self.label_smoothing and not self.method.smooths:
+            raise ValueError(f"label_smoothing applies to standard, pgd-at, gairat, bat and registered methods, not to "
+                             f"{self.method.name} (its loss is the official one); use 0")
         for name in ("hidden", "epochs", "batch_size"):
             check_int(name, getattr(self, name), 1)
         check_number("lr", self.lr, 0, low_open=True)
@@ -82,9 +107,34 @@ class Recipe:
         return cls(method=method_from_dict(d.pop("method", "standard")), **d)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The recipe as run.json keeps it; fields added after runs were made (model_kwargs,
+        label_smoothing) only when set, so those runs reopen and compare unchanged."""
+        d = asdict(replace(self, factory=None))
+        del d["factory"]
+        for name, unset in (("model_kwargs", {}), ("label_smoothing", 0.0)):
+            if d[name] == unset:
+                del d[name]
         d["method"] = self.method.to_dict()
         return d
+
+    def with_factory(self, factory) -> "Recipe":
+        """This recipe (e.g. read back from a run) with the user's model ``factory`` attached;
+        the factory's spec must be the recipe's (the digest is checked where a model is built
+        against a record: :func:`check_digest`)."""
+        if factory is None:
+            return self
+        spec = spec_of(factory)
+        if spec != self.model:
+            raise ModelSpecError(f"the model given ({spec}) is not the one this run or checkpoint was made with "
+                                 f"({self.model}); nothing was changed")
+        return replace(self, factory=factory)
+
+    def build(self, in_shape, num_classes: int):
+        """A fresh model of this recipe for inputs of ``in_shape`` (user code only through the
+        attached factory: a MODULE:FUNCTION spec is never imported here)."""
+        factory = self.factory or registered_factory(self.model)
+        kwargs = {"hidden": self.hidden, **self.model_kwargs} if self.model in HIDDEN_TAKERS else self.model_kwargs
+        return create_model(factory, in_shape, num_classes, **kwargs)
 
     def for_dataset(self, dataset: str) -> "Recipe":
         """The recipe with its dataset defaults resolved where unset: ``augment`` and the
@@ -93,6 +143,14 @@ class Recipe:
 
         augment = default_augment(dataset) if self.augment is None else self.augment
         return replace(self, augment=augment, method=self.method.for_dataset(dataset))
+
+    def model_record(self, in_shape, num_classes: int) -> dict:
+        """Build the model once, check its output shape, and return what runs and checkpoints
+        record of it (spec, structural digest, parameter count): before any training, so a
+        factory that fails does so at once."""
+        net = self.build(in_shape, num_classes)
+        check_output(net, self.model, in_shape, num_classes)
+        return model_record(net, self.model)
 
     # ------------------------------------------------------------------ use
 
@@ -105,11 +163,31 @@ class Recipe:
         fused = True
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                                nesterov=self.momentum > 0, fused=fused)
 
     def steps(self, n_train: int) -> int:
         return self.epochs * math.ceil(n_train / self.batch_size)
+
+
+def user_settings(settings: dict) -> dict:
+    """``settings`` (what a user passed to a command or an API call) with the model and the
+    dataset they named resolved: MODULE:FUNCTION is imported here, and only here, because the
+    user named it (:func:`memtool.userdata.resolve_dataset` for data). A spec read back from a
+    run directory never goes through this."""
+    from .userdata import user_dataset
+
+    from .models import import_spec
+
+    settings = user_dataset(settings)
+    if isinstance(settings.get("train_fn"), str):
+        settings = {**settings, "train_fn": import_spec(settings["train_fn"], "--train-fn")}
+    model = settings.get("model")
+    if not isinstance(model, str) or not SPEC.fullmatch(model):  # None, a factory, or a registered name
+        return settings
+    return {**settings, "model": resolve_model(model)}
 
 
 class WithRecipe:
@@ -151,11 +229,16 @@ class DataJob(WithRecipe):
     """The data a job trains on: the first fields of EstimateConfig, TrainConfig and
     ProxiesConfig (each subclass's ``__post_init__`` calls :meth:`_check_data`)."""
 
-    dataset: str = setting("mnist", "dataset name (`memtool datasets` lists them)")
+    dataset: str = setting("mnist", "a registered name (`memtool datasets` lists them), npz:PATH, imagefolder:DIR "
+                                    "(DIR/train, DIR/test) or MODULE:FUNCTION returning arrays")
     limit: int | None = setting(None, "keep the first N training samples")
     label_noise: float = setting(0.0, "fraction of training labels flipped (seeded by --seed)")
 
     def _check_data(self) -> None:
+        if not isinstance(self.dataset, str):  # an ArrayData or a tuple of arrays, kept in this process
+            from .userdata import resolve_dataset
+
+            object.__setattr__(self, "dataset", resolve_dataset(self.dataset))
         check_int("limit", self.limit, 2, optional=True)
         check_number("label_noise", self.label_noise, 0, 1, high_open=True)
 
@@ -184,8 +267,10 @@ def flat_fields() -> set[str]:
 def lr_at(schedule: str, lr: float, step: int, total: int) -> float:
     """Learning rate at optimizer step ``step`` (0-based) of ``total``: constant; linear decay
     to 0; onecycle (linear warm-up over the first 20 %, then linear decay to 0); multistep
-    (x0.1 at 50 % and again at 75 %)."""
+    (x0.1 at 50 % and again at 75 %); cosine (half a cosine from lr to 0)."""
     frac = step / max(total, 1)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
     if schedule == "linear":
         return lr * (1.0 - frac)
     if schedule == "onecycle":

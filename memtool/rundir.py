@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 META_KEY = b"memtool"
+SCHEMA_KEY = b"memtool.schema_version"
+SCHEMA_VERSION = 1  # of every parquet table memtool writes: bump when a column changes meaning or goes
 
 
 class RunMismatchError(ValueError):
@@ -78,9 +80,12 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, metadata: dict) -> Path:
+    """``df`` as parquet with ``metadata`` (JSON) and the table format's ``schema_version``
+    in the file's key-value metadata (``df.attrs`` after :func:`read_table`)."""
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, default=str).encode()
+    meta[SCHEMA_KEY] = str(SCHEMA_VERSION).encode()
     return atomic_write(path, lambda f: pq.write_table(table.replace_schema_metadata(meta), f))
 
 
@@ -89,6 +94,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     df = table.to_pandas()
     raw = (table.schema.metadata or {}).get(META_KEY)
     df.attrs["memtool"] = json.loads(raw) if raw else {}
+    version = (table.schema.metadata or {}).get(SCHEMA_KEY)
+    df.attrs["schema_version"] = int(version) if version else None  # None: written before versions
     return df
 
 

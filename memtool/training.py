@@ -43,9 +43,10 @@ from .attacks import PGD, attacked_logits
 from .checkpoints import CHECKPOINT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import check_choice, check_int, check_number, device_name, setting
 from .datasets import load_dataset
-from .engine import fit
+from .engine import as_floats, fit
 from .progress import progress_bar
-from .recipe import EVAL, DataJob, Recipe, stream
+from .models import check_model_record
+from .recipe import EVAL, DataJob, Recipe, stream, user_settings
 from .rundir import check_settings, open_settings, read_json, write_jsonl
 
 
@@ -179,7 +180,7 @@ def epoch_check(model, x_u8, y, eps: float | None, steps: int, seed: int, batch:
     gen = torch.Generator(device=x_u8.device).manual_seed(seed)
     clean = rob = 0
     for i in range(0, len(y), batch):
-        xb, yb = x_u8[i : i + batch].float().div_(255), y[i : i + batch]
+        xb, yb = as_floats(x_u8[i : i + batch]), y[i : i + batch]
         with torch.no_grad():
             clean += int((model(xb).argmax(1) == yb).sum())
         if attack is not None:
@@ -245,7 +246,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if isinstance(exclude_ids, (str, os.PathLike)):
         settings["exclude_ids"], exclude_ids = str(exclude_ids), None
     if config is None:
-        config = TrainConfig.from_kwargs(**settings)
+        config = TrainConfig.from_kwargs(**user_settings(settings))
     elif settings:
         raise TypeError(f"give either a config or settings, not both (got {sorted(settings)})")
     elif isinstance(config, dict):
@@ -254,10 +255,12 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
         raise ValueError("out must name the training run's output directory, got None")
     out, device = Path(out), torch.device(device)
     ds, subset, w, r, settings_now = _prepare(config, weights, exclude_ids, data_root)
+    built = r.model_record(ds.image_shape, ds.num_classes)
     start, log = None, []
     if (out / CHECKPOINT).exists():
         ck = load_checkpoint(out / CHECKPOINT, device)
         check_settings(ck["settings"], settings_now, out)
+        check_model_record(ck.get("model_record"), built, out)
         start, log = {k: ck[k] for k in ("model", "optimizer", "epoch")}, list(ck["log"])
     open_settings(out / "config.json", settings_now)
 
@@ -270,7 +273,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if done >= r.epochs:
         if progress:
             print(f"{out}: already trained for {done} epochs")
-        return model_from_checkpoint(ck, device)
+        return model_from_checkpoint(ck, device, model=r.factory, where=out)
 
     bar = progress_bar(total=r.steps(len(subset)), initial=r.steps(len(subset)) * done // r.epochs, unit="step",
                        disable=not progress, desc=f"train {r.method.name}", dynamic_ncols=True)
@@ -293,7 +296,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
         record["device"] = device_name(device)
         log.append(record)
         save_checkpoint({"format": "memtool-train/2", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "epoch": epoch, "settings": settings_now, "log": log, **best,
+                         "epoch": epoch, "settings": settings_now, "model_record": built, "log": log, **best,
                          "versions": {"memtool": __version__, "torch": str(torch.__version__)}}, out / CHECKPOINT)
         write_jsonl(out / "log.jsonl", log)
         if progress:
@@ -308,7 +311,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
     if progress:
         print(f"wrote {out / CHECKPOINT}")
     if config.select != "last":
-        return model_from_checkpoint(load_checkpoint(out / CHECKPOINT, device), device)
+        return model_from_checkpoint(load_checkpoint(out / CHECKPOINT, device), device, model=r.factory, where=out)
     return models[0]
 
 
@@ -316,6 +319,9 @@ def _prepare(config: TrainConfig, weights, exclude_ids, data_root):
     """The dataset, the training subset, the weights, the bound recipe and the settings that
     :func:`train` records and checks."""
     ds = load_dataset(config.dataset, data_root, config.limit, config.label_noise, config.seed)
+    if config.recipe.method.adversarial or config.check_eps is not None:
+        ds.check_attackable(f"method {config.recipe.method.name}" if config.recipe.method.adversarial
+                            else "the per-epoch robust check (give --eval-eps only for images)")
     n = len(ds.y_train)
     if weights is not None and config.weights is not None:
         raise ValueError("give per-sample weights either as an array or as a file, not both")

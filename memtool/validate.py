@@ -17,6 +17,7 @@ interrupted validation resumes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +25,32 @@ import pandas as pd
 
 from .estimator import load_influence, open_run
 from .experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
-from .recipe import Recipe, flat_recipe, stream
+from .models import resolve_model
+from .recipe import Recipe, flat_recipe, stream, user_settings
+from .userdata import resolve_dataset
 from .rundir import write_table
 
 VARIANTS = ("full", "without high-influence", "without random")
 
 
-def validate(run, out=None, seeds: int = 3, *, recipe=None, progress: bool = True, device: str = "cpu",
-             data_root=None) -> pd.DataFrame:
+def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=None, progress: bool = True,
+             device: str = "cpu", data_root=None) -> pd.DataFrame:
     """Retrain and compare (see the module docstring); returns the summary table.
     ``recipe``: retrain with another recipe than the run's (do one learner's pairs predict
     another learner's retraining?), a :class:`memtool.Recipe` or flat overrides of the run's
-    (``{"model": "cnn", "lr": 0.05}``)."""
+    (``{"model": "cnn", "lr": 0.05}``). ``model`` / ``dataset``: the user's factory and data
+    the run was made with (a run directory names them; memtool does not import them)."""
     run = Path(run)
     out = Path(out) if out is not None else run / "validate"
+    if dataset is not None:
+        resolve_dataset(dataset)
     meta, cfg, ds = open_run(run, data_root, "validate")
+    if model is not None:
+        cfg = replace(cfg, recipe=cfg.recipe.with_factory(resolve_model(model)))
     if isinstance(recipe, dict):
-        recipe = Recipe.from_flat(**{**flat_recipe(cfg.recipe), **recipe})
+        given = user_settings(recipe)
+        recipe = Recipe.from_flat(**{**flat_recipe(cfg.recipe), "model": cfg.recipe.factory or cfg.recipe.model,
+                                     **given})
     recipe = (recipe or cfg.recipe).for_dataset(cfg.dataset)
     pairs = load_influence(run)
     pairs = pairs[pairs["high"]]

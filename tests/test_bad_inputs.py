@@ -20,7 +20,7 @@ TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--quiet"]
     (EST + ["--ratio", "0"], "ratio must be in (0, 1), got 0.0"),
     (EST + ["--lr", "0"], "lr must be > 0, got 0.0"),
     (EST + ["--method", "trades", "--eps-warmup", "2"], "eps_warmup must be in [0, 1], got 2.0"),
-    (EST + ["--model", "resnet50"], "model must be one of mlp, cnn, preact-resnet18, wrn-D-W"),
+    (EST + ["--model", "resnet50"], "model 'resnet50' is not registered in this process: choose one of cnn, mlp, preact-resnet18, wrn-D-W"),
     (EST + ["--beta", "3"], "beta does not apply to method 'standard' (it applies to trades, mart)"),
     (EST + ["--robust", "--robust-eps", "-0.1"], "robust_eps must be >= 0 (or None), got -0.1"),
     (EST + ["--shard", "2/2"], "shard index must be in 0..N-1, got 2/2"),
@@ -86,8 +86,8 @@ def test_sample_files_in_another_format_name_the_file_and_the_formats(tmp_path, 
 def test_api_validation_names_the_parameter():
     with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 2.5"):
         Recipe(epochs=2.5)
-    with pytest.raises(ValueError, match="schedule must be one of constant, linear, onecycle, multistep, got 'cosine'"):
-        Recipe(schedule="cosine")
+    with pytest.raises(ValueError, match="schedule must be one of constant, linear, onecycle, multistep, cosine, got 'step'"):
+        Recipe(schedule="step")
     with pytest.raises(ValueError, match="momentum must be in"):
         Recipe(momentum=1.5)
 

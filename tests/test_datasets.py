@@ -154,16 +154,17 @@ def test_user_npz_dataset_and_its_bad_values(tmp_path):
                 y_test=rng.integers(0, 3, 6))
     np.savez(tmp_path / "ok.npz", **good)
     ds = D.load_dataset(str(tmp_path / "ok.npz"))
-    assert ds.x_train.shape == (20, 1, 8, 8) and ds.x_train.dtype == np.uint8 and ds.num_classes == 3
-    np.testing.assert_array_equal(ds.x_test[:, 0], np.round(good["x_test"] * 255).astype(np.uint8))
+    assert ds.x_train.shape == (20, 1, 8, 8) and ds.x_train.dtype == np.float32 and ds.num_classes == 3
+    np.testing.assert_array_equal(ds.x_test[:, 0], good["x_test"].astype(np.float32))  # floats stay floats
+    assert ds.input_range == (0.0, 1.0)
     cases = {
         "nan": ({"x_train": np.where(np.arange(20)[:, None, None] == 4, np.nan, good["x_train"])},
                 r"x_train has 64 NaN or infinite pixels \(first in sample 4\)"),
         "range": ({"x_test": good["x_test"] * 2}, r"x_test pixels must be in \[0, 1\] .*rescale"),
         "labels": ({"y_test": np.array([0, 1, 2, 5, 1, 0]), "num_classes": 3},
-                   r"test labels must be in 0\.\.2 .*sample 3 has 5"),
+                   r"y_test labels must be in 0\.\.2; sample 3 has 5"),
         "missing": ({"x_test": None}, r"lacks \['x_test'\]"),
-        "count": ({"y_train": good["y_train"][:19]}, "20 train images but 19 labels"),
+        "count": ({"y_train": good["y_train"][:19]}, "20 train samples in x_train but 19 labels"),
     }
     for name, (change, message) in cases.items():
         arrays = {k: v for k, v in {**good, **change}.items() if v is not None}

@@ -133,7 +133,7 @@ def test_bad_settings_are_named_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="unknown EstimateConfig setting.*learning_rate"):
         memtool.estimate(tmp_path / "r", learning_rate=0.1)
     with pytest.raises(ValueError, match="schedule"):
-        memtool.estimate(tmp_path / "r", dataset="digits", schedule="cosine", trials=2, progress=False)
+        memtool.estimate(tmp_path / "r", dataset="digits", schedule="cosine-restarts", trials=2, progress=False)
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="shard"):
         run_mod.parse_shard("3/2")

@@ -85,6 +85,9 @@ def attacked_logits(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.
     from ``gen``, see the module docstring), once they are checked to lie in the attack's
     eps-ball and in [0, 1]: an attack that leaves them raises a RuntimeError, so no number is
     ever computed from an example outside the threat model."""
+    if isinstance(attack, Clean):  # no attack: the inputs as given, whatever their range
+        with eval_mode(model), torch.no_grad():
+            return model(x)
     x_adv = attack(model, x, y, gen)
     d = attack.describe()
     delta = (x_adv - x).flatten(2 if isinstance(gen, (list, tuple)) else 1)  # one row per sample

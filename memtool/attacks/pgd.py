@@ -67,11 +67,12 @@ def random_start(x: torch.Tensor, eps: float, norm: str, gen=None) -> torch.Tens
     return (x + delta).clamp(0, 1)
 
 
-def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-sample cross-entropy over any leading dims, logits (..., C) and y (...);
     half-precision logits (autocast) are taken in float32."""
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none",
+                           label_smoothing=label_smoothing).view(y.shape)
 
 
 def pgd(model, x, y, loss_fn: LossFn, eps: float, step_size: float, steps: int, norm: str = "linf",

@@ -6,10 +6,11 @@ another machine with another ensemble size, and each trial's result stays the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import check_int, check_number, setting
 from ..datasets import standard_eps
+from ..models import SPEC, spec_of
 from ..recipe import DataJob, Recipe
 
 
@@ -20,8 +21,16 @@ class EstimateConfig(DataJob):
     robust: bool | None = setting(None, "also record correctness under PGD (default: on for adversarial methods)")
     robust_eps: float | None = setting(None, "L-inf radius of that PGD (default: the method's eps, else the dataset's)")
     recipe: Recipe = setting(None, "how each model is trained", cli=False, factory=Recipe)
+    train_fn: str | None = setting(None, "MODULE:FUNCTION: your own training loop f(data, subset_ids, seed) -> "
+                                         "nn.Module, in place of the recipe's (memtool keeps plan, seeds, resume, tables)")
+    trainer: object = field(default=None, compare=False, repr=False)  # the train_fn callable (never serialized)
 
     def __post_init__(self):
+        if callable(self.train_fn):
+            object.__setattr__(self, "trainer", self.train_fn)
+            object.__setattr__(self, "train_fn", spec_of(self.train_fn))
+        if self.train_fn is not None and not (isinstance(self.train_fn, str) and SPEC.fullmatch(self.train_fn)):
+            raise ValueError(f"train_fn must be a callable or MODULE:FUNCTION, got {self.train_fn!r}")
         check_number("ratio", self.ratio, 0, 1, low_open=True, high_open=True)
         self._check_data()
         check_int("seed", self.seed, 0)
@@ -32,3 +41,16 @@ class EstimateConfig(DataJob):
             eps = getattr(self.recipe.method, "eps", None)
             object.__setattr__(self, "robust_eps", standard_eps(self.dataset) if eps is None else eps)
         check_number("robust_eps", self.robust_eps, 0, optional=True)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        del d["trainer"]
+        if d["train_fn"] is None:  # only when set: runs made before it reopen unchanged
+            del d["train_fn"]
+        return d
+
+    def check_trainer(self) -> None:
+        """A run made with a train_fn is trained further only with the user's callable named again."""
+        if self.train_fn is not None and self.trainer is None:
+            raise ValueError(f"this run trains with your own loop {self.train_fn}, and memtool never imports code named "
+                             f"in a run directory: name it yourself (--train-fn {self.train_fn}, or train_fn=...)")

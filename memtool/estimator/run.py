@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from ..config import Runtime, check_int, check_number, device_name, setting, split_settings
 from ..datasets import load_dataset
-from ..engine import default_ensemble_size, fit
+from ..userdata import in_memory, register_data
+from ..engine import Models, as_floats, default_ensemble_size, fit
 from ..progress import progress_bar
-from ..proxies import Recorder
-from ..recipe import trial_seed
+from ..recorder import Recorder
+from ..recipe import trial_seed, user_settings
 from . import plan
 from .config import EstimateConfig
 from .store import claim_path, append_log, claim, finished_trials, init_run, stored_trials, write_trials
@@ -43,6 +44,9 @@ def fit_warning(cfg: EstimateConfig, train_acc_in_subset: float) -> str | None:
     if cfg.recipe.method.adversarial or not train_acc_in_subset < FIT_THRESHOLD:
         return None
     r = cfg.recipe
+    if cfg.train_fn is not None:
+        return (f"the models of {cfg.train_fn} reach only {train_acc_in_subset:.3f} mean accuracy on their own training "
+                f"subsets (< {FIT_THRESHOLD}): they do not fit them, so mem underestimates memorization")
     return (f"the models reach only {train_acc_in_subset:.3f} mean accuracy on their own training subsets "
             f"(< {FIT_THRESHOLD}): they do not fit them, so mem underestimates memorization. Train longer "
             f"(--epochs, now {r.epochs})" + (f" or at a constant learning rate (--schedule constant, now {r.schedule})"
@@ -91,8 +95,11 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
     dev = torch.device(device)  # a no-op when the data already lives there (estimate moves it once)
     xy = {split: (data[f"x_{split}"].to(dev), data[f"y_{split}"].to(dev)) for split in ("train", "test")}
     recorder = Recorder(*xy["train"], seeds, cfg.recipe) if record_proxies else None
-    models = fit(cfg.recipe, *xy["train"], members, seeds, num_classes=data["num_classes"],
-                 ensemble_size=len(trial_ids), on_step=on_step, recorder=recorder)
+    if cfg.trainer is not None:
+        models = user_trained(cfg, data, members, seeds, dev)
+    else:
+        models = fit(cfg.recipe, *xy["train"], members, seeds, num_classes=data["num_classes"],
+                     ensemble_size=len(trial_ids), on_step=on_step, recorder=recorder)
     rec = {f"{split}_margin": models.margins(*xy[split], batch=eval_batch).numpy() for split in xy}
     if recorder is not None:
         rec.update({f"proxy_{k}": v for k, v in recorder.result().items()})
@@ -102,14 +109,27 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
     return rec
 
 
+def user_trained(cfg: EstimateConfig, data: dict, members, seeds, device) -> Models:
+    """The user's own loop, ``cfg.trainer(dataset, subset_ids, seed) -> nn.Module``, once per
+    trial: memtool keeps the plan and the seeds, and measures what comes back."""
+    out = []
+    for ids, seed in zip(members, seeds):
+        model = cfg.trainer(data["dataset"], np.asarray(ids), int(seed))
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"train_fn {cfg.train_fn} returned {type(model).__name__}; it must return the trained "
+                            "nn.Module")
+        out.append(([len(out)], model.to(device).eval()))
+    return Models(cfg.recipe, seeds, out)
+
+
 def _tensors(ds, device="cpu") -> dict:
-    """The whole dataset as tensors on ``device``, pixels in [0, 1]."""
+    """The whole dataset as float tensors on ``device`` (uint8 pixels scaled to [0, 1])."""
     def img(a):  # torch.tensor copies: the dataset's arrays may be read-only views of its files
-        return torch.tensor(a, device=device).float().div_(255)
+        return as_floats(torch.tensor(a), device)
 
     return {"x_train": img(ds.x_train), "y_train": torch.tensor(ds.y_train, device=device),
             "x_test": img(ds.x_test), "y_test": torch.tensor(ds.y_test, device=device),
-            "shape": ds.image_shape, "num_classes": ds.num_classes}
+            "shape": ds.image_shape, "num_classes": ds.num_classes, "dataset": ds}
 
 
 @dataclass(frozen=True)
@@ -122,11 +142,14 @@ class DataSpec:
     label_noise: float
     seed: int
     fingerprint: str
+    source: object = field(default=None, compare=False, hash=False)  # arrays given in Python travel with the task
 
 
 @functools.lru_cache(maxsize=2)
 def load_data(spec: DataSpec) -> dict:
     """The run's data as tensors, loaded once per worker process and checked by fingerprint."""
+    if spec.source is not None:
+        register_data(spec.source)
     ds = load_dataset(spec.dataset, spec.data_root, spec.limit, spec.label_noise, spec.seed)
     if ds.fingerprint != spec.fingerprint:
         raise RuntimeError(f"the worker on {socket.gethostname()} loaded {spec.dataset} from data root "
@@ -216,19 +239,24 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     ex, thr = Execution(**ex), Thresholds(**thr)
     if config is not None and rest:
         raise TypeError(f"give either a config or its settings, not both (got {sorted(rest)})")
-    cfg = config or EstimateConfig.from_kwargs(**rest)
+    cfg = config or EstimateConfig.from_kwargs(**user_settings(rest))
     if ex.until_se is not None:
         return _until_se(out, cfg, ex, thr, progress, tables)
     trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
     data_root, shard, eval_batch = ex.data_root, ex.shard, ex.eval_batch
     ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
+    cfg.check_trainer()
+    if cfg.recipe.method.adversarial or cfg.robust:
+        ds.check_attackable(f"method {cfg.recipe.method.name}" if cfg.recipe.method.adversarial else "--robust")
     cfg = replace(cfg, recipe=replace(cfg.recipe, method=cfg.recipe.method.bind(ds)))
-    init_run(out, cfg.to_dict(), ds, command=sys.argv if Path(sys.argv[0]).name == "memtool" else None)
+    init_run(out, cfg.to_dict(), ds, command=sys.argv if Path(sys.argv[0]).name == "memtool" else None,
+             model=None if cfg.trainer is not None else cfg.recipe.model_record(ds.image_shape, ds.num_classes))
     k = ensemble_size or default_ensemble_size(cfg.recipe, device, int(np.prod(ds.image_shape)))
     batches = pending_batches(finished_trials(out), trials, k, parse_shard(shard))
     local = n_jobs == 1 and scheduler is None
     data = _tensors(ds, device) if local else DataSpec(cfg.dataset, None if data_root is None else str(data_root),
-                                                      cfg.limit, cfg.label_noise, cfg.seed, ds.fingerprint)
+                                                      cfg.limit, cfg.label_noise, cfg.seed, ds.fingerprint,
+                                                      in_memory(cfg.dataset))
     m = plan.subset_size(len(ds.y_train), cfg.ratio)
     total_steps = sum(len(b) for b in batches) * cfg.recipe.steps(m)
     if batches:

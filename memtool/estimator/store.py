@@ -82,14 +82,20 @@ def dataset_info(dataset) -> dict:
             "n_test": len(dataset.y_test), "num_classes": dataset.num_classes}
 
 
-def init_run(run: str | Path, config: dict, dataset, command: list[str] | None = None) -> dict:
-    """Create ``run`` or check that it was made with the same config and dataset."""
+def init_run(run: str | Path, config: dict, dataset, command: list[str] | None = None,
+             model: dict | None = None) -> dict:
+    """Create ``run`` or check that it was made with the same config, dataset and model
+    (``model``: :func:`memtool.models.model_record`, compared by structural digest)."""
+    from ..models import check_model_record
+
     run = Path(run)
     info = dataset_info(dataset)
     if (run / "run.json").exists():
         meta = read_run_json(run)
         check_settings({"config": meta["config"], "dataset": meta["dataset"]}, {"config": config, "dataset": info},
                        run)
+        if model is not None:
+            check_model_record(meta.get("model"), model, run)
         return meta
     import torch
 
@@ -99,7 +105,7 @@ def init_run(run: str | Path, config: dict, dataset, command: list[str] | None =
     meta = {"config": config, "dataset": info, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "versions": {"memtool": __version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()},
-            "command": command}
+            "command": command, **({} if model is None else {"model": model})}
     write_json(run / "run.json", meta)
     return meta
 

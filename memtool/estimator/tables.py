@@ -15,7 +15,7 @@ import pandas as pd
 from ..config import check_int, check_number, setting
 from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtool.estimator.read_table)
 
-from ..proxies import mean_over_members
+from ..recorder import mean_over_members
 from . import scores as S
 from .scores import INFL_THRESHOLD, MEM_THRESHOLD
 from .store import Trials, load_labels, load_trials, read_run_json, update_run_json

@@ -1,0 +1,183 @@
+"""A user's own data and network through every job (docs/own-model.md): arrays of any
+shape with floats kept, torch Datasets, image folders, npz files by absolute path; a resume
+with another model or other data refused before anything is written; attacks refused on data
+without an input range."""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import memtool
+from memtool.cli import main
+from memtool.datasets import DatasetFileError, load_dataset
+from memtool.rundir import RunMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from examples import mynets  # noqa: E402
+
+FAST = dict(epochs=15, batch_size=32, lr=0.1, trials=8, progress=False)
+
+
+def test_feature_arrays_stay_floats_and_go_through_estimate_and_scores(tmp_path):
+    x_train, y_train, x_test, y_test = mynets.breast_cancer()
+    data = memtool.ArrayData(x_train, y_train, x_test, y_test, name="breast-cancer")
+    assert data.input_range is None and data.image_shape == (30,) and data.x_train.dtype == np.float32
+    assert len(np.unique(data.x_train)) > 10_000  # no uint8 rounding (221 values were left before)
+    s = memtool.estimate(tmp_path / "bc", dataset=data, model=mynets.tabular_mlp, **FAST)
+    meta = json.loads((tmp_path / "bc" / "run.json").read_text())
+    assert meta["config"]["dataset"] == "breast-cancer" and meta["config"]["recipe"]["model"] == "examples.mynets:tabular_mlp"
+    assert meta["model"]["digest"] and s["n_train"] == 455 and s["test_acc"] > 0.9
+    # a resume with another architecture is refused, naming both, and adds nothing: other kwargs, and the
+    # same spec building another network (the user's code changed: here a partial of the factory)
+    before = sorted((tmp_path / "bc" / "trials").iterdir())
+    with pytest.raises(RunMismatchError, match="model_kwargs.hidden: run has None, this call asks for 8"):
+        memtool.estimate(tmp_path / "bc", dataset=data, model=mynets.tabular_mlp, model_kwargs={"hidden": 8},
+                         **{**FAST, "trials": 16})
+    with pytest.raises(RunMismatchError, match=r"made with model examples.mynets:tabular_mlp \(digest \w+, 2,242 "
+                                                r"parameters\), but this call builds examples.mynets:tabular_mlp"):
+        memtool.estimate(tmp_path / "bc", dataset=data, model=functools.partial(mynets.tabular_mlp, hidden=8),
+                         **{**FAST, "trials": 16})
+    with pytest.raises(RunMismatchError, match="dataset.fingerprint"):
+        other = memtool.ArrayData(x_train[::-1].copy(), y_train[::-1].copy(), x_test, y_test, name="breast-cancer")
+        memtool.estimate(tmp_path / "bc", dataset=other, model=mynets.tabular_mlp, **{**FAST, "trials": 16})
+    assert sorted((tmp_path / "bc" / "trials").iterdir()) == before
+    # attacks need an input range
+    with pytest.raises(ValueError, match="declares none"):
+        memtool.train(out=tmp_path / "at", dataset=data, model=mynets.tabular_mlp, method="pgd-at", eps=0.1, epochs=1,
+                      progress=False)
+
+
+def test_bad_arrays_get_one_clear_line():
+    x, y = np.random.rand(10, 4).astype(np.float32), np.arange(10) % 3
+    cases = [((x, y[:9], x, y), "10 train samples in x_train but 9 labels"),
+             ((x, y, x, y + 5), r"y_test labels must be in 0..2; sample 0 has 5"),
+             ((np.where(np.arange(10)[:, None] == 3, np.nan, x), y, x, y), r"NaN or infinite values in 1 samples \(first: sample 3\)"),
+             ((x, y.astype(float), x, y), "integer labels")]
+    for args, message in cases:
+        with pytest.raises(DatasetFileError, match=message):
+            memtool.ArrayData(*args, num_classes=3)
+
+
+def test_torch_datasets_are_materialized_once_and_bad_items_named(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.rand(20, 1, 4, 4, generator=g), torch.arange(20) % 2)
+    test = TensorDataset(torch.rand(6, 1, 4, 4, generator=g), torch.arange(6) % 2)
+    a = memtool.ArrayData.from_torch(train, test, name="toy", cache=tmp_path / "cache", progress=False)
+    assert not a.x_train.flags.owndata and a.input_range == (0.0, 1.0)  # a view of the memory-mapped cache
+    np.testing.assert_array_equal(a.x_train, train.tensors[0].numpy())
+    b = memtool.ArrayData.from_torch([], [], name="toy", cache=tmp_path / "cache", progress=False)  # from the cache
+    assert b.fingerprint == a.fingerprint
+
+    class Triples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(2), 0, "extra"
+
+    with pytest.raises(DatasetFileError, match=r"sample 0 is tuple of length 3; a dataset must return \(x, y\) pairs"):
+        memtool.ArrayData.from_torch(Triples(), Triples(), name="bad", progress=False)
+
+
+def test_digits_image_folder_with_a_batchnorm_cnn_through_the_command_line(tmp_path, monkeypatch, capsys):
+    """The guide's first half: estimate, scores, validate on imagefolder:DIR with the user's
+    BN CNN named MODULE:FUNCTION; the run records absolute paths; a reopen without the model
+    says how to give it."""
+    monkeypatch.chdir(ROOT)
+    folder = mynets.write_digits_folder(tmp_path / "digits")
+    ds = load_dataset(f"imagefolder:{folder}")
+    ref = load_dataset("digits")
+    for split in ("train", "test"):  # the same pixels; ImageFolder's order: by class, then by file name
+        order = np.argsort(getattr(ref, f"y_{split}"), kind="stable")
+        np.testing.assert_array_equal(getattr(ds, f"x_{split}"), getattr(ref, f"x_{split}")[order])
+        np.testing.assert_array_equal(getattr(ds, f"y_{split}"), getattr(ref, f"y_{split}")[order])
+    run = tmp_path / "run"
+    args = ["estimate", "--dataset", f"imagefolder:{folder}", "--model", "examples.mynets:bn_cnn", "--model-kwargs",
+            '{"width": 8}', "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--trials", "4", "--limit", "300",
+            "--out", str(run), "--quiet"]
+    assert main(args) == 0
+    cfg = json.loads((run / "run.json").read_text())["config"]
+    assert cfg["dataset"] == f"imagefolder:{folder.resolve()}" and cfg["recipe"]["model_kwargs"] == {"width": 8}
+    assert main(["scores", str(run)]) == 0
+    # validate retrains the user's model only when the user names it
+    assert main(["validate", str(run), "--seeds", "1", "--quiet"]) == 2
+    assert "--model examples.mynets:bn_cnn" in capsys.readouterr().err
+
+
+def test_tabular_train_and_clean_evaluate_on_the_command_line(tmp_path, monkeypatch, capsys):
+    """The guide's second half: `memtool train` with the user's model on a MODULE:FUNCTION
+    dataset, `memtool evaluate --attacks clean` of its checkpoint and of a plain state_dict."""
+    monkeypatch.chdir(ROOT)
+    common = ["--dataset", "examples.mynets:breast_cancer", "--model", "examples.mynets:tabular_mlp"]
+    assert main(["train", *common, "--epochs", "5", "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.01",
+                 "--weight-decay", "0.01", "--schedule", "cosine", "--eval-samples", "0", "--out", str(tmp_path / "t"),
+                 "--quiet"]) == 0
+    assert main(["evaluate", str(tmp_path / "t"), "--model", "examples.mynets:tabular_mlp", "--dataset",
+                 "examples.mynets:breast_cancer", "--attacks", "clean", "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    acc = json.loads((tmp_path / "e" / "summary.json").read_text())["attacks"]["clean"]["accuracy"]
+    assert acc > 0.9
+    model = memtool.load_model(tmp_path / "t", model="examples.mynets:tabular_mlp")
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    assert main(["evaluate", *common, "--weights", str(tmp_path / "plain.pt"), "--attacks", "clean", "--out",
+                 str(tmp_path / "e2"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "e2" / "summary.json").read_text())["attacks"]["clean"]["accuracy"] == acc
+    assert main(["evaluate", *common, "--weights", str(tmp_path / "plain.pt"), "--attacks", "clean,pgd20", "--out",
+                 str(tmp_path / "e3"), "--quiet"]) == 2
+    assert "declares none" in capsys.readouterr().err
+    # a checkpoint of the user's model without the model named: one line saying how
+    assert main(["evaluate", str(tmp_path / "t"), "--attacks", "clean", "--dataset", "examples.mynets:breast_cancer",
+                 "--out", str(tmp_path / "e4"), "--quiet"]) == 2
+    assert "never imports code" in capsys.readouterr().err
+
+
+def test_npz_runs_record_an_absolute_path(tmp_path, monkeypatch):
+    x, y = np.random.default_rng(0).random((60, 8, 8)).astype(np.float32), np.arange(60) % 3
+    np.savez(tmp_path / "d.npz", x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    monkeypatch.chdir(tmp_path)
+    memtool.estimate(tmp_path / "r", dataset="d.npz", model="mlp", hidden=16, epochs=2, trials=2, progress=False)
+    cfg = json.loads((tmp_path / "r" / "run.json").read_text())["config"]
+    assert cfg["dataset"] == f"npz:{tmp_path / 'd.npz'}"
+    monkeypatch.chdir(ROOT)  # opened from another directory
+    assert memtool.load_scores(tmp_path / "r")["mem"].notna().any()
+
+
+SEEN = {}
+
+
+def plain_loop(data, subset_ids, seed):
+    """A user's own training loop: full-batch gradient descent on a linear model."""
+    SEEN[seed] = np.asarray(subset_ids).copy()
+    torch.manual_seed(seed % 2**31)
+    x = torch.as_tensor(data.x_train[subset_ids], dtype=torch.float32)
+    y = torch.as_tensor(data.y_train[subset_ids])
+    model = torch.nn.Linear(x.shape[1], data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(50):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def test_train_fn_is_the_users_loop_on_memtools_plan(tmp_path):
+    from memtool.estimator import plan
+    from memtool.recipe import trial_seed
+
+    data = memtool.ArrayData(*mynets.breast_cancer(), name="breast-cancer")
+    SEEN.clear()
+    s = memtool.estimate(tmp_path / "r", dataset=data, train_fn=plain_loop, trials=6, progress=False)
+    assert s["status"] == "complete" and s["test_acc"] > 0.9
+    for t in range(6):  # trial t trained on exactly the plan's subset, with the plan's seed
+        np.testing.assert_array_equal(SEEN[trial_seed(0, t)], plan.subset_indices(455, 0.7, 0, [t])[0])
+    cfg = json.loads((tmp_path / "r" / "run.json").read_text())["config"]
+    assert cfg["train_fn"] == "test_own_data:plain_loop"
+    with pytest.raises(ValueError, match="never imports code named in a run directory.*--train-fn test_own_data:plain_loop"):
+        memtool.estimate(tmp_path / "r", config=memtool.EstimateConfig.from_dict(cfg), trials=8, progress=False)

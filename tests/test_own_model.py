@@ -1,0 +1,136 @@
+"""A user's own model: the registry, MODULE:FUNCTION specs that only the user's call imports,
+digests that refuse another model, torch.func stacks of any module (BatchNorm + residual),
+and the recipe's AdamW / cosine / label smoothing / fp16."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import user_models
+from memtool.engine import fit
+from memtool.ensemble import FuncEnsemble
+from memtool.models import (ModelSpecError, check_output, create_model, model_digest, register_model,
+                            registered_factory, resolve_model)
+from memtool.recipe import Recipe, lr_at
+
+N = 240
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(N, 1, 8, 8, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+
+def _subsets(k=3, m=160):
+    rng = np.random.default_rng(0)
+    return [np.sort(rng.choice(N, m, replace=False)) for _ in range(k)]
+
+
+def _recipe(method="standard", **kw):
+    adv = {} if method == "standard" else dict(eps=0.1, pgd_steps=2)
+    base = dict(model=user_models.bn_resnet, epochs=2, batch_size=40, lr=0.05, schedule="onecycle", method=method)
+    return Recipe.from_flat(**{**base, **adv, **kw})
+
+
+@pytest.mark.parametrize("method,attack_bn", [("standard", None), ("pgd-at", "eval"), ("pgd-at", "train")])
+def test_func_stack_of_a_batchnorm_resnet_equals_separate_runs(method, attack_bn):
+    """Any module stacks through torch.func: K BN + residual networks trained as one vmap
+    stack equal K one-at-a-time runs, logits and per-model running statistics, clean and
+    under PGD (attack in eval mode, and in train mode with the statistics restored)."""
+    x, y = _data()
+    r = _recipe(method, **({} if attack_bn is None else {"attack_bn": attack_bn}))
+    stacked = fit(r, x, y, _subsets(), [11, 22, 33], num_classes=10, ensemble_size=3)
+    single = fit(r, x, y, _subsets(), [11, 22, 33], num_classes=10, ensemble_size=1)
+    assert isinstance(stacked.stacks[0][1], FuncEnsemble) and len(single.stacks) == 3
+    torch.testing.assert_close(stacked.margins(x, y), single.margins(x, y), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stacked.margins(x, y, robust=0.1), single.margins(x, y, robust=0.1),
+                               atol=1e-4, rtol=1e-4)
+    for k in range(3):
+        a, b = stacked[k].state_dict(), single[k].state_dict()
+        assert a["bn.running_mean"].abs().sum() > 0  # the statistics moved during training
+        for name in a:
+            torch.testing.assert_close(a[name].float(), b[name].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_default_stacks_user_models_only_where_asked_on_cpu():
+    x, y = _data()
+    models = fit(_recipe(epochs=1), x, y, _subsets(2), [1, 2], num_classes=10)
+    assert len(models.stacks) == 2  # one at a time: vmap stacks of conv nets are slower on a CPU
+
+
+def test_registry_and_specs_name_the_problem():
+    @register_model(name="test-tiny")
+    def tiny(in_shape, num_classes, width=4):
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes))
+
+    assert registered_factory("test-tiny") is tiny
+    assert Recipe(model=tiny).model == "test-tiny"  # a registered factory is recorded by its name
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(lambda s, c: None, name="test-tiny")
+    assert resolve_model("user_models:bn_resnet") is user_models.bn_resnet
+    net = create_model("cnn", (1, 8, 8), 10)
+    check_output(net, "cnn", (1, 8, 8), 10)
+    for spec, message in [("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+                          ("user_models:nothing", "has no attribute 'nothing'"),
+                          ("user_models:not_callable", "is not callable"),
+                          ("bad spec!", "MODULE:FUNCTION")]:
+        with pytest.raises(ModelSpecError, match=message):
+            resolve_model(spec)
+    with pytest.raises(ModelSpecError, match=r"raised RuntimeError: out of ideas"):
+        create_model(user_models.raises, (1, 8, 8), 10)
+    with pytest.raises(ModelSpecError, match="no parameters"):
+        create_model(user_models.no_parameters, (1, 8, 8), 10)
+    with pytest.raises(ModelSpecError, match=r"gave output \(2, 11\); it must return logits of shape \(batch, 10\)"):
+        check_output(create_model(user_models.wrong_output, (1, 8, 8), 10), "wrong_output", (1, 8, 8), 10)
+
+
+def test_a_spec_read_back_is_never_imported():
+    """A recipe from a run directory names user code; building it asks the user to name it."""
+    r = Recipe.from_dict(_recipe().to_dict())
+    assert r.model == "user_models:bn_resnet" and r.factory is None and "factory" not in r.to_dict()
+    with pytest.raises(ModelSpecError, match="never imports code named in a run directory.*--model user_models:bn_resnet"):
+        r.build((1, 8, 8), 10)
+    net = r.with_factory(user_models.bn_resnet).build((1, 8, 8), 10)
+    assert model_digest(net) == model_digest(user_models.bn_resnet((1, 8, 8), 10))
+    assert model_digest(net) != model_digest(user_models.bn_resnet((1, 8, 8), 10, width=4))
+    with pytest.raises(ModelSpecError, match=r"model given \(user_models:tabular\).*\(user_models:bn_resnet\)"):
+        r.with_factory(user_models.tabular)
+
+
+def test_model_kwargs_reach_the_factory():
+    r = Recipe(model="user_models:bn_resnet", model_kwargs='{"width": 4}').with_factory(user_models.bn_resnet)
+    assert r.model_kwargs == {"width": 4} and r.build((1, 8, 8), 10).fc.in_features == 4
+    with pytest.raises(ValueError, match="model_kwargs must be a JSON object"):
+        Recipe(model_kwargs="{width: 4}")
+
+
+def test_cosine_schedule_and_adamw():
+    assert lr_at("cosine", 0.1, 0, 100) == pytest.approx(0.1)
+    assert lr_at("cosine", 0.1, 50, 100) == pytest.approx(0.05)
+    assert lr_at("cosine", 0.1, 100, 100) == pytest.approx(0.0)
+    p = nn.Parameter(torch.ones(3))
+    opt = Recipe(optimizer="adamw", weight_decay=0.5, lr=0.1).make_optimizer([p])
+    assert isinstance(opt, torch.optim.AdamW)
+    p.grad = torch.zeros(3)
+    opt.step()  # zero gradient: only the decoupled decay moves the weights, by lr * wd
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))
+
+
+def test_label_smoothing_changes_only_the_training_loss():
+    x, y = _data()
+    plain = fit(Recipe(model="mlp", hidden=16, epochs=1, batch_size=40), x, y, _subsets(1), [5], num_classes=10)
+    smooth = fit(Recipe(model="mlp", hidden=16, epochs=1, batch_size=40, label_smoothing=0.2), x, y, _subsets(1), [5],
+                 num_classes=10)
+    assert not torch.allclose(plain.margins(x, y), smooth.margins(x, y))
+    with pytest.raises(ValueError, match="label_smoothing applies to .* not to trades"):
+        Recipe.from_flat(method="trades", label_smoothing=0.1)
+
+
+def test_fp16_with_a_gradient_scaler_trains():
+    x, y = _data()
+    m = fit(Recipe(model="mlp", hidden=16, epochs=3, batch_size=40, precision="fp16"), x, y, _subsets(1), [5],
+            num_classes=10)
+    assert torch.isfinite(m.margins(x, y)).all()
