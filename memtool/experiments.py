@@ -29,7 +29,7 @@ import torch
 from scipy import stats
 
 from .config import device_name
-from .engine import fit
+from .engine import default_ensemble_size, fit
 from .recipe import Recipe, stream
 from .rundir import atomic_write, open_settings, read_json, write_json
 from .sharing import shared
@@ -91,8 +91,9 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
     (out / "models").mkdir(parents=True, exist_ok=True)
     model_seeds = experiment_seeds(seed, seeds)
 
-    def stack(v):  # a variant's missing seeds, trained as one stack
-        pending = [s for s in range(seeds) if not _file(out, v, s).exists() and not _copied(reuse, mine, out, v, s)]
+    def stack(job):  # a variant's missing seeds of one chunk, trained as one stack
+        v, chunk = job
+        pending = [s for s in chunk if not _file(out, v, s).exists() and not _copied(reuse, mine, out, v, s)]
         if not pending:
             return
         subset = np.setdiff1d(np.arange(n), excluded[v])
@@ -112,9 +113,14 @@ def retrain(out, data: Data, recipe: Recipe, variants: dict, seeds: int = 3, *, 
             atomic_write(_file(out, v, s), lambda f, j=j: np.savez_compressed(
                 f, device=where, **{k: r[j].cpu().numpy() for k, r in rec.items()}))
 
-    todo = [v for v in variants if any(not _file(out, v, s).exists() for s in range(seeds))]
-    shared(todo, "retrain", stack, out / "claims", desc="retraining", name=slug, progress=progress and bool(todo),
-           unit="variant")
+    # seed-major chunks of as many models as train at once on this device: every finished chunk is saved,
+    # and an interrupted experiment holds whole seeds (every variant), so its differences pair
+    k = default_ensemble_size(recipe, data.x_train.device, int(np.prod(data.x_train.shape[1:])))
+    chunks = [tuple(range(i, min(i + k, seeds))) for i in range(0, seeds, k)]
+    todo = [(v, c) for c in chunks for v in variants if any(not _file(out, v, s).exists() for s in c)]
+    shared(todo, "retrain", stack, out / "claims", desc="retraining",
+           name=lambda job: slug(job[0]) if len(chunks) == 1 else f"{slug(job[0])}-s{job[1][0]}",
+           progress=progress and bool(todo), unit="stack")
     return load_records(out, variants, seeds)
 
 

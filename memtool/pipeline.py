@@ -7,6 +7,7 @@ resumes by itself, so an interrupted pipeline trains only what is missing:
     name: mnist                    # figures go to OUT/mnist/, runs to RUNS/mnist/
     runs: runs                     # where the run directories live (trials, models: not committed)
     records: references            # optional: where the RECORDED stages keep their work (committed)
+    reference: mnist               # optional: read the committed estimate of another study (default: NAME)
     estimate: {dataset: mnist, limit: 5000, trials: 1600, ...}   # memtool estimate settings
     robust_estimate: {method: pgd-at, eps: 0.3, trials: 64, ...} # optional: robust mem under AT
     validate: {seeds: 3}                                          # optional: memtool validate
@@ -71,13 +72,43 @@ def load_config(path) -> dict:
     cfg = read_yaml(path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must be a YAML mapping of sections (name, estimate, ...), got {type(cfg).__name__}")
-    unknown = set(cfg) - set(STAGES) - {"name", "runs", "records", "description"}
+    unknown = set(cfg) - set(STAGES) - {"name", "runs", "records", "reference", "description"}
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: name, runs, records, description, "
-                         f"{', '.join(STAGES)}")
+        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: name, runs, records, reference, "
+                         f"description, {', '.join(STAGES)}")
     if "name" not in cfg or "estimate" not in cfg:
         raise ValueError(f"{path} must have a name and an estimate section")
+    _check_keys(path, cfg)
     return cfg
+
+
+def _check_keys(path: Path, cfg: dict) -> None:
+    """Every key of every section is a setting of that stage: a misspelled one is named with
+    its file and section before anything trains."""
+    import inspect
+
+    from .estimator.run import Execution
+    from .recipe import flat_fields
+
+    estimate_keys = {f for cls in (Execution,) for f in cls.__dataclass_fields__} | _estimate_keys() | flat_fields()
+    takes = {key: set(inspect.signature(fn).parameters) - {"run", "run_dir", "reference", "out"}
+             for key, fn in analyses().items()}
+    takes["estimate"] = estimate_keys
+    takes["robust_estimate"] = estimate_keys
+    for section, valid in takes.items():
+        given = cfg.get(section) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: section {section} must be a mapping of settings, got {given!r}")
+        keys = set(flatten_settings(given)) if section.endswith("estimate") else {k.replace("-", "_") for k in given}
+        bad = sorted(keys - valid - {"method"})
+        if bad:
+            raise ValueError(f"{path}: section {section}: unknown setting(s) {bad}; valid: {', '.join(sorted(valid))}")
+
+
+def _estimate_keys() -> set[str]:
+    from .estimator import EstimateConfig, Thresholds
+
+    return (set(EstimateConfig.__dataclass_fields__) | set(Thresholds.__dataclass_fields__)) - {"trainer"}
 
 
 def _copy(src_dir: Path, dst_dir: Path, names, stem: str | None = None) -> list[Path]:
@@ -135,7 +166,7 @@ def make_figures(config, out, *, stages=None, progress: bool = True, device: str
 
     est = flatten_settings(cfg["estimate"])
     refs = Path(cfg["records"]) if cfg.get("records") else Path(config).resolve().parent.parent / "references"
-    est_run = committed_reference(refs / name, est, runs / "estimate")
+    est_run = committed_reference(refs / cfg.get("reference", name), est, runs / "estimate")
     if est_run is None:
         est_run = runs / "estimate"
         summary = manifest.account(est_run, lambda: estimate(est_run, progress=progress, **{**kw, **est}), device)
