@@ -52,6 +52,18 @@ def measure(study, eps: float, epochs: int, seed: int, pgd_steps: int = 10, n_te
     return out
 
 
+def table(out: Path) -> str:
+    """The measured candidates of OUT as a markdown table (what benchmarks/README.md shows)."""
+    rows = sorted((json.loads(f.read_text()) for f in out.glob("*.json")), key=lambda r: (r["eps"], r["epochs"]))
+    lines = ["| eps | epochs | atypical train: PGD-20 / clean | typical train: PGD-20 / clean | test: PGD-20 / clean "
+             "| train CPU s |", "|---:|---:|---|---|---|---:|"]
+    pct = lambda g: f"{100 * g['pgd20']:.1f} / {100 * g['clean']:.1f} %"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['eps']:g} | {r['epochs']} | {pct(r['atypical train'])} | {pct(r['typical train'])} | "
+                     f"{pct(r['test'])} | {r['train_cpu_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run directory with score tables (e.g. references/mnist)")
@@ -74,6 +86,7 @@ def main(argv=None):
         os.replace(tmp, path)
         print(f"eps {eps} x {epochs} epochs: atypical train {r['atypical train']}, typical train "
               f"{r['typical train']}, test {r['test']}, {r['train_cpu_s']:.0f} CPU s -> {path}", flush=True)
+    print(table(a.out))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,6 +25,17 @@ from .evaluation import Evaluation
 from .methods import METHODS
 from .recipe import Recipe
 from .training import TrainConfig
+
+
+def strict_json(obj):
+    """``obj`` with NaN and infinities as None (JSON has no NaN: null)."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _fmt(v) -> str:
@@ -229,7 +241,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare, format_comparison
 
     r = compare(a.a, a.b, a.column_a, a.column_b, a.mem_threshold)
-    print(json.dumps(r, indent=2) if a.json else format_comparison(r))
+    print(json.dumps(strict_json(r), indent=2, allow_nan=False) if a.json else format_comparison(r))
     return 0
 
 
@@ -449,9 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memtool {args.cmd}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        if storage_error(e) is None:
+        message = storage_error(e, out_flag=args.cmd != "scores")
+        if message is None:
             raise
-        print(f"memtool {args.cmd}: error: {storage_error(e)}", file=sys.stderr)
+        print(f"memtool {args.cmd}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nmemtool {args.cmd}: interrupted; finished trial batches are saved, "

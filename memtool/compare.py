@@ -31,7 +31,9 @@ def _open(source) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
     else:
         scores, infl = path, path.with_name("influence.parquet")
     if not scores.exists():
-        raise FileNotFoundError(f"no score table at {scores} (give a run directory or a scores .parquet file)")
+        hint = (f": its trials are there, run `memtool scores {path}` first" if path.is_dir() and (path / "trials").is_dir()
+                else " (give a run directory or a scores .parquet file)")
+        raise FileNotFoundError(f"no score table at {scores}{hint}")
     return read_table(scores), (read_table(infl) if infl.exists() else None), str(source)
 
 

@@ -55,7 +55,11 @@ def proxies(out, *, calibrate=None, progress: bool = True, **settings) -> pd.Dat
     rt, opts = Runtime(**rt), ProxySettings(**opts)
     cfg = ProxiesConfig.from_kwargs(**user_settings(rest))
     out, device = Path(out), torch.device(rt.device)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; proxies writes a directory (scores.parquet, tracin.npz, models/)")
     ds = load_dataset(cfg.dataset, rt.data_root, cfg.limit, cfg.label_noise, cfg.seed)
+    if calibrate is not None:  # checked before any model trains
+        _check_calibration_run(calibrate, ds)
     recipe = replace(cfg.recipe, method=cfg.recipe.method.bind(ds))
     info = dataset_info(ds)
     open_settings(out / "config.json", {"config": cfg.to_dict(), "proxy_settings": asdict(opts), "dataset": info})
@@ -112,14 +116,23 @@ def proxies(out, *, calibrate=None, progress: bool = True, **settings) -> pd.Dat
     return read_table(out / "scores.parquet")
 
 
-def _calibrate(out: Path, run, table: pd.DataFrame, ds, cfg: ProxiesConfig) -> None:
-    from .estimator import load_trials, read_run_json
-    from .hybrid import hybrid_tables, load_tracin, write_hybrid_run
+def _check_calibration_run(run, ds) -> None:
+    from .estimator import read_run_json
 
+    if not (Path(run) / "run.json").exists():
+        raise FileNotFoundError(f"--calibrate {run}: no run directory there (no run.json); give a `memtool estimate` "
+                                "run of the same data")
     fp = read_run_json(run)["dataset"]["fingerprint"]
     if fp != ds.fingerprint:
         raise ValueError(f"calibration run {run} belongs to other data (fingerprint {fp}, these proxies' data "
                          f"{ds.fingerprint}): estimate it with the same dataset, limit and label noise")
+
+
+def _calibrate(out: Path, run, table: pd.DataFrame, ds, cfg: ProxiesConfig) -> None:
+    from .estimator import load_trials
+    from .hybrid import hybrid_tables, load_tracin, write_hybrid_run
+
+    _check_calibration_run(run, ds)
     trials = load_trials(run)
     scores, infl = hybrid_tables(trials, table, load_tracin(out) if cfg.pairs else None)
     write_hybrid_run(out, run, scores, infl, {"calibration_run": str(run), "calibration_trials": len(trials),

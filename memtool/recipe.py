@@ -200,13 +200,15 @@ class WithRecipe:
         object.__setattr__(self, "recipe", recipe.for_dataset(self.dataset))
 
     @classmethod
-    def from_kwargs(cls, **kw):
+    def from_kwargs(cls, *, also=(), **kw):
         """From flat settings: the config's own fields plus the recipe's and its method's
-        (``recipe=`` may give a base recipe that the flat ones override)."""
-        own = {f.name for f in fields(cls)} - {"recipe"}
+        (``recipe=`` may give a base recipe that the flat ones override). ``also``: names the
+        caller took out before (execution settings), listed as valid in the error."""
+        own = {f.name for f in fields(cls) if f.init and f.compare} - {"recipe"}
         unknown = set(kw) - own - flat_fields() - {"recipe"}
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} setting(s) {sorted(unknown)}; valid: {sorted(own | flat_fields())}")
+            raise ValueError(f"unknown {cls.__name__} setting(s) {sorted(unknown)}; valid: "
+                             f"{sorted(own | flat_fields() | set(also))}")
         base = kw.pop("recipe", None)
         flat = {k: kw.pop(k) for k in list(kw) if k not in own}
         if base is not None:
@@ -261,7 +263,7 @@ def default_schedule(method: Method) -> str:
 
 def flat_fields() -> set[str]:
     """Every name :meth:`Recipe.from_flat` understands."""
-    return {f.name for f in fields(Recipe)} | {p for m in METHODS for p in method_fields(m)}
+    return {f.name for f in fields(Recipe) if f.compare} | {p for m in METHODS for p in method_fields(m)}
 
 
 def lr_at(schedule: str, lr: float, step: int, total: int) -> float:

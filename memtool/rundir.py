@@ -53,17 +53,19 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def storage_error(e: OSError) -> str | None:
+def storage_error(e: OSError, out_flag: bool = True) -> str | None:
     """What to tell a user whose output could not be written (disk full, read-only), or None
     for other errors. Every memtool file is written by :func:`atomic_write`, so a failed write
-    leaves nothing under the final name and finished work (earlier files) is kept."""
+    leaves nothing under the final name and finished work (earlier files) is kept.
+    ``out_flag``: whether the command has ``--out`` (``memtool scores`` writes into its RUN)."""
     where = f" {e.filename}" if e.filename else ""
     if e.errno in _FULL:
         return (f"cannot write{where}: the disk is full ({e.strerror}); nothing was half-written. Free space or "
                 "choose another output directory, then run the same command again: finished work is kept")
     if e.errno in _READ_ONLY:
-        return (f"cannot write{where}: {e.strerror}; the output directory is not writable. Choose a writable one "
-                "(--out) or fix its permissions; nothing was half-written")
+        fix = "Choose a writable one (--out) or fix" if out_flag else "Copy the run directory somewhere writable, or fix"
+        return (f"cannot write{where}: {e.strerror}; the output directory is not writable. {fix} its permissions; "
+                "nothing was half-written")
     return None
 
 

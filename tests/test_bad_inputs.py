@@ -133,3 +133,59 @@ def test_full_disk_or_read_only_output_is_named_and_nothing_half_written(tmp_pat
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left
     monkeypatch.setattr(rundir.os, "fsync", real)
     assert main(TRAIN + ["--epochs", "3", "--out", str(out)]) == 0  # the same command then finishes the run
+
+
+class Crafted:
+    """An object a crafted checkpoint pickles (weights_only=True refuses to rebuild it)."""
+
+
+def test_reliability_probe_is_answered_in_one_line_before_any_training(tmp_path, capsys, digits_run):
+    import json as _json
+    import shutil
+
+    import torch
+
+    from memtool.cli import main
+
+    def fails(args, *messages):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and all(m in err for m in messages), err
+
+    (tmp_path / "file").write_text("x")
+    fails(["proxies", "--dataset", "digits", "--out", str(tmp_path / "file"), "--quiet"], "is a file")
+    fails(["proxies", "--dataset", "digits", "--calibrate", str(tmp_path / "nowhere"), "--out", str(tmp_path / "px"),
+           "--quiet"], "no run directory there")
+    assert not (tmp_path / "px" / "models").exists()  # refused before any proxy model trained
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("name: s\nestimate: {dataset: digits, trials: 2}\nvalidate: {sedes: 2}\n")
+    fails(["figures", "--config", str(cfg), "--out", str(tmp_path / "f")], str(cfg), "section validate",
+          "unknown setting(s) ['sedes']")
+    fails(["estimate", "--config", str(_write(tmp_path / "e.yaml", "dataset: digits\ntrails: 3\n")), "--out",
+           str(tmp_path / "e")], "'trails'", "'trials'", "'n_jobs'")
+    torch.save({"settings": Crafted()}, tmp_path / "crafted.pt")
+    fails(["evaluate", str(tmp_path / "crafted.pt"), "--out", str(tmp_path / "ev")], "never unpickles")
+    run, _ = digits_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "scores.parquet").unlink()
+    fails(["compare", str(run), str(copy)], f"memtool scores {copy}")
+    assert main(["compare", str(run), str(run), "--json"]) == 0
+    _json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))
+    meta = _json.loads((copy / "run.json").read_text())
+    meta["config"]["dataset"], meta["dataset"]["name"] = "fashion-mnist", "fashion-mnist"
+    (copy / "run.json").write_text(_json.dumps(meta))
+    fails(["scores", str(copy)], "no longer describes its trials")
+    assert not (copy / "scores.parquet").exists()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_scores_on_a_read_only_run_does_not_suggest_out():
+    from memtool.rundir import storage_error
+
+    e = PermissionError(13, "Permission denied", "RUN/scores.parquet")
+    assert "--out" not in storage_error(e, out_flag=False) and "--out" in storage_error(e)

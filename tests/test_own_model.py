@@ -134,3 +134,14 @@ def test_fp16_with_a_gradient_scaler_trains():
     m = fit(Recipe(model="mlp", hidden=16, epochs=3, batch_size=40, precision="fp16"), x, y, _subsets(1), [5],
             num_classes=10)
     assert torch.isfinite(m.margins(x, y)).all()
+
+
+def test_a_spec_naming_the_builtin_mlp_takes_the_builtin_path():
+    """--model memtool.models:mlp is the registered mlp: same name in run.json, same stacking
+    default (bar B's hand-written ensemble), so the same cost."""
+    from memtool.engine import default_ensemble_size
+    from memtool.recipe import user_settings
+
+    r = Recipe.from_flat(**user_settings({"model": "memtool.models:mlp"}))
+    assert r.model == "mlp" and r.to_dict() == Recipe(model="mlp").to_dict()
+    assert default_ensemble_size(r, "cpu", 784) == default_ensemble_size(Recipe(model="mlp"), "cpu", 784) == 16

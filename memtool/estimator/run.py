@@ -239,7 +239,7 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     ex, thr = Execution(**ex), Thresholds(**thr)
     if config is not None and rest:
         raise TypeError(f"give either a config or its settings, not both (got {sorted(rest)})")
-    cfg = config or EstimateConfig.from_kwargs(**user_settings(rest))
+    cfg = config or EstimateConfig.from_kwargs(**user_settings(rest), also=[*fields_of(Execution), *fields_of(Thresholds)])
     if ex.until_se is not None:
         return _until_se(out, cfg, ex, thr, progress, tables)
     trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
@@ -287,6 +287,10 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
         return {"status": "partial", "missing_trials": len(missing), "held_by_others": held, "out": str(out)}
     summary = compute_tables(out, **asdict(thr))
     return {"status": "complete", "out": str(out), **summary, **_fit(cfg, summary)}
+
+
+def fields_of(cls) -> list[str]:
+    return list(cls.__dataclass_fields__)
 
 
 def _fit(cfg: EstimateConfig, summary: dict) -> dict:

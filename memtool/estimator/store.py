@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..rundir import atomic_write, check_settings, read_json, write_json
+from ..rundir import RunMismatchError, atomic_write, check_settings, read_json, write_json
 
 _TRIAL_FILE = re.compile(r"^trials_(\d{6})-(\d{6})\.npz$")
 # per-sample records kept for every trial: clean and (optionally) robust margins/correctness
@@ -287,13 +287,35 @@ def finished_trials(run: str | Path) -> set[int]:
     return done
 
 
+def run_digest(meta: dict) -> str:
+    """A digest of what run.json says defines the trials (config and dataset)."""
+    import hashlib
+
+    text = json.dumps({"config": meta["config"], "dataset": meta["dataset"]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_run_digest(run: str | Path, meta: dict) -> None:
+    """Refuse tables from trials that run.json no longer describes (it was edited after they
+    were written): the tables' metadata would name another config or dataset."""
+    want = run_digest(meta)
+    for f in sorted((Path(run) / "trials").glob("trials_*.npz")):
+        with np.load(f, allow_pickle=False) as z:
+            if "run_digest" in z.files and str(z["run_digest"]) != want:
+                raise RunMismatchError(f"{Path(run) / 'run.json'} no longer describes its trials ({f.name} was written "
+                                       "under another config or dataset): restore run.json, or estimate into a new "
+                                       "run directory")
+
+
 def write_trials(run: str | Path, trial_ids: np.ndarray, member: np.ndarray, records: dict) -> Path:
     """Store one batch of consecutive trials: membership (t, n) bool and per-sample records
-    (t, n) float margins; correctness is ``margin > 0``, kept as bits next to float16 margins."""
+    (t, n) float margins; correctness is ``margin > 0``, kept as bits next to float16 margins;
+    and the digest of the run.json they were written under (:func:`check_run_digest`)."""
     trial_ids = np.asarray(trial_ids)
     if not np.array_equal(trial_ids, np.arange(trial_ids[0], trial_ids[-1] + 1)):
         raise ValueError("a trial file holds consecutive trial ids")
-    arrays = {"trial_ids": trial_ids, "member": np.packbits(member, axis=1), "n_train": np.array(member.shape[1])}
+    arrays = {"trial_ids": trial_ids, "member": np.packbits(member, axis=1), "n_train": np.array(member.shape[1]),
+              "run_digest": np.array(run_digest(read_run_json(run)))}
     for name, m in records.items():
         if name.startswith("proxy_"):  # per-trial proxies (memtool.proxies), kept as they are
             arrays[name] = np.asarray(m, dtype=np.float32)

@@ -18,7 +18,7 @@ from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtoo
 from ..recorder import mean_over_members
 from . import scores as S
 from .scores import INFL_THRESHOLD, MEM_THRESHOLD
-from .store import Trials, load_labels, load_trials, read_run_json, update_run_json
+from .store import Trials, check_run_digest, load_labels, load_trials, read_run_json, update_run_json
 
 def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
     """One row per sample (train rows, then test rows); see docs/ARCHITECTURE.md for columns."""
@@ -147,6 +147,7 @@ def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_thresh
     Thresholds(mem_threshold, infl_threshold, top_k)  # validates
     run = Path(run)
     meta = read_run_json(run)
+    check_run_digest(run, meta)
     trials, labels = load_trials(run), load_labels(run)
     scores = score_table(trials, labels)
     tr = scores[scores["split"] == "train"]
