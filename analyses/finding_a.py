@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from memtool.estimator import Thresholds
-from memtool.experiments import EXPERIMENT, bar_panels, markdown, model_accuracy, retrain, summarize
+from memtool.experiments import (EXPERIMENT, bar_panels, contrast_markdown, contrasts, markdown, model_accuracy,
+                                 per_seed_accuracy, retrain, summarize)
 from memtool.methods import PGDAT, Method
 from memtool.recipe import Recipe, stream
 from memtool.rundir import write_table
@@ -56,21 +57,25 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))
     variants = dict(zip(VARIANTS, ([], atypical_ids, rng.choice(len(atyp_train), len(atypical_ids), replace=False))))
     methods = {"ST": Method(), "AT": PGDAT(eps=eps, pgd_steps=pgd_steps)}
-    tables, per_model = [], {}
+    tables, per_model, per_seed = [], {}, {}
     for name, method in methods.items():
         records = retrain(out / name, data, replace(recipe or cfg.recipe, method=method), variants, seeds,
                           seed=cfg.seed, robust_eps=eps, robust_steps=EVAL_STEPS, robust_splits=ROBUST_SPLITS,
                           settings={"fingerprint": ds.fingerprint}, progress=progress)
         test = summarize(records, {"atypical test": atyp_test, "typical test": ~atyp_test}, baseline="full")
-        train = summarize(records[records["variant"] == "full"], {"atypical train": atyp_train}, split="train")
+        train = summarize(records[records["variant"] == "full"], {"atypical train": atyp_train,
+                                                                  "typical train": ~atyp_train}, split="train")
         tables.append(pd.concat([test, train], ignore_index=True).assign(method=name))
         per_model[name] = model_accuracy(records)
+        per_seed[name] = per_seed_accuracy(records, {"atypical test": atyp_test})
     table = pd.concat(tables, ignore_index=True)
     table = table[["method"] + [c for c in table.columns if c != "method"]]
     info = {"run": str(run_dir), "eps": eps, "robust_attack": f"pgd{EVAL_STEPS}", "seeds": seeds,
             "mem_threshold": mem_threshold, "infl_threshold": infl_threshold,
             "n_atypical_train": int(atyp_train.sum()), "n_train": int(len(atyp_train)),
             "n_atypical_test": int(atyp_test.sum()), "n_test": int(len(atyp_test)), "dataset": meta["dataset"]}
+    con = loss_contrasts(per_seed)
+    info["contrasts"] = con.to_dict(orient="records")
     write_table(table, out / "finding_a.parquet", info)
     (out / "finding_a.md").write_text(
         f"# Finding (a) on {cfg.dataset} ({run_dir})\n\n"
@@ -79,6 +84,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         f"{info['n_test']}. Robust: PGD-{EVAL_STEPS} at eps {eps:g}. {seeds} seeds per cell, 95 % t-intervals "
         "over seeds; differences paired by seed.\n\n"
         + "\n".join(f"## {m}\n\n" + markdown(t.drop(columns="method")) for m, t in table.groupby("method", sort=False))
+        + "\n## Contrasts on the atypical test samples\n\n" + contrast_markdown(con, CONTRAST_NOTE)
         + "\n## Per model\n\n" + "\n".join(f"{m}:\n\n{t}" for m, t in per_model.items()))
     test = table[table["group"] != "atypical train"]
     panels = {f"{m}: {k} accuracy": test[(test["method"] == m) & (test["metric"] == k)]
@@ -86,6 +92,26 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     bar_panels(table, out / "finding_a.png", f"Finding (a) on {cfg.dataset} (robust: PGD-{EVAL_STEPS}, eps {eps:g})",
                panels)
     return table
+
+
+CONTRAST_NOTE = ("A loss is accuracy without the atypical training samples minus accuracy with them, per seed; the "
+                 "paper's claim is that AT's robust loss is small (\"hardly\") next to the clean loss memorization "
+                 "buys. Seeds pair across ST and AT by index; 95 % t-intervals over seeds.")
+
+
+def loss_contrasts(per_seed: dict) -> pd.DataFrame:
+    """Finding (a)'s contrasts on the atypical test samples, per seed: AT's robust loss, AT's
+    clean loss and ST's clean loss from removing the atypical training samples, and AT's
+    robust loss against each of the two clean losses."""
+    def loss(method, metric):
+        a = per_seed[method]
+        a = a[(a["group"] == "atypical test") & (a["metric"] == metric)].set_index(["variant", "seed"])["accuracy"]
+        return a.loc["without atypical"] - a.loc["full"]
+
+    at_rob, at_clean, st_clean = loss("AT", "robust"), loss("AT", "clean"), loss("ST", "clean")
+    return contrasts({"AT robust loss": at_rob, "AT clean loss": at_clean, "ST clean loss": st_clean,
+                      "AT robust loss - ST clean loss": at_rob - st_clean,
+                      "AT robust loss - AT clean loss": at_rob - at_clean})
 
 
 def main(argv=None):

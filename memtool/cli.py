@@ -126,7 +126,8 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
     out = getattr(a, "out", None) or Path(a.run) / "validate"
     recipe = _settings(a, Recipe)  # flags given: override the run's recipe
-    table = validate(a.run, out, a.seeds, recipe=recipe or None, progress=not a.quiet, **flag_values(a, Runtime))
+    table = validate(a.run, out, a.seeds, recipe=recipe or None, dataset=a.dataset, progress=not a.quiet,
+                     **flag_values(a, Runtime))
     cols = ["variant", "group", "metric", "accuracy", "ci_low", "ci_high", "diff"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {Path(out) / 'validate.md'}, {Path(out) / 'validate.parquet'}, {Path(out) / 'validate.png'}")
@@ -173,7 +174,7 @@ def cmd_figures(a: argparse.Namespace) -> int:
         from .figures import run_figures
         from .pipeline import run_manifest
 
-        paths = run_figures(a.run, a.out, data_root=getattr(a, "data_root", None))
+        paths = run_figures(a.run, a.out, data_root=getattr(a, "data_root", None), dataset=a.dataset)
         run_manifest(a.run, a.out, paths, f"memtool figures {a.run} --out {a.out}")
     for p in paths:
         print(f"wrote {p}")
@@ -360,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: RUN/validate; resumable)")
     p.add_argument("--seeds", type=int, default=3, help="models per variant (default: 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dataset", default=None, help="MODULE:FUNCTION: the data of a run made from your own function "
+                                                   "(a run directory never imports it)")
     _recipe_flags(p)  # given: they override the run's recipe (e.g. --model cnn: a CNN on an MLP's scores)
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_validate)
@@ -399,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="plot a run, regenerate every figure of a study (--config), or re-render "
                                        "the figures index and README results from the manifests (--index)")
     p.add_argument("run", nargs="?", help="a run directory: its mem histogram, galleries, high-influence pairs")
+    p.add_argument("--dataset", default=None, help="with RUN: MODULE:FUNCTION, the data of a run made from your own "
+                                                   "function (a run directory never imports it)")
     p.add_argument("--config", help="a study config (configs/reference-*.yaml): runs every stage, resumable")
     p.add_argument("--out", help="folder for the figures (with --config: OUT/NAME/ and OUT/README.md)")
     p.add_argument("--index", metavar="OUT", help="re-render OUT/README.md from OUT/*/manifest.json, the headline "

@@ -205,12 +205,9 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline: str | None = None,
-              confidence: float = 0.95, metrics: dict | None = None) -> pd.DataFrame:
-    """Accuracy per (variant, group, metric) over seeds: mean and t-interval of the per-seed
-    accuracies; with ``baseline``, also the paired difference to that variant (on the seeds both have).
-    ``groups``: name -> bool array over the split's sample ids; ``metrics``: column of
-    ``records`` -> metric name (default: correct -> clean, robust_correct -> robust)."""
+def per_seed_accuracy(records: pd.DataFrame, groups: dict, split: str = "test",
+                      metrics: dict | None = None) -> pd.DataFrame:
+    """One row per (variant, seed, group, metric): the model's accuracy on the group."""
     rec = records[records["split"] == split]
     metrics = metrics or {"correct": "clean", "robust_correct": "robust"}
     metrics = {c: name for c, name in metrics.items() if c in rec.columns}
@@ -222,7 +219,58 @@ def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline
             for column, metric in metrics.items():
                 rows.append({"variant": variant, "seed": seed, "group": group, "n": len(ids), "metric": metric,
                              "accuracy": float(ok.loc[ids, column].mean()) if len(ids) else float("nan")})
-    per_seed = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (monotone, capped at 1)."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    adjusted = np.maximum.accumulate(np.minimum(1.0, p[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def contrasts(named: dict, confidence: float = 0.95, adjust: bool = False) -> pd.DataFrame:
+    """Paired contrasts over seeds: ``named`` maps a contrast's name to a per-seed Series (index:
+    seed) of its value (a difference of accuracies). Mean, t-interval and the t-test's p-value
+    of each; with ``adjust``, Holm-adjusted p-values over the contrasts and intervals at the
+    level of each one's Holm step (the i-th smallest p-value of m at 1 - alpha / (m - i + 1))."""
+    rows = []
+    for name, d in named.items():
+        d = pd.Series(d).dropna()
+        mean, lo, hi = t_interval(d, confidence)
+        p = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and d.std() > 0 else float("nan")
+        rows.append({"contrast": name, "seeds": len(d), "diff": mean, "diff_low": lo, "diff_high": hi, "p": p})
+    table = pd.DataFrame(rows)
+    if adjust and len(table):
+        alpha, m = 1 - confidence, len(table)
+        table["p_holm"] = holm(table["p"].fillna(1.0))
+        rank = table["p"].fillna(1.0).rank(method="first").astype(int).to_numpy()
+        for i, (name, step) in enumerate(zip(table["contrast"], rank)):
+            _, lo, hi = t_interval(pd.Series(named[name]).dropna(), 1 - alpha / (m - step + 1))
+            table.loc[i, ["diff_low", "diff_high"]] = lo, hi
+    return table
+
+
+def contrast_markdown(table: pd.DataFrame, note: str = "") -> str:
+    cols = "| contrast | seeds | difference (points) | p |" + (" Holm p |" if "p_holm" in table else "")
+    lines = [cols, "|---|---:|---|---:|" + ("---:|" if "p_holm" in table else "")]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.contrast} | {r.seeds} | {100 * r.diff:+.2f} ({100 * r.diff_low:+.2f} to {100 * r.diff_high:+.2f}) "
+                     f"| {r.p:.3f} |" + (f" {r.p_holm:.3f} |" if "p_holm" in table else ""))
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
+def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline: str | None = None,
+              confidence: float = 0.95, metrics: dict | None = None) -> pd.DataFrame:
+    """Accuracy per (variant, group, metric) over seeds: mean and t-interval of the per-seed
+    accuracies; with ``baseline``, also the paired difference to that variant (on the seeds both have).
+    ``groups``: name -> bool array over the split's sample ids; ``metrics``: column of
+    ``records`` -> metric name (default: correct -> clean, robust_correct -> robust)."""
+    per_seed = per_seed_accuracy(records, groups, split, metrics)
     out = []
     keys = ["variant", "group", "metric"]
     for key, g in per_seed.groupby(keys, sort=False):

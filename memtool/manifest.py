@@ -323,12 +323,50 @@ def render_results(out: Path, link_prefix: str = "figures") -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(h: dict, margin: float | None = None) -> str:
+    """What an interval of a difference supports, and nothing more: "resolved: higher" /
+    "resolved: lower" only when it excludes 0, "equivalent within +-m points" only with a
+    declared ``margin`` that contains it, else "no resolved difference"."""
+    lo, hi = h.get("low"), h.get("high")
+    if lo is None or hi is None:
+        return "one seed: no interval"
+    if lo > 0:
+        return "resolved: higher"
+    if hi < 0:
+        return "resolved: lower"
+    if margin is not None and -margin <= lo and hi <= margin:
+        return f"equivalent within ±{100 * margin:g} points"
+    return "no resolved difference"
+
+
+VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
+VERDICT_LABELS = ("BAT - PGD-AT",)  # the README's verdict lines: these headline rows of every study
+
+
+def render_verdict(out: Path) -> str:
+    """One line per study and contrast of :data:`VERDICT_LABELS`: its :func:`verdict` and numbers."""
+    lines = []
+    for m in (read_json(p) for p in sorted(Path(out).glob("*/manifest.json"))):
+        for h in m["stages"].get("bat_comparison", {}).get("headline", []):
+            if h["label"].startswith(VERDICT_LABELS) and h["unit"] == "points":
+                lines.append(f"- {m['name']}, {h['label']}: {verdict(h)}, {fmt(h)}")
+    return "\n".join(lines) + "\n"
+
+
+def _between(text: str, begin: str, end: str, body: str, readme) -> str:
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme} has no {begin} ... {end} section: add the two lines where it goes")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
+
+
 def update_readme(readme: Path, out: Path) -> Path:
-    """Replace the text between the results markers of ``readme`` with :func:`render_results`."""
+    """Replace the text between the results markers of ``readme`` with :func:`render_results`,
+    and between the verdict markers (where present) with :func:`render_verdict`."""
     readme, text = Path(readme), Path(readme).read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no results section: add the lines {BEGIN} and {END} where the table goes")
-    head, rest = text.split(BEGIN, 1)
     prefix = os.path.relpath(Path(out).resolve(), readme.resolve().parent)
-    readme.write_text(f"{head}{BEGIN}\n{render_results(out, prefix)}{END}{rest.split(END, 1)[1]}")
+    text = _between(text, BEGIN, END, render_results(out, prefix), readme)
+    if VERDICT_BEGIN in text:
+        text = _between(text, VERDICT_BEGIN, VERDICT_END, render_verdict(out), readme)
+    readme.write_text(text)
     return readme

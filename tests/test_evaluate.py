@@ -151,7 +151,7 @@ def test_robustbench_record_fields(digits_at, tmp_path):
     rec = json.loads((tmp_path / "ev" / "robustbench.json").read_text())
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert rec["dataset"] == "digits" and rec["threat_model"] == "Linf" and rec["eps"] == 0.1
-    assert rec["n_test_samples"] == 20 and rec["seed"] == 0 and rec["train_seed"] == 0
+    assert rec["n_test_samples"] == 20 and rec["attack_seed"] == 0 and "seed" not in rec and rec["train_seed"] == 0
     assert rec["clean_acc"] == summary["attacks"]["clean"]["accuracy"]
     assert rec["autoattack_acc"] == summary["attacks"]["autoattack"]["accuracy"] <= rec["clean_acc"]
     assert rec["attack_version"].startswith("AutoAttack standard (apgd-ce, apgd-t, fab-t, square; pyautoattack 0.2")

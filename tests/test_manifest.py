@@ -218,3 +218,35 @@ def test_a_gpu_is_named_in_the_records_and_the_manifest(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Card {i}")
     assert device_name("cuda") == "cuda:1 Card 1" and device_name("cuda:0") == "cuda:0 Card 0"
     assert manifest.load_note("cuda:0") == "cuda:0 Card 0" and device_name("cpu") == "cpu"
+
+
+def test_verdicts_say_only_what_their_intervals_support():
+    from memtool.manifest import verdict
+
+    h = lambda lo, hi: {"value": (lo + hi) / 2, "low": lo, "high": hi, "unit": "points"}  # noqa: E731
+    assert verdict(h(0.001, 0.02)) == "resolved: higher"
+    assert verdict(h(-0.03, -0.001)) == "resolved: lower"
+    assert verdict(h(-0.001, 0.02)) == "no resolved difference"
+    assert verdict(h(-0.004, 0.008), margin=0.01) == "equivalent within ±1 points"
+    assert verdict(h(-0.004, 0.012), margin=0.01) == "no resolved difference"  # sticks out of the margin
+    assert verdict({"value": 0.01, "low": None, "high": None, "unit": "points"}) == "one seed: no interval"
+
+
+def test_the_readme_verdict_lines_match_their_intervals():
+    """Every generated verdict line of README.md claims a direction only where its interval,
+    printed on the same line, excludes 0."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("<!-- verdict:begin -->")[1].split("<!-- verdict:end -->")[0]
+    lines = [line for line in block.splitlines() if line.startswith("- ")]
+    assert lines
+    for line in lines:
+        lo, hi = map(float, re.search(r"\(([-+]?[\d.]+) to ([-+]?[\d.]+)\) points", line).groups())
+        if "resolved: higher" in line:
+            assert lo > 0, line
+        elif "resolved: lower" in line:
+            assert hi < 0, line
+        else:
+            assert "no resolved difference" in line and lo <= 0 <= hi, line

@@ -36,7 +36,7 @@ def test_feature_arrays_stay_floats_and_go_through_estimate_and_scores(tmp_path)
     # a resume with another architecture is refused, naming both, and adds nothing: other kwargs, and the
     # same spec building another network (the user's code changed: here a partial of the factory)
     before = sorted((tmp_path / "bc" / "trials").iterdir())
-    with pytest.raises(RunMismatchError, match="model_kwargs.hidden: run has None, this call asks for 8"):
+    with pytest.raises(RunMismatchError, match=r"model_kwargs: run has None, this call asks for \{.hidden.: 8\}"):
         memtool.estimate(tmp_path / "bc", dataset=data, model=mynets.tabular_mlp, model_kwargs={"hidden": 8},
                          **{**FAST, "trials": 16})
     with pytest.raises(RunMismatchError, match=r"made with model examples.mynets:tabular_mlp \(digest \w+, 2,242 "
@@ -117,6 +117,12 @@ def test_tabular_train_and_clean_evaluate_on_the_command_line(tmp_path, monkeypa
     dataset, `memtool evaluate --attacks clean` of its checkpoint and of a plain state_dict."""
     monkeypatch.chdir(ROOT)
     common = ["--dataset", "examples.mynets:breast_cancer", "--model", "examples.mynets:tabular_mlp"]
+    run = tmp_path / "run"
+    assert main(["estimate", *common, "--epochs", "10", "--batch-size", "32", "--trials", "4", "--out", str(run),
+                 "--quiet"]) == 0
+    assert main(["figures", str(run), "--dataset", "examples.mynets:breast_cancer", "--out", str(tmp_path / "f")]) == 0
+    assert sorted(p.name for p in (tmp_path / "f").glob("*.png")) == ["mem_hist.png"]  # features: no galleries
+    assert main(["validate", str(run), *common, "--seeds", "1", "--quiet"]) == 0
     assert main(["train", *common, "--epochs", "5", "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.01",
                  "--weight-decay", "0.01", "--schedule", "cosine", "--eval-samples", "0", "--out", str(tmp_path / "t"),
                  "--quiet"]) == 0
@@ -181,3 +187,67 @@ def test_train_fn_is_the_users_loop_on_memtools_plan(tmp_path):
     assert cfg["train_fn"] == "test_own_data:plain_loop"
     with pytest.raises(ValueError, match="never imports code named in a run directory.*--train-fn test_own_data:plain_loop"):
         memtool.estimate(tmp_path / "r", config=memtool.EstimateConfig.from_dict(cfg), trials=8, progress=False)
+
+
+def test_data_in_host_memory_gives_the_identical_trials(tmp_path):
+    """--data-on-host (batches moved one at a time, uint8 kept) and the data on the device
+    give the same trial files, bit for bit."""
+    from memtool.estimator import load_trials
+
+    kw = dict(dataset="digits", model="mlp", hidden=32, epochs=3, batch_size=64, trials=4, progress=False)
+    memtool.estimate(tmp_path / "device", **kw)
+    memtool.estimate(tmp_path / "host", data_on_host=True, **kw)
+    a, b = load_trials(tmp_path / "device"), load_trials(tmp_path / "host")
+    np.testing.assert_array_equal(a.train_margin, b.train_margin)
+    np.testing.assert_array_equal(a.test_margin, b.test_margin)
+
+
+def test_a_registered_method_trains_and_its_run_reopens(tmp_path):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from memtool.methods import METHODS, LossOutput, ce
+
+    @dataclass(frozen=True)
+    class Confident(memtool.Method):
+        """Cross-entropy plus an entropy penalty (a user's method)."""
+
+        weight: float = 0.1
+        name: ClassVar[str] = "test-confident"
+
+        def loss(self, model, x, y, batch):
+            logits = model(x)
+            p = logits.softmax(-1)
+            return LossOutput(ce(logits, y) + self.weight * -(p * p.clamp_min(1e-12).log()).sum(-1))
+
+    memtool.register_method(Confident)
+    try:
+        kw = dict(dataset="digits", model="mlp", hidden=32, epochs=2, batch_size=64, progress=False, method="test-confident")
+        memtool.estimate(tmp_path / "r", trials=2, **kw)
+        assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["recipe"]["method"] == \
+            {"name": "test-confident", "weight": 0.1}
+        assert memtool.estimate(tmp_path / "r", trials=4, **kw)["n_trials"] == 4  # reopened, extended
+    finally:
+        METHODS.pop("test-confident")
+    with pytest.raises(ValueError, match="got 'test-confident' .*register_method"):
+        memtool.estimate(tmp_path / "r", trials=6, **kw)
+
+
+def test_adversarial_training_of_a_users_batchnorm_cnn_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "at"
+    assert main(["train", "--dataset", "digits", "--model", "examples.mynets:bn_cnn", "--model-kwargs", '{"width": 4}',
+                 "--method", "pgd-at", "--eps", "0.1", "--pgd-steps", "2", "--epochs", "1", "--limit", "300",
+                 "--eval-samples", "50", "--out", str(out), "--quiet"]) == 0
+    assert main(["evaluate", str(out), "--model", "examples.mynets:bn_cnn", "--attacks", "clean,pgd5",
+                 "--n-samples", "50", "--out", str(out / "eval"), "--quiet"]) == 0
+    record = json.loads((out / "eval" / "robustbench.json").read_text())
+    assert record["architecture"] == "examples.mynets:bn_cnn" and "attack_seed" in record
+
+
+    def edited(in_shape, num_classes, width=4):  # the user's bn_cnn after an edit: another architecture
+        return mynets.bn_cnn(in_shape, num_classes, 2 * width)
+
+    edited.__module__, edited.__qualname__ = "examples.mynets", "bn_cnn"
+    with pytest.raises(RunMismatchError, match="made with model examples.mynets:bn_cnn .*architectures differ"):
+        memtool.load_model(out, model=edited)

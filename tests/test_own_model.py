@@ -2,7 +2,10 @@
 digests that refuse another model, torch.func stacks of any module (BatchNorm + residual),
 and the recipe's AdamW / cosine / label smoothing / fp16."""
 
+import functools
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,9 @@ from memtool.ensemble import FuncEnsemble
 from memtool.models import (ModelSpecError, check_output, create_model, model_digest, register_model,
                             registered_factory, resolve_model)
 from memtool.recipe import Recipe, lr_at
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples import mynets  # noqa: E402  (the user's networks)
 
 N = 240
 
@@ -31,7 +37,7 @@ def _subsets(k=3, m=160):
 
 def _recipe(method="standard", **kw):
     adv = {} if method == "standard" else dict(eps=0.1, pgd_steps=2)
-    base = dict(model=user_models.bn_resnet, epochs=2, batch_size=40, lr=0.05, schedule="onecycle", method=method)
+    base = dict(model=functools.partial(mynets.bn_cnn, width=8), epochs=2, batch_size=40, lr=0.05, schedule="onecycle", method=method)
     return Recipe.from_flat(**{**base, **adv, **kw})
 
 
@@ -50,7 +56,7 @@ def test_func_stack_of_a_batchnorm_resnet_equals_separate_runs(method, attack_bn
                                atol=1e-4, rtol=1e-4)
     for k in range(3):
         a, b = stacked[k].state_dict(), single[k].state_dict()
-        assert a["bn.running_mean"].abs().sum() > 0  # the statistics moved during training
+        assert a["block.bn1.running_mean"].abs().sum() > 0  # the statistics moved during training
         for name in a:
             torch.testing.assert_close(a[name].float(), b[name].float(), atol=1e-4, rtol=1e-4)
 
@@ -70,7 +76,7 @@ def test_registry_and_specs_name_the_problem():
     assert Recipe(model=tiny).model == "test-tiny"  # a registered factory is recorded by its name
     with pytest.raises(ValueError, match="already registered"):
         register_model(lambda s, c: None, name="test-tiny")
-    assert resolve_model("user_models:bn_resnet") is user_models.bn_resnet
+    assert resolve_model("examples.mynets:bn_cnn") is mynets.bn_cnn
     net = create_model("cnn", (1, 8, 8), 10)
     check_output(net, "cnn", (1, 8, 8), 10)
     for spec, message in [("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
@@ -89,19 +95,19 @@ def test_registry_and_specs_name_the_problem():
 
 def test_a_spec_read_back_is_never_imported():
     """A recipe from a run directory names user code; building it asks the user to name it."""
-    r = Recipe.from_dict(_recipe().to_dict())
-    assert r.model == "user_models:bn_resnet" and r.factory is None and "factory" not in r.to_dict()
-    with pytest.raises(ModelSpecError, match="never imports code named in a run directory.*--model user_models:bn_resnet"):
+    r = Recipe.from_dict(_recipe(model=mynets.bn_cnn).to_dict())
+    assert r.model == "examples.mynets:bn_cnn" and r.factory is None and "factory" not in r.to_dict()
+    with pytest.raises(ModelSpecError, match="never imports code named in a run directory.*--model examples.mynets:bn_cnn"):
         r.build((1, 8, 8), 10)
-    net = r.with_factory(user_models.bn_resnet).build((1, 8, 8), 10)
-    assert model_digest(net) == model_digest(user_models.bn_resnet((1, 8, 8), 10))
-    assert model_digest(net) != model_digest(user_models.bn_resnet((1, 8, 8), 10, width=4))
-    with pytest.raises(ModelSpecError, match=r"model given \(user_models:tabular\).*\(user_models:bn_resnet\)"):
-        r.with_factory(user_models.tabular)
+    net = r.with_factory(mynets.bn_cnn).build((1, 8, 8), 10)
+    assert model_digest(net) == model_digest(mynets.bn_cnn((1, 8, 8), 10))
+    assert model_digest(net) != model_digest(mynets.bn_cnn((1, 8, 8), 10, width=4))
+    with pytest.raises(ModelSpecError, match=r"model given \(examples.mynets:tabular_mlp\).*\(examples.mynets:bn_cnn\)"):
+        r.with_factory(mynets.tabular_mlp)
 
 
 def test_model_kwargs_reach_the_factory():
-    r = Recipe(model="user_models:bn_resnet", model_kwargs='{"width": 4}').with_factory(user_models.bn_resnet)
+    r = Recipe(model="examples.mynets:bn_cnn", model_kwargs='{"width": 4}').with_factory(mynets.bn_cnn)
     assert r.model_kwargs == {"width": 4} and r.build((1, 8, 8), 10).fc.in_features == 4
     with pytest.raises(ValueError, match="model_kwargs must be a JSON object"):
         Recipe(model_kwargs="{width: 4}")

@@ -171,3 +171,23 @@ def test_retrain_leaves_a_variant_another_process_holds_and_trains_it_once_that_
     assert [n for n, _ in order] == [39, 38]  # b first (a was held), each variant's stack once
     assert order[0][1] is None and order[1][1] is not None  # a only after its owner ended
     assert len(records) == 2 * 2 * (40 + 20) and not list((tmp_path / "claims").iterdir())
+
+
+def test_holm_and_paired_contrasts_against_hand_computed_values():
+    from scipy import stats
+
+    from memtool.experiments import contrasts, holm
+
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])  # 3p, then max(2p, prev), then max(p, prev)
+    np.testing.assert_allclose(holm([0.5, 0.2]), [0.5, 0.4])
+    d = pd.Series([0.1, 0.2, 0.3])
+    t = contrasts({"a": d})
+    half = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)  # sd 0.1 over 3 seeds
+    assert t.loc[0, "diff"] == pytest.approx(0.2)
+    assert (t.loc[0, "diff_low"], t.loc[0, "diff_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert t.loc[0, "p"] == pytest.approx(2 * stats.t.sf(0.2 / (0.1 / np.sqrt(3)), 2))
+    # adjusted: the smaller p of two at level 1 - 0.05/2, the larger at 1 - 0.05
+    adj = contrasts({"a": d, "b": pd.Series([0.0, 0.1, -0.05])}, adjust=True).set_index("contrast")
+    wide = stats.t.ppf(1 - 0.025 / 2, 2) * 0.1 / np.sqrt(3)
+    assert adj.loc["a", "diff_high"] - 0.2 == pytest.approx(wide)
+    assert adj.loc["a", "p_holm"] == pytest.approx(min(1, 2 * adj.loc["a", "p"]))

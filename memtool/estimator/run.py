@@ -93,13 +93,15 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
     members = plan.subset_indices(n, cfg.ratio, cfg.seed, trial_ids)
     seeds = [trial_seed(cfg.seed, int(t)) for t in trial_ids]
     dev = torch.device(device)  # a no-op when the data already lives there (estimate moves it once)
-    xy = {split: (data[f"x_{split}"].to(dev), data[f"y_{split}"].to(dev)) for split in ("train", "test")}
+    host = data.get("on_host", False)  # data larger than the device: batches are moved one at a time
+    xy = {split: tuple(t if host else t.to(dev) for t in (data[f"x_{split}"], data[f"y_{split}"]))
+          for split in ("train", "test")}
     recorder = Recorder(*xy["train"], seeds, cfg.recipe) if record_proxies else None
     if cfg.trainer is not None:
         models = user_trained(cfg, data, members, seeds, dev)
     else:
         models = fit(cfg.recipe, *xy["train"], members, seeds, num_classes=data["num_classes"],
-                     ensemble_size=len(trial_ids), on_step=on_step, recorder=recorder)
+                     ensemble_size=len(trial_ids), on_step=on_step, recorder=recorder, device=dev)
     rec = {f"{split}_margin": models.margins(*xy[split], batch=eval_batch).numpy() for split in xy}
     if recorder is not None:
         rec.update({f"proxy_{k}": v for k, v in recorder.result().items()})
@@ -122,14 +124,17 @@ def user_trained(cfg: EstimateConfig, data: dict, members, seeds, device) -> Mod
     return Models(cfg.recipe, seeds, out)
 
 
-def _tensors(ds, device="cpu") -> dict:
-    """The whole dataset as float tensors on ``device`` (uint8 pixels scaled to [0, 1])."""
+def _tensors(ds, device="cpu", on_host: bool = False) -> dict:
+    """The whole dataset as float tensors on ``device`` (uint8 pixels scaled to [0, 1]); with
+    ``on_host``, as it is in host memory (a memory map stays one: batches are read from it)."""
     def img(a):  # torch.tensor copies: the dataset's arrays may be read-only views of its files
+        if on_host:
+            return torch.from_numpy(np.asarray(a)) if np.asarray(a).flags.writeable else torch.tensor(a)
         return as_floats(torch.tensor(a), device)
 
     return {"x_train": img(ds.x_train), "y_train": torch.tensor(ds.y_train, device=device),
             "x_test": img(ds.x_test), "y_test": torch.tensor(ds.y_test, device=device),
-            "shape": ds.image_shape, "num_classes": ds.num_classes, "dataset": ds}
+            "shape": ds.image_shape, "num_classes": ds.num_classes, "dataset": ds, "on_host": on_host}
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,8 @@ class Execution(Runtime):
     eval_batch: int = setting(1024, "samples per evaluation batch")
     record_proxies: bool = setting(False, "also record each trial's one-run proxies (memtool.proxies: csl, "
                                           "forgetting, ...; score-table columns) from its own training")
+    data_on_host: bool = setting(False, "keep the data in host memory (a memory map stays one) and move one batch "
+                                        "at a time to the device: for data larger than device memory; same trials")
     until_se: float | None = setting(None, "add trials in batches until the 95th percentile of mem_se over the "
                                            "training samples is <= X; --trials is then the most it trains")
 
@@ -211,6 +218,8 @@ class Execution(Runtime):
         super().__post_init__()
         check_int("trials", self.trials, 2)  # with one trial no sample is both in and out
         check_number("until_se", self.until_se, 0, low_open=True, optional=True)
+        if self.data_on_host and self.record_proxies:
+            raise ValueError("record_proxies needs the data on the device: drop --data-on-host or --record-proxies")
         if self.until_se is not None and self.shard is not None:
             raise ValueError("until_se needs the whole run in one call; with --shard, give a fixed --trials")
         check_int("ensemble_size", self.ensemble_size, 1, optional=True)
@@ -254,7 +263,7 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     k = ensemble_size or default_ensemble_size(cfg.recipe, device, int(np.prod(ds.image_shape)))
     batches = pending_batches(finished_trials(out), trials, k, parse_shard(shard))
     local = n_jobs == 1 and scheduler is None
-    data = _tensors(ds, device) if local else DataSpec(cfg.dataset, None if data_root is None else str(data_root),
+    data = _tensors(ds, device, ex.data_on_host) if local else DataSpec(cfg.dataset, None if data_root is None else str(data_root),
                                                       cfg.limit, cfg.label_noise, cfg.seed, ds.fingerprint,
                                                       in_memory(cfg.dataset))
     m = plan.subset_size(len(ds.y_train), cfg.ratio)

@@ -147,8 +147,8 @@ def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_thresh
     Thresholds(mem_threshold, infl_threshold, top_k)  # validates
     run = Path(run)
     meta = read_run_json(run)
+    trials, labels = load_trials(run), load_labels(run)  # damaged files moved aside first
     check_run_digest(run, meta)
-    trials, labels = load_trials(run), load_labels(run)
     scores = score_table(trials, labels)
     tr = scores[scores["split"] == "train"]
     rob_mem = tr["rob_mem"].to_numpy() if "rob_mem" in tr else None
