@@ -55,7 +55,13 @@ def analyses() -> dict:
     """The stages that run an analysis on the estimate: section name -> ``run(RUN, OUT, **settings)``,
     each returning its result table (written beside as OUT/NAME.{md,parquet,png}, or
     OUT/validate.* for validate_transfer: do one learner's scores predict another's retraining?)."""
-    from analyses import bat_comparison, finding_a, finding_b, score_cost
+    try:
+        from analyses import bat_comparison, finding_a, finding_b, score_cost
+    except ModuleNotFoundError as e:
+        if e.name != "analyses":
+            raise
+        raise ValueError("a study's stages are the memtool repository's analyses/ folder (not installed with the "
+                         "package): run `memtool figures --config` from the repository's root") from None
 
     from .validate import validate
 

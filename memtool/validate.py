@@ -25,7 +25,7 @@ import pandas as pd
 
 from .estimator import load_influence, open_run
 from .experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
-from .models import resolve_model
+from .models import check_model_record, resolve_model
 from .recipe import Recipe, flat_recipe, stream, user_settings
 from .userdata import resolve_dataset
 from .rundir import write_table
@@ -45,8 +45,9 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=
     if dataset is not None:
         resolve_dataset(dataset)
     meta, cfg, ds = open_run(run, data_root, "validate")
-    if model is not None:
+    if model is not None:  # the user's model, checked against the one the run was made with
         cfg = replace(cfg, recipe=cfg.recipe.with_factory(resolve_model(model)))
+        check_model_record(meta.get("model"), cfg.recipe.model_record(ds.image_shape, ds.num_classes), run)
     if isinstance(recipe, dict):
         given = user_settings(recipe)
         recipe = Recipe.from_flat(**{**flat_recipe(cfg.recipe), "model": cfg.recipe.factory or cfg.recipe.model,

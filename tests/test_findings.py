@@ -15,8 +15,8 @@ def test_finding_a_tables_and_figure(digits_run, tmp_path):
     out = tmp_path / "a"
     table = finding_a.run(run, out, seeds=2, eps=0.1, recipe=SMALL, pgd_steps=3, progress=False)
     assert set(table.method) == {"ST", "AT"} and set(table.metric) == {"clean", "robust"}
-    assert set(table.group) == {"atypical test", "typical test", "atypical train"}
-    test = table[table.group != "atypical train"]
+    assert set(table.group) == {"atypical test", "typical test", "atypical train", "typical train"}
+    test = table[~table.group.str.endswith("train")]
     assert set(test.variant) == set(finding_a.VARIANTS) and (test.seeds == 2).all()
     assert test[["accuracy", "ci_low", "ci_high", "diff"]].notna().all().all()
     assert set(table[table.group == "atypical train"].variant) == {"full"}
@@ -26,6 +26,12 @@ def test_finding_a_tables_and_figure(digits_run, tmp_path):
     saved = read_table(out / "finding_a.parquet")
     assert saved.attrs["memtool"]["n_atypical_train"] > 0 and saved.attrs["memtool"]["eps"] == 0.1
     assert (out / "finding_a.png").stat().st_size > 0 and "## AT" in (out / "finding_a.md").read_text()
+    # the contrasts are the table's paired differences, and their differences (means of paired differences)
+    con = {c["contrast"]: c["diff"] for c in saved.attrs["memtool"]["contrasts"]}
+    d = table[(table.variant == "without atypical") & (table.group == "atypical test")].set_index(["method", "metric"])["diff"]
+    assert con["AT robust loss"] == pytest.approx(d["AT", "robust"]) and con["ST clean loss"] == pytest.approx(d["ST", "clean"])
+    assert con["AT robust loss - ST clean loss"] == pytest.approx(d["AT", "robust"] - d["ST", "clean"])
+    assert "## Contrasts on the atypical test samples" in (out / "finding_a.md").read_text()
     # the atypical training set is mem >= 0.25
     scores = read_table(run / "scores.parquet")
     tr = scores[scores.split == "train"]
@@ -62,6 +68,14 @@ def test_finding_b_tables_and_figure(digits_run, tmp_path):
                                   f"random atypical {k2}"}
     assert set(table.group) == {"typical test", "atypical test"} and (table.seeds == 2).all()
     assert (out / "finding_b.png").stat().st_size > 0
+    # the decisive contrast: harmful minus random, per k, Holm-adjusted (p_holm >= p; the mean of the paired
+    # differences is the difference of the two rows' differences to the full set)
+    con = {c["contrast"]: c for c in read_table(out / "finding_b.parquet").attrs["memtool"]["contrasts"]}
+    t = table[table.group == "typical test"].set_index(["variant", "metric"])["diff"]
+    for k in (k1, k2):
+        c = con[f"harmful {k} - random {k}: robust"]
+        assert c["diff"] == pytest.approx(t[f"harmful {k}", "robust"] - t[f"random atypical {k}", "robust"])
+        assert c["p_holm"] >= c["p"] or np.isnan(c["p"])
     # the harmful variants remove the samples with the highest h
     records = np.load(out / "AT" / "models" / f"harmful_{k1}-s0.npz")
     assert records["test_correct"].shape == (360,)

@@ -123,6 +123,12 @@ def test_tabular_train_and_clean_evaluate_on_the_command_line(tmp_path, monkeypa
     assert main(["figures", str(run), "--dataset", "examples.mynets:breast_cancer", "--out", str(tmp_path / "f")]) == 0
     assert sorted(p.name for p in (tmp_path / "f").glob("*.png")) == ["mem_hist.png"]  # features: no galleries
     assert main(["validate", str(run), *common, "--seeds", "1", "--quiet"]) == 0
+    assert main(["validate", str(run), *common, "--model-kwargs", '{"hidden": 8}', "--seeds", "1", "--out",
+                 str(tmp_path / "v2"), "--quiet"]) == 0  # another learner on the run's pairs: allowed, says so
+    assert "not the run's recipe" in (tmp_path / "v2" / "validate.md").read_text()
+    with pytest.raises(RunMismatchError, match="architectures differ"):
+        memtool.validate(run, tmp_path / "v3", seeds=1, model=functools.partial(mynets.tabular_mlp, hidden=8),
+                         dataset="examples.mynets:breast_cancer", progress=False)
     assert main(["train", *common, "--epochs", "5", "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.01",
                  "--weight-decay", "0.01", "--schedule", "cosine", "--eval-samples", "0", "--out", str(tmp_path / "t"),
                  "--quiet"]) == 0
