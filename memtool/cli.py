@@ -109,7 +109,7 @@ def cmd_estimate(a: argparse.Namespace) -> int:
 def cmd_scores(a: argparse.Namespace) -> int:
     from . import scores
 
-    print_summary(scores(a.run, **flag_values(a, Thresholds)), a.run)
+    print_summary(scores(a.run, allow_fewer=a.allow_fewer, **flag_values(a, Thresholds)), a.run)
     return 0
 
 
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scores", help="recompute a run's score tables from its trials and print a summary")
     p.add_argument("run")
+    p.add_argument("--allow-fewer", action="store_true", help="replace tables made from more trials (some were "
+                                                               "damaged and set aside) with tables from fewer")
     add_flags(p, Thresholds)
     p.set_defaults(func=cmd_scores)
 

@@ -217,7 +217,12 @@ def test_a_damaged_trial_file_is_set_aside_and_its_trials_trained_again(tmp_path
     bad = tmp_path / "r" / "trials" / "trials_000004-000007.npz"
     bad.write_bytes(bad.read_bytes()[:2000])  # truncated, as by a full disk or a killed copy
     with pytest.warns(UserWarning, match=r"trials_000004-000007.npz is truncated or corrupted: moved to .*damaged"):
-        assert main(["scores", str(tmp_path / "r")]) == 0  # reported, no traceback
+        assert main(["scores", str(tmp_path / "r")]) == 2  # the 8-trial tables are not replaced by 4-trial ones
+    err = capsys.readouterr().err
+    assert "holds 4 whole trials, but its tables were made from 8" in err and "trials_000004-000007.npz" in err
+    assert "--allow-fewer" in err and "Traceback" not in err
+    assert memtool.load_scores(tmp_path / "r").attrs["memtool"]["summary"]["n_trials"] == 8  # untouched
+    assert main(["scores", str(tmp_path / "r"), "--allow-fewer"]) == 0
     assert "trials: 4" in capsys.readouterr().out
     assert list((tmp_path / "r" / "trials" / "damaged").iterdir())
     resumed = memtool.estimate(tmp_path / "r", **kw)  # trains trials 4-7 again
@@ -244,3 +249,19 @@ def test_until_se_stops_on_precision_or_on_trials(tmp_path, capsys):
     assert mid["until_se"]["stopped_by"] == "precision" and 16 < t < 400 and se_p95(tmp_path / "mid", t) <= 0.2
     with pytest.raises(ValueError, match="until_se"):
         memtool.estimate(tmp_path / "x", trials=8, until_se=0.1, shard="0/2", **kw)
+
+
+def test_a_trial_file_altered_but_still_a_valid_npz_is_caught(tmp_path):
+    """The arrays' checksum, not only the zip CRCs: a file rewritten with changed margins is
+    set aside and retrained."""
+    kw = dict(trials=4, ensemble_size=4, progress=False, **{**DIGITS_FAST, "epochs": 2})
+    memtool.estimate(tmp_path / "r", **kw)
+    path = tmp_path / "r" / "trials" / "trials_000000-000003.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["test_margin"] = -arrays["test_margin"]  # flipped, and the file still a valid npz
+    np.savez(path, **arrays)
+    from memtool.estimator.store import finished_trials
+
+    with pytest.warns(UserWarning, match="truncated or corrupted"):
+        assert finished_trials(tmp_path / "r") == set()

@@ -252,14 +252,30 @@ def trial_files(run: str | Path) -> list[tuple[int, int, Path]]:
     return out
 
 
+def array_checksum(arrays: dict) -> str:
+    """sha256 of every array (name, dtype, shape, bytes) but the checksum itself, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(k for k in arrays if k != "checksum"):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
 def _readable(path: Path, first: int, last: int) -> bool:
-    """Whether a trial file is whole: its zip checksums hold and it names the trials of its name."""
+    """Whether a trial file is whole: its zip checksums hold, it names the trials of its name,
+    and its arrays hash to the checksum written with them (an npz altered but still valid is
+    caught; files from before checksums have none)."""
     try:
         with zipfile.ZipFile(path) as z:
             if z.testzip() is not None:
                 return False
         with np.load(path, allow_pickle=False) as z:
             ids = z["trial_ids"]
+            if "checksum" in z.files and str(z["checksum"]) != array_checksum({k: z[k] for k in z.files}):
+                return False
         return len(ids) == last - first + 1 and int(ids[0]) == first and int(ids[-1]) == last
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError):
         return False
@@ -325,6 +341,7 @@ def write_trials(run: str | Path, trial_ids: np.ndarray, member: np.ndarray, rec
         arrays[name.replace("margin", "correct")] = np.packbits(m > 0, axis=1)
         arrays[name.replace("margin", "n")] = np.array(m.shape[1])
     path = Path(run) / "trials" / f"trials_{trial_ids[0]:06d}-{trial_ids[-1]:06d}.npz"
+    arrays["checksum"] = np.array(array_checksum(arrays))
     atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 

@@ -142,13 +142,25 @@ class Thresholds:
 
 
 def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_threshold,
-                   infl_threshold: float = Thresholds.infl_threshold, top_k: int = Thresholds.top_k) -> dict:
-    """Recompute scores.parquet and influence.parquet from ``run``'s trials; return the summary."""
+                   infl_threshold: float = Thresholds.infl_threshold, top_k: int = Thresholds.top_k,
+                   allow_fewer: bool = False) -> dict:
+    """Recompute scores.parquet and influence.parquet from ``run``'s trials; return the summary.
+    Tables made from more trials than the run now holds whole (a damaged file was set aside)
+    are not replaced unless ``allow_fewer``: the error names the damaged files and the command
+    that retrains them."""
     Thresholds(mem_threshold, infl_threshold, top_k)  # validates
     run = Path(run)
     meta = read_run_json(run)
     trials, labels = load_trials(run), load_labels(run)  # damaged files moved aside first
     check_run_digest(run, meta)
+    before = (meta.get("summary") or {}).get("n_trials") if (run / "scores.parquet").exists() else None
+    if before and len(trials) < before and not allow_fewer:
+        damaged = sorted(p.name for p in (run / "trials" / "damaged").glob("*")) if (run / "trials" / "damaged").exists() else []
+        command = " ".join(meta["command"]) if meta.get("command") else f"memtool estimate --out {run} (with run.json's settings)"
+        raise ValueError(f"{run} holds {len(trials)} whole trials, but its tables were made from {before}: not replacing "
+                         f"them with worse ones. Set aside as damaged: {', '.join(damaged) or 'none'} (in "
+                         f"{run / 'trials' / 'damaged'}). Retrain the missing trials with `{command}`, or write "
+                         f"tables from fewer trials with `memtool scores {run} --allow-fewer`")
     scores = score_table(trials, labels)
     tr = scores[scores["split"] == "train"]
     rob_mem = tr["rob_mem"].to_numpy() if "rob_mem" in tr else None
