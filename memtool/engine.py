@@ -54,8 +54,9 @@ def default_ensemble_size(recipe: Recipe, device, in_features: int = 784) -> int
     K = 64 below 10^6 multiply-adds per model and step (digits 64-128-10 at batch 32), else 16
     (MNIST 784-256-10: K = 8, 16, 32 within 4 %)."""
     if torch.device(device).type == "cuda":
-        return 64 if recipe.model in ("mlp", "cnn") else 16 if recipe.model not in ("preact-resnet18",) and \
-            not recipe.model.startswith("wrn-") else 1
+        if recipe.model in ("mlp", "cnn"):
+            return 64
+        return 1 if recipe.model == "preact-resnet18" or recipe.model.startswith("wrn-") else 16  # 16: a user's model
     if recipe.model != "mlp":  # a user's model too: give --ensemble-size to stack it
         return 1
     return 64 if recipe.batch_size * in_features * recipe.hidden < 1_000_000 else 16

@@ -191,3 +191,25 @@ def test_holm_and_paired_contrasts_against_hand_computed_values():
     wide = stats.t.ppf(1 - 0.025 / 2, 2) * 0.1 / np.sqrt(3)
     assert adj.loc["a", "diff_high"] - 0.2 == pytest.approx(wide)
     assert adj.loc["a", "p_holm"] == pytest.approx(min(1, 2 * adj.loc["a", "p"]))
+
+
+def test_hierarchical_bootstrap_covers_both_sources_of_variation():
+    """Simulated: 5 seeds whose model effects vary (sd 1 point) and 1,000 test samples each
+    (binomial noise). The interval's width matches the analytic sd of the mean, which counts
+    both: sqrt(var_seed / S + p (1 - p) / (S n)); the t-interval over the seeds' means holds
+    samples fixed and, with 3 seeds, can come out narrower than one model's binomial error."""
+    from memtool.experiments import hierarchical_bootstrap
+
+    rng = np.random.default_rng(0)
+    S, n, p = 5, 1000, 0.7
+    seed_effect = rng.normal(0, 0.01, S)
+    correct = rng.random((S, n)) < (p + seed_effect)[:, None]
+    mean, lo, hi = hierarchical_bootstrap(correct.astype(float), n_boot=4000)
+    assert mean == pytest.approx(correct.mean())
+    sd = np.sqrt(correct.mean(1).var(ddof=1) / S + p * (1 - p) / (S * n))  # empirical seed spread + binomial
+    assert (hi - lo) / (2 * 1.96) == pytest.approx(sd, rel=0.35)
+    # one seed: the test-sample bootstrap alone, ~ the binomial standard error
+    m1, lo1, hi1 = hierarchical_bootstrap(correct[:1].astype(float), n_boot=4000)
+    assert (hi1 - lo1) / (2 * 1.96) == pytest.approx(np.sqrt(p * (1 - p) / n), rel=0.15)
+    with pytest.raises(ValueError, match="seeds, samples"):
+        hierarchical_bootstrap(np.zeros(3))
