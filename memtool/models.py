@@ -78,8 +78,7 @@ def spec_of(factory: Factory) -> str:
 
 def check_model_spec(spec) -> None:
     """Syntax only (nothing is imported): a registered name, wrn-D-W or MODULE:FUNCTION."""
-    if not isinstance(spec, str) or not (spec in _REGISTRY or re.fullmatch(r"wrn-\d+-\d+", spec)
-                                         or SPEC.fullmatch(spec) or re.fullmatch(r"[\w-]+", spec)):
+    if not isinstance(spec, str) or not (SPEC.fullmatch(spec) or re.fullmatch(r"[\w-]+", spec)):
         raise ModelSpecError(f"model must be a registered name ({', '.join(list_models())}) or MODULE:FUNCTION "
                              f"(e.g. mypkg.nets:resnet), got {spec!r}")
 
@@ -109,9 +108,8 @@ def resolve_model(model, flag: str = "--model") -> Factory:
     return import_spec(model, flag)
 
 
-def import_spec(spec: str, flag: str):
+def import_spec(model: str, flag: str):
     """The callable MODULE:FUNCTION names (the user named it with ``flag``)."""
-    model = spec
     module, _, attr = model.partition(":")
     try:
         obj = importlib.import_module(module)

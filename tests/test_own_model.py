@@ -68,11 +68,20 @@ def test_default_stacks_user_models_only_where_asked_on_cpu():
     assert len(models.stacks) == 2  # one at a time: vmap stacks of conv nets are slower on a CPU
 
 
-def test_registry_and_specs_name_the_problem():
+@pytest.fixture
+def tiny():
+    """A registered user model, removed from the registry afterwards."""
+    from memtool import models
+
     @register_model(name="test-tiny")
     def tiny(in_shape, num_classes, width=4):
         return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes))
 
+    yield tiny
+    models._REGISTRY.pop("test-tiny")
+
+
+def test_registry_and_specs_name_the_problem(tiny):
     assert registered_factory("test-tiny") is tiny
     assert Recipe(model=tiny).model == "test-tiny"  # a registered factory is recorded by its name
     with pytest.raises(ValueError, match="already registered"):
