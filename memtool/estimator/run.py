@@ -128,8 +128,10 @@ def _tensors(ds, device="cpu", on_host: bool = False) -> dict:
     """The whole dataset as float tensors on ``device`` (uint8 pixels scaled to [0, 1]); with
     ``on_host``, as it is in host memory (a memory map stays one: batches are read from it)."""
     def img(a):  # torch.tensor copies: the dataset's arrays may be read-only views of its files
-        if on_host:
-            return torch.from_numpy(np.asarray(a)) if np.asarray(a).flags.writeable else torch.tensor(a)
+        if on_host:  # no copy: a read-only memory map stays one (memtool never writes to the data)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.asarray(a))
         return as_floats(torch.tensor(a), device)
 
     return {"x_train": img(ds.x_train), "y_train": torch.tensor(ds.y_train, device=device),
@@ -248,7 +250,8 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     ex, thr = Execution(**ex), Thresholds(**thr)
     if config is not None and rest:
         raise TypeError(f"give either a config or its settings, not both (got {sorted(rest)})")
-    cfg = config or EstimateConfig.from_kwargs(**user_settings(rest), also=[*fields_of(Execution), *fields_of(Thresholds)])
+    cfg = config or EstimateConfig.from_kwargs(**user_settings(rest), also=[*Execution.__dataclass_fields__,
+                                                                           *Thresholds.__dataclass_fields__])
     if ex.until_se is not None:
         return _until_se(out, cfg, ex, thr, progress, tables)
     trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
@@ -263,9 +266,9 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     k = ensemble_size or default_ensemble_size(cfg.recipe, device, int(np.prod(ds.image_shape)))
     batches = pending_batches(finished_trials(out), trials, k, parse_shard(shard))
     local = n_jobs == 1 and scheduler is None
-    data = _tensors(ds, device, ex.data_on_host) if local else DataSpec(cfg.dataset, None if data_root is None else str(data_root),
-                                                      cfg.limit, cfg.label_noise, cfg.seed, ds.fingerprint,
-                                                      in_memory(cfg.dataset))
+    data = _tensors(ds, device, ex.data_on_host) if local else DataSpec(
+        cfg.dataset, None if data_root is None else str(data_root), cfg.limit, cfg.label_noise, cfg.seed,
+        ds.fingerprint, in_memory(cfg.dataset))
     m = plan.subset_size(len(ds.y_train), cfg.ratio)
     total_steps = sum(len(b) for b in batches) * cfg.recipe.steps(m)
     if batches:
@@ -296,10 +299,6 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
         return {"status": "partial", "missing_trials": len(missing), "held_by_others": held, "out": str(out)}
     summary = compute_tables(out, **asdict(thr))
     return {"status": "complete", "out": str(out), **summary, **_fit(cfg, summary)}
-
-
-def fields_of(cls) -> list[str]:
-    return list(cls.__dataclass_fields__)
 
 
 def _fit(cfg: EstimateConfig, summary: dict) -> dict:
