@@ -9,7 +9,9 @@
 #     clean, PGD-20 and standard AutoAttack on the first 1,000 test samples;
 #  4. the robust memorization stage of both reference configs (16 PGD-AT CNNs each), trained afresh;
 #     its score tables and cost packed as RESULTS_DIR/robust_estimate.tgz (records/NAME/robust_estimate:
-#     what references/NAME/robust_estimate holds).
+#     what references/NAME/robust_estimate holds);
+#  5. stacked against one at a time for the MLP, the CNN and a BN-ResNet, K = 16, 32, 64;
+#  6. the findings in the regime (configs/regime-mnist.yaml), records packed as RESULTS_DIR/regime.tgz.
 # Usage: bash benchmarks/gpu_check.sh WORK_DIR [RESULTS_DIR]   (RESULTS_DIR gets the logs and records)
 # A bare GPU machine: first `bash benchmarks/gpu_bundle.sh` here, carry .gpu/, and there export
 # PYTHONPATH=$PWD/.gpu/site:$PWD MEMTOOL_DATA_ROOT=$PWD/.gpu/data (torch, numpy, pandas, ... from its image).
@@ -106,3 +108,21 @@ robust() {
   tar czf "$R/robust_estimate.tgz" -C "$W" records/mnist/robust_estimate records/fashion-mnist/robust_estimate
 }
 step robust "${LIMIT_ROBUST:-120}"
+
+# 5. any module, stacked (hand-written / torch.func) or one at a time, K = 16-64 (issue 32)
+stack() {
+  $PYTHON benchmarks/func_stack.py --device "$DEVICE" --k 16 32 64 --repeat 2 | tee "$R/func_stack.md"
+}
+step stack "${LIMIT_STACK:-150}"
+
+# 6. the findings in the regime (issue 31: PGD-AT at eps 0.1 for 20 epochs), resuming from the committed
+#    per-model records; they come back as RESULTS_DIR/regime.tgz (unpack in references/'s place)
+regime() {
+  sed -e "s|^runs: .*|runs: $W/runs|" -e "s|^records: .*|records: $W/records|" configs/regime-mnist.yaml \
+    > "$W/regime-mnist.yaml"
+  mkdir -p "$W/records" && cp -r references/mnist references/mnist-regime "$W/records/" 2>/dev/null
+  $MEMTOOL figures --config "$W/regime-mnist.yaml" --stages finding_a,finding_b --out "$W/figs-regime" \
+    --device "$DEVICE" --quiet
+  tar czf "$R/regime.tgz" -C "$W/records" mnist-regime
+}
+step regime "${LIMIT_REGIME:-300}"
