@@ -467,6 +467,41 @@ def zoom(intervals, margin: float, reach: float = 5.0) -> tuple[float, float]:
     return max(low, min(means) - reach) - margin, min(high, max(means) + reach) + margin
 
 
+def place_labels(ax, labels, fontsize: float = 6.5) -> None:
+    """Each (text, x, y) label next to its point, moved up or down a line at a time until its
+    drawn box overlaps none placed before (greedy, top label first)."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    steps = [0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6]
+    placed = []
+    for text, x, y in sorted(labels, key=lambda t: -t[2]):
+        for k in steps:
+            note = ax.annotate(text, (x, y), xytext=(4, 2 + 1.3 * fontsize * k), textcoords="offset points",
+                               fontsize=fontsize, arrowprops=None if k == 0 else dict(arrowstyle="-", lw=0.4,
+                                                                                    color="0.6"))
+            note.update_positions(renderer)
+            box = Text.get_window_extent(note, renderer)  # the text's own box, not its leader line
+            if k == steps[-1] or not any(box.overlaps(b) for b in placed):
+                break
+            note.remove()
+        placed.append(box)
+
+
+def mark_clipped(ax, pts: dict, fontsize: float = 6) -> None:
+    """Where an interval runs off the panel, its bound is written at the edge it crosses."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    for c, a in pts.values():
+        for lo, hi, (e0, e1), horizontal in ((c[1], c[2], (x0, x1), True), (a[1], a[2], (y0, y1), False)):
+            for bound, edge, inside in ((lo, e0, lo < e0), (hi, e1, hi > e1)):
+                if np.isnan(bound) or not inside:
+                    continue
+                xy = (edge, a[0]) if horizontal else (c[0], edge)
+                ax.annotate(f"{bound:.0f}", xy, fontsize=fontsize, color="0.4", ha="center", va="center",
+                            xytext=((6 if edge == e0 else -6) if horizontal else 0,
+                                    0 if horizontal else (5 if edge == e0 else -5)), textcoords="offset points")
+
+
 def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n: int):
     """Clean against robust accuracy on the first ``n`` test samples: AutoAttack (left, the
     variants that have it) and CW-20 (right, every variant); each variant's mean with its
@@ -478,6 +513,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
     fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 4.8), squeeze=False)
     curves = {"TRADES (beta 1, 3, 6)": ("C0", ["trades b=1", "trades b=3", "trades b=6"]),
               "PGD-AT (eps x0.5 to x1.25)": ("C2", list(PGD_CURVE))}  # BAT red, its ablations orange
+    pending = []
     for ax, (frame, metric, name) in zip(axes[0], panels):
         pts = {}
         for v, g in frame.groupby(level="variant", sort=False):
@@ -487,7 +523,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
             if len(names) > 1:
                 ax.plot([pts[k][0][0] for k in names], [pts[k][1][0] for k in names], "-", lw=1, alpha=0.6,
                         color=color, label=label)
-        keyed = []  # BAT's ablations crowd one spot: numbered, with a key
+        keyed, labels = [], []  # BAT's ablations crowd one spot: numbered, with a key
         for v, (c, a) in pts.items():
             bat = v.startswith("bat")
             xerr = None if np.isnan(c[1]) else [[c[0] - c[1]], [c[2] - c[0]]]
@@ -496,8 +532,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
                         color="C3" if v == "bat" else ("C1" if bat else "0.3"), alpha=0.8 if bat else 0.9)
             if bat and v != "bat":
                 keyed.append(v)
-            ax.annotate(str(len(keyed)) if bat and v != "bat" else v, (c[0], a[0]), textcoords="offset points",
-                        xytext=(4, 3), fontsize=6.5)
+            labels.append((str(len(keyed)) if bat and v != "bat" else v, c[0], a[0]))
         if keyed:
             ax.text(1.02, 1.0, "\n".join(f"{i} {v}" for i, v in enumerate(keyed, 1)), transform=ax.transAxes,
                     ha="left", va="top", fontsize=6.5, color="C1")
@@ -505,6 +540,8 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
         shown = [pts[v] for v in pts if v not in off]
         ax.set_xlim(*zoom([c for c, _ in shown], 1))  # the means, and their intervals up to 5 points beyond
         ax.set_ylim(*zoom([a for _, a in shown], 3))
+        mark_clipped(ax, {v: pts[v] for v in pts if v not in off})
+        pending.append((ax, [lab for lab in labels if lab[0] not in off]))
         if off:  # the far-off points are named with their values
             ax.text(0.0, -0.12, "off the panel (clean, robust): " + "; ".join(
                 f"{v} ({pts[v][0][0]:.1f}, {pts[v][1][0]:.1f})" for v in off), transform=ax.transAxes,
@@ -515,6 +552,8 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
         if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=7, loc="lower left")
     fig.tight_layout()
+    for ax, labels in pending:  # placed once the layout is final, so the boxes are where they will be drawn
+        place_labels(ax, labels)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 

@@ -259,3 +259,25 @@ def test_validation_selection_and_autoattack_on_the_first_seeds(tmp_path, monkey
                aa_variants=["pgd-at"], aa_all_seeds=["standard"], progress=False)
     with pytest.raises(ValueError, match="aa_seeds must be in 1..2"):
         bc.run(run, out, seeds=2, eps=0.1, recipe=SMALL, variants=["pgd-at"], aa_samples=20, aa_seeds=3, progress=False)
+
+
+def test_labels_of_crowded_points_do_not_overlap_and_clipped_bounds_are_written():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analyses.bat_comparison import mark_clipped, place_labels
+
+    fig, ax = plt.subplots()
+    ax.set(xlim=(0, 10), ylim=(0, 10))
+    place_labels(ax, [(f"variant {i}", 5.0, 5.0 + 0.01 * i) for i in range(6)])  # six points on one spot
+    fig.canvas.draw()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t) for t in ax.texts]
+    assert len(boxes) == 6
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    mark_clipped(ax, {"wide": (np.array([5.0, -20.0, 30.0]), np.array([5.0, 4.0, 6.0]))})
+    assert {t.get_text() for t in ax.texts[6:]} == {"-20", "30"}  # both x bounds run off: written at the edges
+    plt.close(fig)
