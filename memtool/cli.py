@@ -42,6 +42,16 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _false_pairs(s: dict) -> str:
+    """How many of the high-influence pairs are expected to be false (the empirical-Bayes
+    posterior of influence.parquet's p_high), and a warning when it is most of them."""
+    if "expected_false_pairs" not in s or not s["n_high_pairs"]:
+        return ""
+    false = s["expected_false_pairs"]
+    note = f";  expected false: {false:.0f} ({100 * false / s['n_high_pairs']:.0f} %, posterior p_high)"
+    return note + ("  -- most are noise: train more trials" if false > s["n_high_pairs"] / 2 else "")
+
+
 def print_summary(s: dict, run: str | Path, file=None) -> None:
     """The numbers a user looks at first, and where the tables are."""
     run = Path(run)
@@ -51,7 +61,7 @@ def print_summary(s: dict, run: str | Path, file=None) -> None:
              f"({100 * s['frac_high_mem']:.1f} %);  no estimate: {s['n_no_estimate']};  "
              f"median mem_se {_fmt(s['median_mem_se'])}",
              f"high-influence pairs (infl >= {s['infl_threshold']}): {s['n_high_pairs']} over "
-             f"{s['n_test_in_high_pairs']} test samples"]
+             f"{s['n_test_in_high_pairs']} test samples" + _false_pairs(s)]
     if "noise_auroc_mem" in s:
         lines.append(f"planted label noise ({s['n_label_corrupted']} flipped): AUROC of mem "
                      f"{_fmt(s['noise_auroc_mem'])}, of margin_mem {_fmt(s['noise_auroc_margin_mem'])}")
@@ -101,8 +111,9 @@ def cmd_estimate(a: argparse.Namespace) -> int:
               f"when all are, run `memtool scores {out}`. Trial files are in {Path(out) / 'trials'}")
     else:
         print_summary(result, out)
-    if "until_se" in result:
-        print(f"until-se: {result['until_se']['note']}")
+    for rule in ("until_se", "until_pairs"):
+        if rule in result:
+            print(f"{rule.replace('_', '-')}: {result[rule]['note']}")
     return 0
 
 

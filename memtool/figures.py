@@ -100,15 +100,27 @@ def class_gallery(scores: pd.DataFrame, ds, per_class: int = 8, order: str = "mo
     return fig
 
 
+def trusted_pairs(infl: pd.DataFrame, p: float = 0.5) -> pd.DataFrame:
+    """The high-influence pairs whose posterior probability of infl >= the threshold is at
+    least ``p`` (tables without ``p_high``, made before it: every high pair)."""
+    high = infl[infl["high"]]
+    return high[high["p_high"] >= p] if "p_high" in high else high
+
+
 def pair_gallery(infl: pd.DataFrame, ds, top: int = 12):
-    """The ``top`` strongest high-influence pairs: each training image, then its test image."""
-    pairs = infl[infl["high"]].nlargest(top, "infl")
+    """The ``top`` strongest trusted high-influence pairs (:func:`trusted_pairs`): each
+    training image, then its test image."""
+    trusted = trusted_pairs(infl)
+    pairs = trusted.nlargest(top, "infl")
     images, titles = [], []
-    for i, j, v, m in pairs[["train_id", "test_id", "infl", "mem"]].itertuples(index=False):
-        images += [ds.x_train[i], ds.x_test[j]]
-        titles += [f"train #{i}\nmem {m:.2f}", f"test #{j}\ninfl {v:.2f}"]
+    for r in pairs.itertuples(index=False):
+        images += [ds.x_train[r.train_id], ds.x_test[r.test_id]]
+        titles += [f"train #{r.train_id}\nmem {r.mem:.2f}", f"test #{r.test_id}\ninfl {r.infl:.2f}"
+                   + (f", P {r.p_high:.2f}" if "p_high" in pairs else "")]
     fig = image_grid(images, titles)
-    fig.suptitle("High-influence pairs (train image, then the test image it helps)", fontsize=10)
+    n_high = int(infl["high"].sum())
+    fig.suptitle(f"High-influence pairs (train image, then the test image it helps): {len(trusted)} of {n_high} "
+                 "with posterior P(infl >= threshold) >= 0.5", fontsize=9)
     return fig
 
 
@@ -134,7 +146,7 @@ def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: floa
     if is_image(ds.image_shape):
         figs.update({"most_memorized.png": most_memorized(scores, ds, top),
                      "most_memorized_by_class.png": class_gallery(scores, ds)})
-        if infl["high"].any():
+        if len(trusted_pairs(infl)):
             figs["high_influence_pairs.png"] = pair_gallery(infl, ds, top // 2)
     paths = []
     for name, fig in figs.items():

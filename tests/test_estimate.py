@@ -251,6 +251,26 @@ def test_until_se_stops_on_precision_or_on_trials(tmp_path, capsys):
         memtool.estimate(tmp_path / "x", trials=8, until_se=0.1, shard="0/2", **kw)
 
 
+def test_until_pairs_stops_where_the_split_half_agreement_is_met(tmp_path, capsys):
+    from memtool.estimator.run import pairs_half_jaccard
+    from memtool.estimator.tables import Thresholds
+
+    kw = dict(ensemble_size=8, **{**DIGITS_FAST, "epochs": 5})
+    thr = Thresholds()
+    r = memtool.estimate(tmp_path / "p", trials=128, until_pairs=0.1, progress=False, **kw)  # measured: 64 trials
+    t, got = r["until_pairs"]["trials"], r["until_pairs"]["pairs_jaccard"]
+    assert r["until_pairs"]["stopped_by"] == "agreement" and got >= 0.1 and r["n_trials"] == t
+    assert got == pytest.approx(pairs_half_jaccard(tmp_path / "p", t, thr))
+    assert 16 < t < 128 and pairs_half_jaccard(tmp_path / "p", t // 2, thr) < 0.1  # the round before did not reach it
+    assert r["split_half"]["jaccard_high_pairs"] == pytest.approx(got)  # the summary's own split half
+    assert main(["estimate", "--out", str(tmp_path / "q"), "--trials=32", "--until-pairs=0.99", "--quiet",
+                 "--ensemble-size=8", *[f"--{k.replace('_', '-')}={v}" for k, v in {**DIGITS_FAST, "epochs": 5}.items()]
+                 ]) == 0
+    assert "reached --trials 32 before the agreement" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="one stopping rule"):
+        memtool.estimate(tmp_path / "x", trials=8, until_se=0.1, until_pairs=0.5, **kw)
+
+
 def test_a_trial_file_altered_but_still_a_valid_npz_is_caught(tmp_path):
     """The arrays' checksum, not only the zip CRCs: a file rewritten with changed margins is
     set aside and retrained."""

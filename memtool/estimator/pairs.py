@@ -11,6 +11,14 @@ Feldman & Zhang difference throws away.
   infl = Phi(mu_in / s) - Phi(mu_out / s), standard error by the delta method
   sqrt(phi(z_in)^2 / n_in + phi(z_out)^2 / n_out). Where the model holds its variance is
   phi(z)^2 / (p (1 - p)) of the 0/1 difference's (0.64 at p = 0.5): more pairs per trial.
+- :func:`regression_influence`: all candidate pairs of a class at once (datamodels / AME style):
+  each test sample's margin regressed (ridge, intercept free) on the membership of the
+  candidate training samples of its class, so the other candidates' effects leave the
+  residual: a less noisy coefficient, turned into a probability difference by the same probit.
+- :func:`posterior`: empirical Bayes over the pairs. The prior of the true influence is the
+  grid distribution that maximizes the likelihood of every candidate's (estimate, SE) (the
+  NPMLE, fitted by EM); each pair gets P(infl >= threshold | its estimate), and a set of pairs
+  its expected number of false ones, sum(1 - P).
 
 The plain difference (:func:`memtool.estimator.scores.influence_at`) stays what the tables
 call ``infl``; these are measured against it before any becomes a default.
@@ -57,3 +65,120 @@ def probit_influence(member: np.ndarray, test_margin: np.ndarray, train_ids, tes
     bad = (n_in == 0) | (n_out == 0) | ~(sd > 0)
     infl[bad], se[bad] = np.nan, np.nan
     return infl, se
+
+
+def _probit_difference(mean, beta, r, sd):
+    """P(correct | i in) - P(correct | i out) and d/d beta for a margin ~ N(mean + beta (m - r), sd)."""
+    z_in, z_out = (mean + beta * (1 - r)) / sd, (mean - beta * r) / sd
+    infl = stats.norm.cdf(z_in) - stats.norm.cdf(z_out)
+    return infl, (stats.norm.pdf(z_in) * (1 - r) + stats.norm.pdf(z_out) * r) / sd
+
+
+def regression_influence(member: np.ndarray, test_margin: np.ndarray, candidates: np.ndarray, test_ids,
+                         ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(infl, se), each (len(test_ids), len(candidates)): test sample j's margin over the trials
+    regressed on the membership of every candidate training sample at once,
+    margin_j = c_j + sum_i beta_ij (m_i - r_i) + noise (ridge penalty ``ridge`` on beta, none on
+    c_j), and beta_ij turned into a probability difference by the probit at the spread of the
+    margin without i's own effect (residual and other candidates); SE by the delta method
+    from the coefficients' covariance. One solve serves every test sample (the candidates are
+    the same: e.g. the high-mem training samples of the test samples' class). It pays for
+    every candidate's coefficient: on simulated margins with two sources per test sample its
+    mean squared error is 0.93x the pairwise probit's with 4 candidates over 128 trials, but
+    1.10x with 30 (1.44x over 64 trials)."""
+    candidates, test_ids = np.asarray(candidates), np.asarray(test_ids)
+    t, c = member.shape[0], len(candidates)
+    m = member[:, candidates].astype(np.float64)
+    r = m.mean(0)
+    x = m - r  # centred: the intercept is each test sample's mean margin
+    y = test_margin[:, test_ids].astype(np.float64)
+    mean = y.mean(0)
+    gram = x.T @ x + ridge * np.eye(c)
+    inv = np.linalg.inv(gram)
+    beta = inv @ (x.T @ (y - mean))  # (c, tests)
+    resid = (y - mean) - x @ beta
+    hat_df = np.trace(inv @ (x.T @ x))  # effective parameters of the ridge fit
+    sd = np.sqrt((resid**2).sum(0) / max(t - 1 - hat_df, 1.0))  # (tests,)
+    cov_diag = np.diag(inv @ (x.T @ x) @ inv)  # Var(beta) / sigma^2 of the ridge estimator
+    # the probit's scale: the margin's spread over the trials with i's own effect taken out (the residual and
+    # the other candidates'), as P(correct | i in / out) averages over the other candidates' memberships
+    # (beta^2 less its noise, Var(beta) = sd^2 cov_diag: an unbiased square)
+    spread = (np.maximum(beta**2 - np.outer(cov_diag, sd**2), 0) * (r * (1 - r))[:, None]).T  # (tests, c)
+    scale = np.sqrt(sd[:, None] ** 2 + spread.sum(1, keepdims=True) - spread)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        infl, grad = _probit_difference(mean[:, None], beta.T, r[None, :], scale)
+        se = np.abs(grad) * sd[:, None] * np.sqrt(cov_diag)[None, :]
+    bad = ~(sd > 0)[:, None] | ((r <= 0) | (r >= 1))[None, :]
+    infl, se = np.where(bad, np.nan, infl), np.where(bad, np.nan, se)
+    return infl, se
+
+
+def prior_grid(estimate: np.ndarray, se: np.ndarray, grid=None, iters: int = 300, tol: float = 1e-7,
+               fit_on: int = 100_000, seed: int = 0):
+    """(grid, weights): the NPMLE of the distribution of the true values behind ``estimate`` ~
+    N(true, se^2), on ``grid`` (default: 201 points on [-1, 1]), by EM from uniform weights, on
+    at most ``fit_on`` of the pairs (drawn with ``seed``)."""
+    grid = np.linspace(-1, 1, 201) if grid is None else np.asarray(grid, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(estimate) & np.isfinite(se) & (se > 0))
+    if len(ok) > fit_on:
+        ok = np.sort(np.random.default_rng(seed).choice(ok, fit_on, replace=False))
+    lik = _likelihood(estimate[ok], se[ok], grid)
+    w = np.full(len(grid), 1 / len(grid))
+    for _ in range(iters):
+        mix = lik @ w
+        new = w * (lik.T @ (1 / mix)) / len(mix)
+        done = np.abs(new - w).max() < tol
+        w = new
+        if done:
+            break
+    return grid, w
+
+
+def _likelihood(estimate, se, grid):
+    z = (estimate[:, None] - grid[None, :]) / se[:, None]
+    return (np.exp(-0.5 * z * z) / se[:, None]).astype(np.float64)
+
+
+def posterior(estimate: np.ndarray, se: np.ndarray, threshold: float, prior=None, chunk: int = 1 << 16):
+    """(prob, mean): P(true >= threshold | estimate) and the posterior mean of every pair, under
+    ``prior`` ((grid, weights), default :func:`prior_grid` of these very pairs). NaN where the
+    pair has no estimate."""
+    grid, w = prior_grid(estimate, se) if prior is None else prior
+    prob, mean = np.full(len(estimate), np.nan), np.full(len(estimate), np.nan)
+    ok = np.flatnonzero(np.isfinite(estimate) & np.isfinite(se) & (se > 0))
+    above = grid >= threshold - 1e-12
+    for s in range(0, len(ok), chunk):
+        idx = ok[s : s + chunk]
+        post = _likelihood(estimate[idx], se[idx], grid) * w
+        post /= post.sum(1, keepdims=True)
+        prob[idx], mean[idx] = post[:, above].sum(1), post @ grid
+    return prob, mean
+
+
+def candidate_pairs(mem: np.ndarray, train_label: np.ndarray, test_label: np.ndarray,
+                    mem_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train_ids, test_ids): every same-class pair of a training sample with mem >= the
+    threshold and a test sample: the pairs the high-influence rule can call."""
+    from .scores import at_least
+
+    high = np.flatnonzero(at_least(mem, mem_threshold))
+    by_class = {c: np.flatnonzero(test_label == c) for c in np.unique(train_label[high])}
+    tests = [by_class[c] for c in train_label[high]]
+    return (np.repeat(high, [len(t) for t in tests]).astype(np.int64),
+            np.concatenate(tests).astype(np.int64) if tests else np.zeros(0, np.int64))
+
+
+def plain_posterior(member, test_correct, mem, train_label, test_label, mem_threshold: float, infl_threshold: float,
+                    train_ids, test_ids) -> np.ndarray:
+    """P(infl >= infl_threshold | the plain estimate) of the pairs (train_ids, test_ids): the
+    prior is the NPMLE over every candidate pair's plain estimate and Agresti-Caffo SE
+    (:func:`candidate_pairs`, :func:`prior_grid`). How far to trust the plain pairs: their sum
+    of 1 - P is the expected number of false ones."""
+    from .scores import influence_at
+
+    ci, cj = candidate_pairs(mem, train_label, test_label, mem_threshold)
+    if not len(ci):
+        return np.full(len(train_ids), np.nan)
+    prior = prior_grid(*influence_at(member, test_correct, ci, cj))
+    return posterior(*influence_at(member, test_correct, np.asarray(train_ids), np.asarray(test_ids)),
+                     infl_threshold, prior=prior)[0]

@@ -215,15 +215,21 @@ class Execution(Runtime):
                                         "at a time to the device: for data larger than device memory; same trials")
     until_se: float | None = setting(None, "add trials in batches until the 95th percentile of mem_se over the "
                                            "training samples is <= X; --trials is then the most it trains")
+    until_pairs: float | None = setting(None, "add trials in rounds (doubling) until the split-half Jaccard of the "
+                                              "high-influence pairs is >= X; --trials is then the most it trains")
 
     def __post_init__(self):
         super().__post_init__()
         check_int("trials", self.trials, 2)  # with one trial no sample is both in and out
         check_number("until_se", self.until_se, 0, low_open=True, optional=True)
+        check_number("until_pairs", self.until_pairs, 0, 1, low_open=True, optional=True)
         if self.data_on_host and self.record_proxies:
             raise ValueError("record_proxies needs the data on the device: drop --data-on-host or --record-proxies")
-        if self.until_se is not None and self.shard is not None:
-            raise ValueError("until_se needs the whole run in one call; with --shard, give a fixed --trials")
+        if self.until_se is not None and self.until_pairs is not None:
+            raise ValueError("give one stopping rule: --until-se or --until-pairs, not both")
+        for rule in ("until_se", "until_pairs"):
+            if getattr(self, rule) is not None and self.shard is not None:
+                raise ValueError(f"{rule} needs the whole run in one call; with --shard, give a fixed --trials")
         check_int("ensemble_size", self.ensemble_size, 1, optional=True)
         check_int("n_jobs", self.n_jobs, 1)
         check_int("eval_batch", self.eval_batch, 1)
@@ -252,8 +258,8 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
         raise TypeError(f"give either a config or its settings, not both (got {sorted(rest)})")
     cfg = config or EstimateConfig.from_kwargs(**user_settings(rest), also=[*Execution.__dataclass_fields__,
                                                                            *Thresholds.__dataclass_fields__])
-    if ex.until_se is not None:
-        return _until_se(out, cfg, ex, thr, progress, tables)
+    if ex.until_se is not None or ex.until_pairs is not None:
+        return _until(out, cfg, ex, thr, progress, tables)
     trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
     data_root, shard, eval_batch = ex.data_root, ex.shard, ex.eval_batch
     ds = load_dataset(cfg.dataset, data_root, cfg.limit, cfg.label_noise, cfg.seed)
@@ -320,28 +326,46 @@ def se_p95(run, trials: int) -> float:
     return float(np.nanpercentile(memorization(t.member, t.train_correct)["mem_se"], 95))
 
 
-def _until_se(out, cfg, ex: Execution, thr: Thresholds, progress: bool, tables: bool) -> dict:
-    """Train in rounds until the 95th percentile of mem_se is <= ex.until_se or ex.trials are
-    done. mem_se falls like 1/sqrt(trials), so each round aims at the count that should reach
-    the target (at least 16 trials more, at most twice as many)."""
-    goal, most = ex.until_se, ex.trials
+def pairs_half_jaccard(run, trials: int, thr: Thresholds) -> float:
+    """The split-half Jaccard of the high-influence pairs from the first ``trials`` trials (0
+    where neither half calls a pair)."""
+    from .store import load_labels, load_trials
+    from .tables import split_half
+
+    t = load_trials(run)
+    j = split_half(t.subset(t.trial_ids < trials), load_labels(run), "", thr.mem_threshold,
+                   thr.infl_threshold)["jaccard_high_pairs"]
+    return 0.0 if np.isnan(j) else float(j)
+
+
+def _until(out, cfg, ex: Execution, thr: Thresholds, progress: bool, tables: bool) -> dict:
+    """Train in rounds until the goal of ``until_se`` (the 95th percentile of mem_se <= it) or
+    of ``until_pairs`` (the split-half pairs Jaccard >= it) is met or ex.trials are done.
+    mem_se falls like 1/sqrt(trials), so an until_se round aims at the count that should reach
+    its target (at least 16 trials more, at most twice as many); an until_pairs round doubles."""
+    most, by_se = ex.trials, ex.until_se is not None
+    goal = ex.until_se if by_se else ex.until_pairs
     t = min(most, max(16, len(finished_trials(out))))
     while True:
-        estimate(out, config=cfg, progress=progress, tables=False, **{**asdict(ex), "until_se": None, "trials": t})
-        q = se_p95(out, t)
-        if q <= goal or t >= most:
+        estimate(out, config=cfg, progress=progress, tables=False,
+                 **{**asdict(ex), "until_se": None, "until_pairs": None, "trials": t})
+        q = se_p95(out, t) if by_se else pairs_half_jaccard(out, t, thr)
+        met = q <= goal if by_se else q >= goal
+        if met or t >= most:
             break
-        t = min(most, 2 * t, max(t + 16, int(np.ceil(1.05 * t * (q / goal) ** 2))))
-    stopped = "precision" if q <= goal else "trials"
-    note = (f"reached the precision: 95th percentile of mem_se {q:.4f} <= {goal} after {t} trials"
-            if stopped == "precision" else
-            f"reached --trials {most} before the precision: 95th percentile of mem_se {q:.4f} > {goal}")
+        t = min(most, 2 * t, max(t + 16, int(np.ceil(1.05 * t * (q / goal) ** 2)))) if by_se else min(most, 2 * t)
+    what = f"95th percentile of mem_se {q:.4f}" if by_se else f"split-half pairs Jaccard {q:.3f}"
+    aim = "precision" if by_se else "agreement"
+    note = (f"reached the {aim}: {what} {'<=' if by_se else '>='} {goal} after {t} trials" if met else
+            f"reached --trials {most} before the {aim}: {what} {'>' if by_se else '<'} {goal}")
+    stopped = aim if met else "trials"
     if progress:
         tqdm.write(f"memtool estimate: {note}", file=sys.stderr)
     result = compute_tables(out, **asdict(thr)) if tables else {}
     result.update(_fit(cfg, result) if result else {})
+    key, measured = ("until_se", "mem_se_p95") if by_se else ("until_pairs", "pairs_jaccard")
     return {"status": "complete" if tables else "partial", "out": str(out), **result,
-            "until_se": {"target": goal, "mem_se_p95": q, "trials": t, "stopped_by": stopped, "note": note}}
+            key: {"target": goal, measured: q, "trials": t, "stopped_by": stopped, "note": note}}
 
 
 def _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress, record_proxies=False):

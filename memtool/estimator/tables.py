@@ -17,6 +17,7 @@ from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtoo
 
 from ..recorder import mean_over_members
 from . import scores as S
+from .pairs import plain_posterior
 from .scores import INFL_THRESHOLD, MEM_THRESHOLD
 from .store import Trials, check_run_digest, load_labels, load_trials, read_run_json, update_run_json
 
@@ -71,6 +72,8 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
     df.insert(2, "train_label", labels["train_label"][df["train_id"]])
     df.insert(3, "test_label", labels["test_label"][df["test_id"]])
     df.insert(4, "mem", mem[df["train_id"]])
+    df["p_high"] = plain_posterior(trials.member, trials.test_correct, mem, labels["train_label"], labels["test_label"],
+                                   mem_threshold, infl_threshold, df["train_id"].to_numpy(), df["test_id"].to_numpy())
     return df.sort_values(["test_id", "train_id"], ignore_index=True)
 
 
@@ -109,6 +112,7 @@ def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: 
         "n_high_mem": int(S.at_least(tr["mem"], mem_threshold).sum()),
         "frac_high_mem": float(S.at_least(tr["mem"], mem_threshold).mean()),
         "n_high_pairs": len(high), "n_test_in_high_pairs": int(high["test_id"].nunique()),
+        **({"expected_false_pairs": float((1 - high["p_high"]).sum())} if "p_high" in high else {}),
         "median_mem_se": float(tr["mem_se"].median()),
     }
     corrupted = tr["label_corrupted"].to_numpy()
