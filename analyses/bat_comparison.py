@@ -67,6 +67,7 @@ from .study import StudySettings, load_study, main as study_main
 # name -> the method and its settings; ``eps_factor``: training eps as a multiple of the study's eps. BAT's are
 # spelled out, so that a change of BAT's defaults does not change what a variant means.
 BAT = {"method": "bat", "tau": 0.25, "gamma": 1.0, "eta": None, "lam": 1.0, "bat_warmup": 0.2}
+JUDGED = "judges"  # stands for the study's harmfulness table (the comparison's ``judges`` setting)
 GRID = {
     "standard": {"method": "standard"},
     "pgd-at": {"method": "pgd-at"},
@@ -92,6 +93,17 @@ GRID = {
     "bat lambda=0.5": {**BAT, "lam": 0.5},
     "bat lambda=2": {**BAT, "lam": 2.0},
 }
+# BAT's benign half (issue 31): the benign atypical samples fit more. Each family is tuned on held-out training samples
+# (analyses/bat_tuning.py), five candidates each: the budget docs/bat.md declared (as many as PGD-AT's eps curve has points)
+UPWEIGHTS = (1.25, 1.5, 2.0, 3.0, 4.0)
+FAMILIES = {  # the current model's h, atypical weights times u; or harmful as finding (b)'s judges say, removed (h >= 0.5)
+    "bat benign": {f"bat benign x{u:g}": {**BAT, "benign": u} for u in UPWEIGHTS},
+    "bat judged": {f"bat judged{'' if u == 1 else f' benign x{u:g}'}": {**BAT, "eta": 0.5, "bat_warmup": 0.0,
+                                                                        "judges": JUDGED, "benign": u}
+                   for u in (1.0, *UPWEIGHTS[1:])},
+}
+GRID.update({name: spec for family in FAMILIES.values() for name, spec in family.items()})
+DEFAULT = [v for v in GRID if not any(v in family for family in FAMILIES.values())]  # the families: tuned first
 PGD_CURVE = ("pgd-at eps x0.5", "pgd-at eps x0.625", "pgd-at eps x0.75", "pgd-at eps x0.875", "pgd-at",
              "pgd-at eps x1.25")
 BASELINES = ("standard", *PGD_CURVE, "trades b=1", "trades b=3", "trades b=6", "mart", "mart b=1", "mart lr=0.01",
@@ -131,9 +143,10 @@ def evaluation_recorded(sub: Path, eps: float, attacks: str, n: int) -> bool:
     return done["n_samples"] >= n
 
 
-def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10) -> dict[str, Recipe]:
+def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10, judges=None) -> dict[str, Recipe]:
     """The recipe of every variant: ``base`` with the variant's method at ``eps`` (times the
-    variant's factor), PGD-``pgd_steps`` in training, BAT reading RUN's scores."""
+    variant's factor), PGD-``pgd_steps`` in training, BAT reading RUN's scores (and the judged
+    variants the harmfulness table ``judges``)."""
     flat = {k: v for k, v in base.to_dict().items() if k != "method"}
     out = {}
     for name in variants:
@@ -146,6 +159,11 @@ def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10) ->
             spec["pgd_steps"] = pgd_steps
         if spec["method"] == "bat":
             spec["scores"] = str(run_dir)
+        if spec.get("judges") == JUDGED:
+            if judges is None:
+                raise ValueError(f"variant {name!r} needs a harmfulness table (judges: finding (b)'s "
+                                 "harmfulness.parquet in the study's records)")
+            spec["judges"] = str(judges)
         out[name] = Recipe.from_flat(**{**flat, **spec})
     return out
 
@@ -230,7 +248,7 @@ def agreement(on_aa: pd.DataFrame, evals: pd.DataFrame) -> dict:
 
 @dataclass(frozen=True)
 class Comparison(StudySettings):
-    variants: tuple[str, ...] | None = setting(None, f"names from GRID (default: all of {list(GRID)})")
+    variants: tuple[str, ...] | None = setting(None, f"names from GRID (default: {DEFAULT})")
     val_samples: int = setting(0, "adversarial models keep their best-PGD-20 epoch on this many held-out training "
                                   "samples (0: the last epoch)")
     aa_samples: int = setting(1000, "AutoAttack on the first N test samples")
@@ -239,11 +257,17 @@ class Comparison(StudySettings):
     aa_seeds: int | None = setting(None, "AutoAttack on the first N seeds of those (default: every seed)")
     aa_all_seeds: tuple[str, ...] = setting((), "of those, the variants AutoAttack runs on at every seed all the same "
                                                 "(e.g. pgd-at: the recipe's targets are means over seeds)")
+    judges: str | None = setting(None, "harmfulness table of the 'bat judged' variants (finding (b)'s "
+                                       "harmfulness.parquet)")
+    tuned: str | None = setting(None, "a bat_tuning.parquet: each BAT family's chosen variant joins the variants")
+    curve_seeds: int | None = setting(None, "PGD-AT's eps-curve points (not pgd-at itself) at only the first N seeds "
+                                            "(default: every seed)")
 
 
 def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, variants=None,
         val_samples: int = 0, aa_samples: int = 1000, aa_variants=None, aa_seeds: int | None = None,
-        aa_all_seeds=(), thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None,
+        aa_all_seeds=(), judges=None, tuned=None, curve_seeds=None, thresholds: Thresholds = Thresholds(),
+        recipe: Recipe | None = None,
         backend: str = "pyautoattack", device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
     """Run the comparison on ``run_dir``'s scores into ``out`` (see the module docstring);
     ``variants``: names from :data:`GRID` (default: all); ``val_samples``: every adversarial
@@ -251,7 +275,9 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     (``memtool train --val-samples N --select best-pgd``; 0: the last epoch);
     ``aa_variants``: those that get AutoAttack (default: all of ``variants``; ``"headline"``:
     those in :data:`HEADLINE`), on their first ``aa_seeds`` seeds (default: every seed), those in
-    ``aa_all_seeds`` on every seed."""
+    ``aa_all_seeds`` on every seed; ``curve_seeds``: the eps curve's other points on the first
+    N seeds only (their frontier then spans those seeds); ``tuned``: a table of :mod:`analyses.bat_tuning`, whose chosen
+    variants join ``variants`` (and ``aa_variants``, ``aa_all_seeds`` where those are lists)."""
     run_dir, out = Path(run_dir), Path(out)
     st = load_study(run_dir, eps, thresholds, device, data_root)
     cfg, eps = st.config, st.eps
@@ -261,7 +287,14 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     n_test = len(st.atypical_test)
     if not 1 <= aa_samples <= n_test:
         raise ValueError(f"aa_samples must be in 1..{n_test} (the test set), got {aa_samples}")
-    todo = recipes(recipe or cfg.recipe, eps, run_dir, variants or list(GRID), pgd_steps)
+    variants = list(variants or DEFAULT)
+    if tuned is not None:
+        chosen = [v for v in read_table(tuned).attrs["memtool"]["chosen"].values() if v not in variants]
+        variants += chosen
+        if aa_variants is not None and aa_variants not in ("headline", ("headline",), ["headline"]):
+            aa_variants = [*aa_variants, *chosen]
+        aa_all_seeds = [*aa_all_seeds, *chosen] if aa_all_seeds else aa_all_seeds
+    todo = recipes(recipe or cfg.recipe, eps, run_dir, variants, pgd_steps, judges)
     if aa_variants in ("headline", ("headline",), ["headline"]):
         aa_variants = [v for v in todo if v in HEADLINE]
     attacked = [v for v in todo if aa_variants is None or v in aa_variants]
@@ -273,7 +306,11 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     if aa_seeds is not None and not 1 <= aa_seeds <= seeds:
         raise ValueError(f"aa_seeds must be in 1..{seeds} (the seeds), got {aa_seeds}")
     model_seeds = experiment_seeds(cfg.seed, seeds)
-    jobs = [(v, s) for s in range(seeds) for v in todo]  # seed by seed: a whole first seed exists early
+    if curve_seeds is not None and not 1 <= curve_seeds <= seeds:
+        raise ValueError(f"curve_seeds must be in 1..{seeds} (the seeds), got {curve_seeds}")
+    on_curve = set(PGD_CURVE) - {"pgd-at"}
+    jobs = [(v, s) for s in range(seeds) for v in todo  # seed by seed: a whole first seed exists early
+            if v not in on_curve or s < (curve_seeds or seeds)]
     dirs = {(v, s): out / "models" / f"{slug(v)}-s{s}" for v, s in jobs}
     kw = dict(progress=False, device=device, data_root=data_root)
 
@@ -362,7 +399,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
             "n_atypical_test": int(atyp.sum()), "n_atypical_train": int(st.atypical_train.sum()),
             "mem_threshold": thresholds.mem_threshold, "recipe": (recipe or cfg.recipe).to_dict(),
             "aa_variants": attacked, "aa_seeds": aa_seeds or seeds, "aa_all_seeds": list(aa_all_seeds),
-            "val_samples": val_samples,
+            "val_samples": val_samples, "curve_seeds": curve_seeds or seeds,
             "best_epochs": {f"{v} s{s}": e for (v, s), e in best.items()},
             "frontier_gaps": gaps.to_dict("records"), "cw20_vs_autoattack": agree}
     write_table(table, out / "bat_comparison.parquet", info)

@@ -3,14 +3,16 @@
 
     python -m analyses.finding_b RUN --out figures/mnist/finding_b --seeds 3
 
-A PGD-AT reference model is trained on the full training set (the run's recipe, PGD-AT at
-``eps``, a seed of its own, so the model that judges is not one of those evaluated); for every atypical training sample (mem >= tau) its harmfulness
-h_i = max over k != y_i of softmax(f(x'_i))_k is measured on its PGD example x'_i (the
-reference model puts x'_i confidently into another class when h_i is high). Then PGD-AT is
+``judges`` PGD-AT reference models are trained on the full training set (the run's recipe, PGD-AT
+at ``eps``, seeds of their own, so no model that judges is one of those evaluated); for every
+atypical training sample (mem >= tau) its harmfulness is the judges' mean of
+h_i = max over k != y_i of softmax(f(x'_i))_k on its PGD example x'_i against that judge (a
+judge puts x'_i confidently into another class when h_i is high). Then PGD-AT is
 retrained, ``seeds`` each, on the full set, on the set without the k most harmful atypical
 samples, and on the set without k random atypical samples, for several k. Written to OUT:
 
-- ``harmfulness.parquet``: h_i of every atypical training sample (and its mem and label);
+- ``harmfulness.parquet``: h_i of every atypical training sample (mean and standard deviation over
+  the judges, and its mem and label);
 - ``finding_b.parquet`` / ``finding_b.md``: clean and robust (PGD-20) accuracy on the typical
   (and atypical) test samples per training set, mean over seeds with 95 % t-intervals and
   the paired difference to the full set;
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from memtool.config import check_number, setting
+from memtool.config import check_int, check_number, setting
 from memtool.engine import fit
 from memtool.estimator import Thresholds, load_scores
 from memtool.experiments import (EXPERIMENT, contrast_markdown, contrasts, markdown, model_accuracy,
@@ -45,6 +47,16 @@ from .study import StudySettings, load_study, main as study_main
 EVAL_STEPS = 20
 REFERENCE = 0xB0  # seed stream of the reference model (independent of the retrained ones)
 FRACTIONS = (0.125, 0.25, 0.5)  # removal sizes, as fractions of the atypical training set
+
+
+def judge_seed(seed: int, j: int) -> int:
+    """The seed of judge ``j`` (judge 0's is the single reference model's of earlier studies)."""
+    return stream(seed, EXPERIMENT, REFERENCE) if j == 0 else stream(seed, EXPERIMENT, REFERENCE, j)
+
+
+def judged_by(path) -> int:
+    """How many judges a harmfulness table averages (tables written before judges existed: one)."""
+    return int(read_table(path).attrs["memtool"].get("judges", 1))
 
 
 def harmfulness(model, x, y, attack: PGDAT, seed: int, batch: int = 512) -> np.ndarray:
@@ -63,16 +75,18 @@ def harmfulness(model, x, y, attack: PGDAT, seed: int, batch: int = 512) -> np.n
 @dataclass(frozen=True)
 class FindingB(StudySettings):
     fractions: tuple[float, ...] = setting(FRACTIONS, "removal sizes, as fractions of the atypical training set")
+    judges: int = setting(3, "PGD-AT reference models whose mean harmfulness ranks the atypical samples")
 
     def __post_init__(self):
         super().__post_init__()
+        check_int("judges", self.judges, 1)
         for f in self.fractions:
             check_number("fractions", f, 0, 1, low_open=True)
 
 
 def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, fractions=FRACTIONS,
-        thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None, device: str = "cpu", data_root=None,
-        progress: bool = True, reuse=None) -> pd.DataFrame:
+        judges: int = 3, thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None, device: str = "cpu",
+        data_root=None, progress: bool = True, reuse=None) -> pd.DataFrame:
     """Run finding (b) on ``run_dir``'s scores into ``out`` (see the module docstring).
     ``reuse``: finding (a)'s AT folder, whose full-set models are this one's when their
     settings agree (:func:`memtool.experiments.retrain`)."""
@@ -88,19 +102,22 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
 
     h_path = out / "harmfulness.parquet"
 
-    def reference(_):  # PGD-AT on the full set, a seed of its own: one process trains it, the others wait
-        if h_path.exists():
+    def reference(_):  # PGD-AT on the full set, seeds of their own: one process trains them, the others wait
+        if h_path.exists() and judged_by(h_path) == judges:
             return
-        ref = fit(train_recipe, data.x_train, data.y_train, [np.arange(len(atyp_train))],
-                  [stream(cfg.seed, EXPERIMENT, REFERENCE)], num_classes=data.num_classes)[0]
+        everything = np.arange(len(atyp_train))
+        refs = fit(train_recipe, data.x_train, data.y_train, [everything] * judges,
+                   [judge_seed(cfg.seed, j) for j in range(judges)], num_classes=data.num_classes)
         probe = PGDAT(eps=eps, pgd_steps=EVAL_STEPS, eps_warmup=0.0)
-        h = harmfulness(ref, data.x_train[atypical_ids], data.y_train[atypical_ids], probe, cfg.seed)
+        h = np.stack([harmfulness(ref, data.x_train[atypical_ids], data.y_train[atypical_ids], probe, cfg.seed)
+                      for ref in refs])
         tr = load_scores(run_dir).query("split == 'train'").set_index("sample_id")
         write_table(pd.DataFrame({"sample_id": atypical_ids, "label": ds.y_train[atypical_ids],
-                                  "mem": tr.loc[atypical_ids, "mem"].to_numpy(), "h": h}),
-                    h_path, {"run": str(run_dir), "eps": eps, "attack": f"pgd{EVAL_STEPS}"})
+                                  "mem": tr.loc[atypical_ids, "mem"].to_numpy(), "h": h.mean(0),
+                                  "h_sd": h.std(0, ddof=1) if judges > 1 else np.nan}),
+                    h_path, {"run": str(run_dir), "eps": eps, "attack": f"pgd{EVAL_STEPS}", "judges": judges})
 
-    shared(["harmfulness"], "reference", reference, out / "claims", desc="reference model", progress=False)
+    shared(["harmfulness"], "reference", reference, out / "claims", desc=f"{judges} judge model(s)", progress=False)
     harm = read_table(h_path).sort_values(["h", "sample_id"], ascending=[False, True])
 
     rng = np.random.default_rng(stream(cfg.seed, EXPERIMENT, len(atypical_ids)))
@@ -120,6 +137,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     info = {"run": str(run_dir), "eps": eps, "robust_attack": f"pgd{EVAL_STEPS}", "seeds": seeds,
             "mem_threshold": mem_threshold, "n_atypical_train": int(len(atypical_ids)),
             "n_typical_test": int((~atyp_test).sum()), "sizes": sizes, "h_median": float(harm["h"].median()),
+            "judges": judges,
             "dataset": meta["dataset"]}
     per_seed = per_seed_accuracy(records, {"typical test": ~atyp_test}).set_index(["variant", "seed", "metric"])
     con = contrasts({f"harmful {k} - random {k}: {metric}": per_seed.xs((f"harmful {k}", metric), level=[0, 2])["accuracy"]
@@ -130,7 +148,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     (out / "finding_b.md").write_text(
         f"# Finding (b) on {cfg.dataset} ({run_dir})\n\n"
         f"{len(atypical_ids)} atypical training samples (mem >= {mem_threshold}), ranked by harmfulness h under "
-        f"PGD-{EVAL_STEPS} at eps {eps:g} against a PGD-AT model on the full set (median h "
+        f"PGD-{EVAL_STEPS} at eps {eps:g}, the mean over {judges} PGD-AT model(s) trained on the full set (median h "
         f"{info['h_median']:.3f}). PGD-AT retrained without the k most harmful or k random atypical samples, "
         f"k in {sizes}; {seeds} seeds each, 95 % t-intervals over seeds, differences paired by seed.\n\n"
         + markdown(table.drop(columns=["removed", "n_removed"]))

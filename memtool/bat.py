@@ -56,3 +56,21 @@ def atypical_mask(scores, dataset, tau: float) -> np.ndarray:
         raise ValueError(f"score table {scores}: {len(wrong)} of {n} training labels differ from {dataset.name} "
                          f"(first at sample {wrong[0]}); the table belongs to other data")
     return at_least(train["mem"].to_numpy(dtype=float), tau)
+
+
+def judged_harm(table, dataset, atypical: np.ndarray) -> np.ndarray:
+    """(n_train,) float: h of every atypical training sample from a harmfulness table (columns
+    sample_id, label, h: :mod:`analyses.finding_b`'s), 0 for the typical ones. Every atypical
+    sample must be in it, with the dataset's label."""
+    harm = read_table(table).set_index("sample_id")
+    ids = np.flatnonzero(atypical)
+    missing = np.setdiff1d(ids, harm.index.to_numpy())
+    if len(missing):
+        raise ValueError(f"harmfulness table {table} lacks {len(missing)} of the {len(ids)} atypical training samples "
+                         f"(first: {missing[0]}): it was judged with another score table or tau; use the same ones")
+    if "label" in harm and not np.array_equal(harm.loc[ids, "label"].to_numpy(), dataset.y_train[ids]):
+        raise ValueError(f"harmfulness table {table}: its labels differ from {dataset.name}'s; "
+                         "it belongs to other data")
+    h = np.zeros(len(dataset.y_train))
+    h[ids] = harm.loc[ids, "h"].to_numpy()
+    return h

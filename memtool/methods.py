@@ -160,12 +160,16 @@ class Method:
     name: ClassVar[str] = "standard"
     adversarial: ClassVar[bool] = False
     smooths: ClassVar[bool] = True  # takes the recipe's label smoothing (TRADES and MART: their official losses)
+    later: ClassVar[dict] = {}  # fields added after runs were made, and their unset values: written only when set
 
     def loss(self, model, x, y, batch: Batch) -> LossOutput:
         return LossOutput(batch.ce(model(x), y))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self)}
+        """The method as run.json keeps it (the fields in ``later`` only when set, so that runs made
+        before them reopen and compare unchanged)."""
+        kept = {k: v for k, v in asdict(self).items() if k not in self.later or v != self.later[k]}
+        return {"name": self.name, **kept}
 
     def bind(self, dataset) -> "Method":
         """The method ready for ``dataset`` (methods that read per-sample scores load them here)."""
@@ -360,8 +364,16 @@ class BAT(Adversarial):
         L = sum_i w_i CE(f(x'_i), y_i) / sum_i w_i + lambda * sum_{i atypical} CE(f(x_i), y_i) / |B|
 
     For the first ``bat_warmup`` of the training it is plain PGD-AT (h from an untrained
-    model is noise). The atypical samples come from :meth:`bind` (the training loop calls it
-    with the dataset: the table must belong to that data). Logged per epoch: the mean weight
+    model is noise).
+
+    The benign half (issue 31): ``benign`` multiplies every atypical weight, so that with
+    ``benign`` > 1 the atypical samples that are not harmful are fit *more* than the typical
+    ones; ``judges`` replaces the current model's h by a fixed h from reference models (a
+    harmfulness table as :mod:`analyses.finding_b` writes it), so that "harmful" no longer
+    means "not yet fit": w_i = benign * (1 - h_i)^gamma, or benign * [h_i < eta].
+
+    The atypical samples come from :meth:`bind` (the training loop calls it with the
+    dataset: the table must belong to that data). Logged per epoch: the mean weight
     of the atypical samples and the fraction flagged harmful (h >= eta, or >= 0.5 with soft
     weights). Defaults (tau 0.25, gamma 1, lambda 1, warm-up 0.2) as kept by the study
     `analyses/bat_comparison.py` (figures/{mnist,fashion-mnist}/bat_comparison.md): no
@@ -373,8 +385,13 @@ class BAT(Adversarial):
     eta: float | None = setting(None, "BAT: hard rule instead: weight 0 when h >= eta")
     lam: float = setting(1.0, "BAT: weight lambda of the clean cross-entropy on atypical samples", flag="--lambda")
     bat_warmup: float = setting(0.2, "BAT: fraction of the training that is plain PGD-AT before the weights act")
+    benign: float = setting(1.0, "BAT: factor on every atypical weight (> 1: the benign atypical samples are fit "
+                                 "more than the typical ones)")
+    judges: str | None = setting(None, "BAT: a harmfulness table (sample_id, h: analyses.finding_b's "
+                                       "harmfulness.parquet) whose fixed h replaces the current model's")
 
     name: ClassVar[str] = "bat"
+    later: ClassVar[dict] = {"benign": 1.0, "judges": None}
 
     def __post_init__(self):
         super().__post_init__()
@@ -383,16 +400,21 @@ class BAT(Adversarial):
         check_number("eta", self.eta, 0, 1, optional=True)
         check_number("lam", self.lam, 0)
         check_number("bat_warmup", self.bat_warmup, 0, 1)
+        check_number("benign", self.benign, 0)
 
     def bind(self, dataset) -> "BAT":
         """A copy that knows the atypical training samples of ``dataset`` (a
         :class:`memtool.datasets.Dataset`), read from ``scores`` and checked against it."""
-        from .bat import atypical_mask
+        from .bat import atypical_mask, judged_harm
 
         if self.scores is None:
             raise ValueError("method bat needs scores (--scores RUN_OR_TABLE: a run directory or a score table)")
         bound = replace(self)
-        object.__setattr__(bound, "atypical", torch.as_tensor(atypical_mask(self.scores, dataset, self.tau)))
+        atypical = atypical_mask(self.scores, dataset, self.tau)
+        object.__setattr__(bound, "atypical", torch.as_tensor(atypical))
+        if self.judges is not None:
+            object.__setattr__(bound, "judged", torch.as_tensor(judged_harm(self.judges, dataset, atypical),
+                                                                dtype=torch.float32))
         return bound
 
     def loss(self, model, x, y, batch):
@@ -406,9 +428,11 @@ class BAT(Adversarial):
         a = atypical.to(batch.ids.device)[batch.ids]  # (..., B)
         if batch.progress < self.bat_warmup or not bool(a.any()):
             return LossOutput(per_sample)
-        h = other_class_confidence(logits_adv.detach(), y)
+        judged = getattr(self, "judged", None)
+        h = other_class_confidence(logits_adv.detach(), y) if judged is None else \
+            judged.to(batch.ids.device)[batch.ids].to(per_sample.dtype)
         soft = (1 - h).clamp_min(0) ** self.gamma if self.eta is None else (h < self.eta).to(h.dtype)
-        w = torch.where(a, soft, torch.ones_like(soft))
+        w = torch.where(a, self.benign * soft, torch.ones_like(soft))
         harmful = h >= (0.5 if self.eta is None else self.eta)
         af = a.to(h.dtype)
         extra = None

@@ -45,10 +45,10 @@ from .config import flatten_settings, read_yaml
 from .recipe import Recipe
 from .rundir import atomic_write, read_json, read_table
 
-STAGES = ("estimate", "validate", "validate_transfer", "finding_a", "finding_b", "bat_comparison", "score_cost",
-          "robust_estimate")
+STAGES = ("estimate", "validate", "validate_transfer", "finding_a", "finding_b", "bat_tuning", "bat_comparison",
+          "score_cost", "robust_estimate")
 FILE_STEMS = {"validate_transfer": "validate"}  # a stage whose function names its files otherwise
-RECORDED = ("validate", "validate_transfer", "finding_a", "finding_b", "bat_comparison")  # resume from per-model records
+RECORDED = ("validate", "validate_transfer", "finding_a", "finding_b", "bat_tuning", "bat_comparison")  # resume from per-model records
 
 
 def analyses() -> dict:
@@ -56,7 +56,7 @@ def analyses() -> dict:
     each returning its result table (written beside as OUT/NAME.{md,parquet,png}, or
     OUT/validate.* for validate_transfer: do one learner's scores predict another's retraining?)."""
     try:
-        from analyses import bat_comparison, finding_a, finding_b, score_cost
+        from analyses import bat_comparison, bat_tuning, finding_a, finding_b, score_cost
     except ModuleNotFoundError as e:
         if e.name != "analyses":
             raise
@@ -66,7 +66,8 @@ def analyses() -> dict:
     from .validate import validate
 
     return {"validate": validate, "validate_transfer": validate, "finding_a": finding_a.run,
-            "finding_b": finding_b.run, "bat_comparison": bat_comparison.run, "score_cost": score_cost.run}
+            "finding_b": finding_b.run, "bat_tuning": bat_tuning.run, "bat_comparison": bat_comparison.run,
+            "score_cost": score_cost.run}
 
 
 def load_config(path) -> dict:

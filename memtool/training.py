@@ -220,16 +220,18 @@ def _settings(config: TrainConfig, ds, excluded, w, method) -> dict:
     cfg = config.to_dict()
     for f in ("exclude_ids", "weights"):  # compared by content below, not by path
         cfg[f] = None
-    if cfg["recipe"]["method"].get("scores") is not None:  # BAT's scores: by content (atypical_sha), not by path
-        cfg["recipe"]["method"]["scores"] = None
+    for f in ("scores", "judges"):  # BAT's tables: by content (atypical_sha, judged_sha), not by path
+        if cfg["recipe"]["method"].get(f) is not None:
+            cfg["recipe"]["method"][f] = None
     # BAT's atypical set, by content too: re-estimating into the same run directory changes it
-    atypical = getattr(method, "atypical", None)
+    atypical, judged = getattr(method, "atypical", None), getattr(method, "judged", None)
     return {"config": cfg,
             "dataset": {"name": ds.name, "fingerprint": ds.fingerprint, "n_train": len(ds.y_train),
                         "n_test": len(ds.y_test), "num_classes": ds.num_classes, "image_shape": list(ds.image_shape)},
             "samples": {"n_excluded": int(len(excluded)), "excluded_sha": _digest(excluded) if len(excluded) else None,
                         "weights_sha": _digest(w),
-                        **({} if atypical is None else {"atypical_sha": _digest(atypical.numpy())})}}
+                        **({} if atypical is None else {"atypical_sha": _digest(atypical.numpy())}),
+                        **({} if judged is None else {"judged_sha": _digest(judged.numpy())})}}
 
 
 def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | None = None, *, weights=None,

@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -54,6 +55,16 @@ def test_soft_weights_and_loss_by_hand():
     assert out2.weight.tolist() == pytest.approx([1.0, 0.09, 0.81]) and out2.extra is None
 
 
+def test_benign_factor_and_judged_harm_by_hand():
+    out, _ = _loss(_bat(gamma=1.0, lam=0.0, benign=2.0))  # the typical sample keeps 1; atypical: 2 (1 - h)
+    assert out.weight.tolist() == pytest.approx([1.0, 0.6, 1.8])
+    judged = _bat(gamma=1.0, lam=0.0)  # fixed h from reference models in place of the current model's 0.7, 0.1
+    object.__setattr__(judged, "judged", torch.tensor([0.0, 0.1, 0.9]))
+    out, _ = _loss(judged)
+    assert out.weight.tolist() == pytest.approx([1.0, 0.9, 0.1])
+    assert float(out.stats["harmful_fraction"][0]) == 1.0  # sample 2 (h 0.9), not sample 1
+
+
 def test_hard_rule_by_hand():
     out, total = _loss(_bat(eta=0.5, lam=0.0))
     assert out.weight.tolist() == [1.0, 0.0, 1.0]
@@ -80,7 +91,7 @@ def test_with_every_sample_typical_bat_is_pgd_at_exactly():
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("rule", ["soft", "hard"])
+@pytest.mark.parametrize("rule", ["soft", "hard", "judged"])
 def test_trained_bat_weights_land_on_the_atypical_samples_by_hand(rule):
     """Through the engine: two stacked models, shuffled batches, given per-sample weights and
     every third sample atypical. At eps 0 and a learning rate too small to move a parameter
@@ -103,8 +114,12 @@ def test_trained_bat_weights_land_on_the_atypical_samples_by_hand(rule):
     yn, a = y.numpy(), atypical.numpy()
     true = p[:, np.arange(n), yn]
     h = np.where(np.eye(10, dtype=bool)[yn], 0.0, p).max(-1)  # largest other-class probability
+    judged = np.random.default_rng(1).uniform(0, 1, n)  # fixed h of reference models, by sample id
     if rule == "soft":
         params, w_bat, harmful = {"gamma": 2.0}, np.where(a, (1 - h) ** 2, 1.0), h >= 0.5
+    elif rule == "judged":  # the benign half: up-weighted by 2, by the judges' h, the same in both models
+        params, w_bat, harmful = {"gamma": 1.0, "benign": 2.0}, np.where(a, 2 * (1 - judged), 1.0)[None].repeat(2, 0), \
+            (judged >= 0.5)[None].repeat(2, 0)
     else:  # eta between two neighbouring h of the atypical samples: about half of them weigh 0
         hs = np.sort(np.concatenate([h[k][subsets[k]][a[subsets[k]]] for k in range(2)]))
         i = len(hs) // 2
@@ -113,6 +128,8 @@ def test_trained_bat_weights_land_on_the_atypical_samples_by_hand(rule):
         params, w_bat, harmful = {"eta": eta}, np.where(a & (h >= eta), 0.0, 1.0), h >= eta
     method = BAT(eps=0.0, pgd_steps=1, eps_warmup=0.0, bat_warmup=0.0, lam=0.5, **params)
     object.__setattr__(method, "atypical", atypical)
+    if rule == "judged":
+        object.__setattr__(method, "judged", torch.tensor(judged, dtype=torch.float32))
     recipe = Recipe(model="mlp", hidden=16, epochs=1, batch_size=bs, lr=1e-30, schedule="constant", method=method)
     logged = {}
     models = fit(recipe, x, y, subsets, seeds, num_classes=10, weights=given, ensemble_size=2,
@@ -134,7 +151,7 @@ def test_trained_bat_weights_land_on_the_atypical_samples_by_hand(rule):
     np.testing.assert_allclose(logged["loss"].numpy(), loss, rtol=1e-5)
     assert logged["atypical_weight"] == pytest.approx(num / den, rel=1e-5)
     assert logged["harmful_fraction"] == pytest.approx(hit / den, rel=1e-5)
-    assert 0 < num / den < 1
+    assert 0 < num / den < (2 if rule == "judged" else 1)
 
 
 def test_bat_needs_its_scores_bound():
@@ -164,6 +181,26 @@ def test_a_score_table_of_other_data_is_refused(digits_run, tmp_path):
     write_table(table.assign(mem=np.nan), tmp_path / "cscore.parquet", {})
     with pytest.raises(ValueError, match="no mem estimate for any training sample .*import-cscore"):
         BAT(scores=str(tmp_path / "cscore.parquet")).bind(digits)
+
+
+def test_a_harmfulness_table_is_read_by_sample_id_and_checked(digits_run, tmp_path):
+    run, _ = digits_run
+    digits = memtool.load_dataset("digits", label_noise=0.05)
+    atypical = BAT(scores=str(run)).bind(digits).atypical.numpy()
+    ids = np.flatnonzero(atypical)
+    h = np.random.default_rng(0).uniform(0, 1, len(ids))
+    harm = tmp_path / "harmfulness.parquet"
+    order = np.random.default_rng(1).permutation(len(ids))  # rows in any order: read by sample id
+    write_table(pd.DataFrame({"sample_id": ids[order], "label": digits.y_train[ids][order], "h": h[order]}), harm, {})
+    judged = BAT(scores=str(run), judges=str(harm)).bind(digits).judged.numpy()
+    np.testing.assert_allclose(judged[ids], h, rtol=1e-6)
+    assert (judged[~atypical] == 0).all()
+    write_table(pd.DataFrame({"sample_id": ids[1:], "label": digits.y_train[ids[1:]], "h": h[1:]}), harm, {})
+    with pytest.raises(ValueError, match=f"lacks 1 of the {len(ids)} atypical training samples"):
+        BAT(scores=str(run), judges=str(harm)).bind(digits)
+    write_table(pd.DataFrame({"sample_id": ids, "label": (digits.y_train[ids] + 1) % 10, "h": h}), harm, {})
+    with pytest.raises(ValueError, match="labels differ"):
+        BAT(scores=str(run), judges=str(harm)).bind(digits)
 
 
 def test_short_bat_run_trains_and_logs(digits_run, tmp_path, capsys):

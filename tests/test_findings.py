@@ -59,10 +59,15 @@ def test_finding_b_tables_and_figure(digits_run, tmp_path):
     run, _ = digits_run
     out = tmp_path / "b"
     table = finding_b.run(run, out, seeds=2, eps=0.1, fractions=(0.25, 0.5), recipe=SMALL, pgd_steps=3,
-                          progress=False)
+                          judges=2, progress=False)
     harm = read_table(out / "harmfulness.parquet")
     n_atyp = read_table(out / "finding_b.parquet").attrs["memtool"]["n_atypical_train"]
     assert len(harm) == n_atyp and harm["h"].between(0, 1).all() and (harm["mem"] >= 0.25 - 1e-9).all()
+    # h is the two judges' mean: judge 0 alone (its own seed, trained here again) is one of mean +- sd / sqrt(2)
+    assert harm.attrs["memtool"]["judges"] == 2 and (harm["h_sd"] > 0).any()
+    h0 = judge_alone(run, harm["sample_id"].to_numpy())
+    d, half = h0 - harm["h"].to_numpy(), harm["h_sd"].to_numpy() / np.sqrt(2)
+    assert np.minimum(abs(d - half), abs(d + half)).max() < 1e-4
     k1, k2 = round(0.25 * n_atyp), round(0.5 * n_atyp)
     assert set(table.variant) == {"full", f"harmful {k1}", f"random atypical {k1}", f"harmful {k2}",
                                   f"random atypical {k2}"}
@@ -85,3 +90,20 @@ def test_finding_b_tables_and_figure(digits_run, tmp_path):
 
     settings = json.loads((out / "AT" / "experiment.json").read_text())
     assert sorted(settings["variants"][f"harmful {k1}"]["excluded"]) == sorted(top.tolist())
+
+
+def judge_alone(run, ids):
+    """Judge 0's harmfulness of ``ids``, from one PGD-AT model trained alone (finding (b)'s recipe)."""
+    from dataclasses import replace
+
+    from analyses import finding_b
+    from memtool.engine import fit
+    from memtool.methods import PGDAT
+
+    st = finding_b.load_study(run, 0.1, finding_b.Thresholds(), "cpu", None)
+    data = st.data
+    model = fit(replace(SMALL, method=PGDAT(eps=0.1, pgd_steps=3)), data.x_train, data.y_train,
+                [np.arange(len(data.y_train))], [finding_b.judge_seed(st.config.seed, 0)],
+                num_classes=data.num_classes)[0]
+    probe = PGDAT(eps=0.1, pgd_steps=finding_b.EVAL_STEPS, eps_warmup=0.0)
+    return finding_b.harmfulness(model, data.x_train[ids], data.y_train[ids], probe, st.config.seed)
