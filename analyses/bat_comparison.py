@@ -93,10 +93,11 @@ GRID = {
     "bat lambda=0.5": {**BAT, "lam": 0.5},
     "bat lambda=2": {**BAT, "lam": 2.0},
 }
-# BAT's benign half (issue 31): the benign atypical samples fit more. Each family is tuned on held-out training samples
-# (analyses/bat_tuning.py), five candidates each: the budget docs/bat.md declared (as many as PGD-AT's eps curve has points)
+# BAT's benign half (issue 31): the benign atypical samples fit more. Each family is tuned on held-out training
+# samples (analyses/bat_tuning.py), five candidates each: the budget docs/bat.md declared (PGD-AT's eps curve's points).
+# Families: the current model's h, atypical weights times u; or harmful as finding (b)'s judges say, removed (h >= 0.5)
 UPWEIGHTS = (1.25, 1.5, 2.0, 3.0, 4.0)
-FAMILIES = {  # the current model's h, atypical weights times u; or harmful as finding (b)'s judges say, removed (h >= 0.5)
+FAMILIES = {
     "bat benign": {f"bat benign x{u:g}": {**BAT, "benign": u} for u in UPWEIGHTS},
     "bat judged": {f"bat judged{'' if u == 1 else f' benign x{u:g}'}": {**BAT, "eta": 0.5, "bat_warmup": 0.0,
                                                                         "judges": JUDGED, "benign": u}
@@ -287,15 +288,16 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     n_test = len(st.atypical_test)
     if not 1 <= aa_samples <= n_test:
         raise ValueError(f"aa_samples must be in 1..{n_test} (the test set), got {aa_samples}")
+    headline = aa_variants in ("headline", ("headline",), ["headline"])
     variants = list(variants or DEFAULT)
     if tuned is not None:
         chosen = [v for v in read_table(tuned).attrs["memtool"]["chosen"].values() if v not in variants]
         variants += chosen
-        if aa_variants is not None and aa_variants not in ("headline", ("headline",), ["headline"]):
+        if aa_variants is not None and not headline:
             aa_variants = [*aa_variants, *chosen]
         aa_all_seeds = [*aa_all_seeds, *chosen] if aa_all_seeds else aa_all_seeds
     todo = recipes(recipe or cfg.recipe, eps, run_dir, variants, pgd_steps, judges)
-    if aa_variants in ("headline", ("headline",), ["headline"]):
+    if headline:
         aa_variants = [v for v in todo if v in HEADLINE]
     attacked = [v for v in todo if aa_variants is None or v in aa_variants]
     for name, chosen, among, what in (("aa_variants", aa_variants, todo, "variants"),

@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 
 from memtool import manifest
+from memtool.compare import high_pairs
 from memtool.estimator import load_influence
 from memtool.estimator.pairs import candidate_pairs, posterior, probit_influence, regression_influence
 from memtool.estimator.scores import at_least, influence_at, memorization
 from memtool.estimator.store import load_labels, load_trials, read_run_json
-from memtool.rundir import write_table
+from memtool.rundir import diff_settings, write_table
 
 CUTS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # posterior-probability cuts tried on draw 0
 BASE = ("plain", "probit", "regression")
@@ -102,9 +103,9 @@ def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimator
     ref_meta, pool_meta = read_run_json(reference), read_run_json(pool)
     ref_cfg = {k: v for k, v in ref_meta["config"].items() if k != "seed"}
     pool_cfg = {k: v for k, v in pool_meta["config"].items() if k != "seed"}
-    if ref_cfg != pool_cfg:
-        diff = sorted(k for k in set(ref_cfg) | set(pool_cfg) if ref_cfg.get(k) != pool_cfg.get(k))
-        raise ValueError(f"{pool} is not an estimate of {reference}'s recipe and data (differs in {diff})")
+    diffs = diff_settings(ref_cfg, pool_cfg)
+    if diffs:
+        raise ValueError(f"{pool} is not an estimate of {reference}'s recipe and data: " + "; ".join(diffs))
     if ref_meta["config"].get("label_noise"):
         raise ValueError(f"{reference} planted label noise, seeded by the plan seed: a pool under another seed has "
                          "other labels; measure on a run without --label-noise")
@@ -112,8 +113,7 @@ def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimator
         raise ValueError(f"{pool} has the reference's plan seed: its trials are the reference's; use another --seed")
     summary = ref_meta["summary"]
     mem_t, infl_t = summary["mem_threshold"], summary["infl_threshold"]
-    infl = load_influence(reference)
-    ref_pairs = set(zip(infl.loc[infl["high"], "train_id"], infl.loc[infl["high"], "test_id"]))
+    ref_pairs = high_pairs(load_influence(reference))
     trials, labels = load_trials(pool), load_labels(pool)
     log = [json.loads(line) for line in (pool / "log.jsonl").read_text().splitlines()]
     per_trial = sum(r["seconds"] for r in log) / sum(r["trials"][1] - r["trials"][0] + 1 for r in log)

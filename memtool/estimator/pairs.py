@@ -97,9 +97,9 @@ def regression_influence(member: np.ndarray, test_margin: np.ndarray, candidates
     inv = np.linalg.inv(gram)
     beta = inv @ (x.T @ (y - mean))  # (c, tests)
     resid = (y - mean) - x @ beta
-    hat_df = np.trace(inv @ (x.T @ x))  # effective parameters of the ridge fit
-    sd = np.sqrt((resid**2).sum(0) / max(t - 1 - hat_df, 1.0))  # (tests,)
-    cov_diag = np.diag(inv @ (x.T @ x) @ inv)  # Var(beta) / sigma^2 of the ridge estimator
+    shrunk = inv @ (x.T @ x)  # the ridge's shrinkage of the least-squares coefficients
+    sd = np.sqrt((resid**2).sum(0) / max(t - 1 - np.trace(shrunk), 1.0))  # trace: effective parameters; (tests,)
+    cov_diag = np.diag(shrunk @ inv)  # Var(beta) / sigma^2 of the ridge estimator
     # the probit's scale: the margin's spread over the trials with i's own effect taken out (the residual and
     # the other candidates'), as P(correct | i in / out) averages over the other candidates' memberships
     # (beta^2 less its noise, Var(beta) = sd^2 cov_diag: an unbiased square)
