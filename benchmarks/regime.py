@@ -29,21 +29,25 @@ from memtool.methods import PGDAT
 from memtool.recipe import Recipe
 
 
-def measure(study, eps: float, epochs: int, seed: int, pgd_steps: int = 10, n_test: int = 1000) -> dict:
+def measure(study, eps: float, epochs: int, seed: int, pgd_steps: int = 10, n_test: int = 1000, lr: float = 0.05,
+            without_atypical: bool = False) -> dict:
     data, atyp = study.data, study.atypical_train
-    recipe = Recipe(model="cnn", hidden=256, epochs=epochs, batch_size=128, lr=0.05, schedule="onecycle",
+    train = np.flatnonzero(~atyp) if without_atypical else np.arange(len(data.y_train))
+    recipe = Recipe(model="cnn", hidden=256, epochs=epochs, batch_size=128, lr=lr, schedule="onecycle",
                     method=PGDAT(eps=eps, pgd_steps=pgd_steps)).for_dataset(study.config.dataset)
     wall, cpu = time.time(), time.process_time()
-    models = fit(recipe, data.x_train, data.y_train, [np.arange(len(data.y_train))], [seed],
+    models = fit(recipe, data.x_train, data.y_train, [train], [seed],
                  num_classes=data.num_classes)
     train_s = (time.time() - wall, time.process_time() - cpu)
-    out = {"eps": eps, "epochs": epochs, "pgd_steps": pgd_steps, "seed": seed, "recipe": recipe.to_dict(),
+    out = {"eps": eps, "epochs": epochs, "lr": lr, "pgd_steps": pgd_steps, "seed": seed,
+           "without_atypical": without_atypical, "recipe": recipe.to_dict(),
            "n_atypical_train": int(atyp.sum()), "n_train": len(atyp), "n_test": n_test,
            "train_wall_s": round(train_s[0], 1), "train_cpu_s": round(train_s[1], 1)}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test[:n_test], data.y_test[:n_test])):
         clean = (models.margins(x, y)[0] > 0).numpy()
         robust = (models.margins(x, y, robust=eps, steps=20)[0] > 0).numpy()
-        groups = {"atypical train": atyp, "typical train": ~atyp} if split == "train" else {"test": np.ones(n_test, bool)}
+        groups = ({"atypical train": atyp, "typical train": ~atyp} if split == "train"
+                  else {"test": np.ones(n_test, bool)})
         for g, mask in groups.items():
             out[g] = {"clean": float(clean[mask].mean()), "pgd20": float(robust[mask].mean())}
     out["total_wall_s"] = round(time.time() - wall, 1)
@@ -54,13 +58,15 @@ def measure(study, eps: float, epochs: int, seed: int, pgd_steps: int = 10, n_te
 
 def table(out: Path) -> str:
     """The measured candidates of OUT as a markdown table (what benchmarks/README.md shows)."""
-    rows = sorted((json.loads(f.read_text()) for f in out.glob("*.json")), key=lambda r: (r["eps"], r["epochs"]))
-    lines = ["| eps | epochs | atypical train: PGD-20 / clean | typical train: PGD-20 / clean | test: PGD-20 / clean "
-             "| train CPU s |", "|---:|---:|---|---|---|---:|"]
+    rows = sorted((json.loads(f.read_text()) for f in out.glob("*.json")),
+                  key=lambda r: (r.get("without_atypical", False), r["eps"], r["epochs"], -r.get("lr", 0.05)))
+    lines = ["| eps | epochs | peak lr | trained on | atypical train: PGD-20 / clean | typical train: PGD-20 / clean "
+             "| test: PGD-20 / clean | train CPU s |", "|---:|---:|---:|---|---|---|---|---:|"]
     pct = lambda g: f"{100 * g['pgd20']:.1f} / {100 * g['clean']:.1f} %"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['eps']:g} | {r['epochs']} | {pct(r['atypical train'])} | {pct(r['typical train'])} | "
-                     f"{pct(r['test'])} | {r['train_cpu_s']:.0f} |")
+        on = f"typical only, seed {r['seed']}" if r.get("without_atypical") else "all"
+        lines.append(f"| {r['eps']:g} | {r['epochs']} | {r.get('lr', 0.05):g} | {on} | {pct(r['atypical train'])} | "
+                     f"{pct(r['typical train'])} | {pct(r['test'])} | {r['train_cpu_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -69,22 +75,27 @@ def main(argv=None):
     p.add_argument("run", help="a run directory with score tables (e.g. references/mnist)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--candidates", nargs="+", default=["0.1x20", "0.1x30"], help="EPSxEPOCHS")
+    p.add_argument("--lr", type=float, default=0.05, help="the one-cycle schedule's peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--without-atypical", action="store_true",
+                   help="train on the typical samples only (finding (a)'s removal model: a stability check)")
     a = p.parse_args(argv)
     study = load_study(a.run, device=a.device)
     a.out.mkdir(parents=True, exist_ok=True)
     for c in a.candidates:
         eps, epochs = c.split("x")
-        path = a.out / f"eps{eps}-epochs{epochs}-seed{a.seed}.json"
+        lr = "" if a.lr == 0.05 else f"-lr{a.lr:g}"
+        without = "-without-atypical" if a.without_atypical else ""
+        path = a.out / f"eps{eps}-epochs{epochs}{lr}{without}-seed{a.seed}.json"
         if path.exists():
             print(f"{path}: done")
             continue
-        r = measure(study, float(eps), int(epochs), a.seed)
+        r = measure(study, float(eps), int(epochs), a.seed, lr=a.lr, without_atypical=a.without_atypical)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(r, indent=1))
         os.replace(tmp, path)
-        print(f"eps {eps} x {epochs} epochs: atypical train {r['atypical train']}, typical train "
+        print(f"eps {eps} x {epochs} epochs, lr {a.lr:g}: atypical train {r['atypical train']}, typical train "
               f"{r['typical train']}, test {r['test']}, {r['train_cpu_s']:.0f} CPU s -> {path}", flush=True)
     print(table(a.out))
 
