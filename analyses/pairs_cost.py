@@ -54,15 +54,12 @@ def candidates(trials, labels, mem_threshold: float):
     return tr, te, np.flatnonzero(at_least(mem, mem_threshold))
 
 
-def estimates(name: str, trials, labels, train_ids, test_ids, high, chunk: int = 20_000):
+def estimates(name: str, trials, labels, train_ids, test_ids, high):
     """(infl, se) of every candidate pair by estimator ``name``."""
     if name == "plain":  # the F&Z difference and its Agresti-Caffo SE
         return influence_at(trials.member, trials.test_correct, train_ids, test_ids)
     if name == "probit":
-        parts = [probit_influence(trials.member, trials.test_margin, train_ids[s:s + chunk], test_ids[s:s + chunk])
-                 for s in range(0, len(train_ids), chunk)]
-        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])) if parts else \
-            (np.zeros(0), np.zeros(0))
+        return probit_influence(trials.member, trials.test_margin, train_ids, test_ids)
     if name == "regression":
         infl, se = np.full(len(train_ids), np.nan), np.full(len(train_ids), np.nan)
         for c in np.unique(labels["train_label"][high]):

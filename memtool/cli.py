@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-fz", help="turn Feldman & Zhang's released .npz files into score tables")
     p.add_argument("files", nargs="+", help="cifar100_infl_matrix.npz and/or the high-influence-pairs .npz")
     p.add_argument("--out", required=True, help="run directory to write")
-    add_flags(p, Thresholds)
+    add_flags(p, Thresholds, skip=("pairs",))  # the released files hold Feldman & Zhang's estimate only
     p.set_defaults(func=cmd_import_fz)
 
     p = sub.add_parser("import-cscore", help="turn a published C-score .npz (labels, scores) into a score table")

@@ -27,7 +27,6 @@ out is done with the subset, not with a zero weight, so it takes no slot in a ba
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from functools import partial
 from typing import Callable, Sequence
@@ -121,7 +120,7 @@ def train_stack(recipe: Recipe, x, y, subsets: np.ndarray, seeds: Sequence[int],
     if weights is not None and weights.dim() == 1:
         weights = weights.expand(k, -1)
     method, bs = recipe.method, recipe.batch_size
-    per_epoch = math.ceil(m / bs)
+    per_epoch = recipe.batches(m)
     total = recipe.epochs * per_epoch
     ac = _autocast(recipe, device)
     for epoch in range(first, recipe.epochs):

@@ -238,8 +238,8 @@ def committed_reference(ref: Path, settings: dict, run: Path) -> Path | None:
     meta, th = read_json(ref / "run.json"), Thresholds(**th)
     if diff_settings(meta["config"], EstimateConfig.from_kwargs(**rest).to_dict()) or \
             meta["summary"]["n_trials"] < Execution(**ex).trials or \
-            (meta["summary"].get("mem_threshold"), meta["summary"].get("infl_threshold")) != \
-            (th.mem_threshold, th.infl_threshold):
+            (meta["summary"].get("mem_threshold"), meta["summary"].get("infl_threshold"),
+             meta["summary"].get("pairs", "fz")) != (th.mem_threshold, th.infl_threshold, th.pairs):
         return None
     return ref.relative_to(Path.cwd()) if ref.is_relative_to(Path.cwd()) else ref  # tables name it as typed
 

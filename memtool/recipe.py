@@ -49,6 +49,8 @@ class Recipe:
     precision: str = setting("fp32", "fp32 | bf16 (autocast, for GPUs) | fp16 (autocast with a gradient scaler, "
                                      "CUDA)", choices=PRECISIONS)
     label_smoothing: float = setting(0.0, "label smoothing of every cross-entropy the method trains with")
+    drop_last: bool = setting(False, "skip each epoch's last batch when it is partial (it has m mod batch-size "
+                                     "samples: a batch of 2 is a full step of 2 samples' gradient)")
     method: Method = setting(None, "training method", cli=False, factory=Method)
     # the factory of a user's model (never serialized: run.json keeps ``model`` and its digest)
     factory: object = field(default=None, compare=False, repr=False)
@@ -83,6 +85,8 @@ class Recipe:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.drop_last, bool):
+            raise ValueError(f"drop_last must be true or false, got {self.drop_last!r}")
         if self.augment is not None and not isinstance(self.augment, bool):
             raise ValueError(f"augment must be true, false or None (dataset default), got {self.augment!r}")
 
@@ -108,10 +112,10 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The recipe as run.json keeps it; fields added after runs were made (model_kwargs,
-        label_smoothing) only when set, so those runs reopen and compare unchanged."""
+        label_smoothing, drop_last) only when set, so those runs reopen and compare unchanged."""
         d = asdict(replace(self, factory=None))
         del d["factory"]
-        for name, unset in (("model_kwargs", {}), ("label_smoothing", 0.0)):
+        for name, unset in (("model_kwargs", {}), ("label_smoothing", 0.0), ("drop_last", False)):
             if d[name] == unset:
                 del d[name]
         d["method"] = self.method.to_dict()
@@ -168,8 +172,14 @@ class Recipe:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                                nesterov=self.momentum > 0, fused=fused)
 
+    def batches(self, n_train: int) -> int:
+        """SGD steps per epoch on ``n_train`` samples."""
+        if self.drop_last and n_train >= self.batch_size:
+            return n_train // self.batch_size
+        return math.ceil(n_train / self.batch_size)
+
     def steps(self, n_train: int) -> int:
-        return self.epochs * math.ceil(n_train / self.batch_size)
+        return self.epochs * self.batches(n_train)
 
 
 def user_settings(settings: dict) -> dict:

@@ -153,6 +153,26 @@ def test_a_method_sees_the_weights_of_its_batch_samples(k):
         assert sorted(ids.tolist()) == subsets[j].tolist()
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_drop_last_skips_each_epochs_partial_batch_and_nothing_else(k):
+    """210 samples, batches of 50: 4 full steps per epoch instead of 4 + a step of 10; the
+    samples left out change from epoch to epoch, and the schedule counts the steps taken."""
+    x, y = _data()
+    seen = []
+    r = Recipe(model="mlp", hidden=16, epochs=3, batch_size=50, drop_last=True, method=Recording(seen=seen))
+    subsets = _subsets(k)
+    fit(r, x, y, subsets, list(range(k)), num_classes=10, ensemble_size=k)
+    assert len(seen) == 3 * 4 == r.steps(210) and r.batches(40) == 1  # fewer samples than a batch: one step
+    assert all(ids.shape[-1] == 50 for ids, _, _ in seen)
+    left_out = []
+    for e in range(3):
+        ids = torch.cat([ids if k == 1 else ids[0] for ids, _, _ in seen[4 * e: 4 * e + 4]]).tolist()
+        assert len(set(ids)) == 200 and set(ids) <= set(subsets[0].tolist())
+        left_out.append(set(subsets[0].tolist()) - set(ids))
+    assert left_out[0] != left_out[1]
+    assert "drop_last" not in Recipe().to_dict() and Recipe.from_dict(Recipe(drop_last=True).to_dict()).drop_last
+
+
 def test_zero_weight_on_a_class_unlearns_that_class_only():
     """Digits, MLP: with weight 0 on every class-0 training sample, class-0 test accuracy falls
     to near 0 (the model never learns to say 0) while the other classes stay above 85 %."""

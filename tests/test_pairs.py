@@ -210,3 +210,66 @@ def test_every_pair_says_how_far_to_trust_it(digits_run):
     buf = io.StringIO()
     print_summary(summary, run, file=buf)
     assert f"expected false: {summary['expected_false_pairs']:.0f}" in buf.getvalue()
+
+
+def _planted_trials(t, rng):
+    from memtool.estimator.store import Trials
+
+    member, margin, planted, truth = _planted(t, rng)
+    n_train = member.shape[1]
+    train_margin = np.ones((t, n_train))
+    trials = Trials(np.arange(t), member, train_margin > 0, train_margin, margin > 0, margin)
+    labels = {"train_label": np.zeros(n_train, int), "test_label": np.zeros(margin.shape[1], int),
+              "original_label": np.zeros(n_train, int)}
+    true = {(int(i), int(j)) for i, j, tr in zip(planted % n_train, planted, truth) if tr >= 0.15}
+    return trials, labels, true
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_tables_call_pairs_by_the_chosen_estimator_and_keep_both(seed):
+    from memtool.estimator.tables import influence_table
+
+    trials, labels, true = _planted_trials(64, np.random.default_rng(seed))
+    mem = np.ones(trials.member.shape[1])
+    tables = {p: influence_table(trials, labels, mem, top_k=2, pairs=p) for p in ("fz", "probit")}
+    for p, df in tables.items():
+        assert (df["high"] == df[f"high_{p}"]).all()
+        assert df[["infl", "infl_se", "infl_probit", "infl_probit_se"]].notna().all().all()  # both estimates, every row
+        i, j = df["train_id"].to_numpy(), df["test_id"].to_numpy()
+        assert df["infl_probit"].to_numpy() == pytest.approx(probit_influence(trials.member, trials.test_margin, i, j)[0])
+        assert (df["high_probit"] == (df["infl_probit"] >= 0.15 - 1e-9)).all()
+        assert (df["high_fz"] == (df["infl"] >= 0.15 - 1e-9)).all()
+        assert df["p_high"].between(0, 1).all()
+    a, b = tables["fz"], tables["probit"]
+    # the same rows, whichever rule decides `high`: both rules' pairs and the top-k
+    assert set(zip(a.train_id, a.test_id)) == set(zip(b.train_id, b.test_id))
+    assert set(zip(a.train_id[a.high_fz], a.test_id[a.high_fz])) | set(zip(b.train_id[b.high_probit],
+                                                                            b.test_id[b.high_probit])) <= set(zip(a.train_id, a.test_id))
+    jac = {p: len(called & true) / len(called | true) for p, df in tables.items()
+           for called in [set(zip(df.train_id[df.high], df.test_id[df.high]))]}
+    assert jac["probit"] > jac["fz"]
+
+
+def test_scores_with_the_probit_rule_summarize_and_split_by_it(digits_run, tmp_path):
+    import shutil
+
+    from memtool.estimator import compute_tables, load_influence
+
+    run = tmp_path / "digits"
+    shutil.copytree(digits_run[0], run)
+    fz = digits_run[1]
+    probit = compute_tables(run, pairs="probit")
+    infl = load_influence(run)
+    assert probit["pairs"] == "probit" and infl.attrs["memtool"]["thresholds"]["pairs"] == "probit"
+    assert probit["n_high_pairs"] == int(infl["high_probit"].sum()) != fz["n_high_pairs"]
+    assert probit["split_half"]["jaccard_high_pairs"] != fz["split_half"]["jaccard_high_pairs"]
+    assert compute_tables(run, pairs="fz")["n_high_pairs"] == fz["n_high_pairs"]  # the rule, not the data, changed
+    with pytest.raises(ValueError, match="pairs"):
+        compute_tables(run, pairs="tracin")
+
+
+def test_the_posterior_of_a_pair_with_a_vanishing_standard_error_is_its_estimate():
+    """A probit SE of 1e-200 (margins never near 0) between two grid points: P is still defined."""
+    prior = (np.linspace(-1, 1, 201), np.full(201, 1 / 201))
+    prob, mean = posterior(np.array([0.1234, 0.3]), np.array([1e-200, 1e-200]), 0.15, prior=prior)
+    assert prob == pytest.approx([0.0, 1.0], abs=1e-4) and mean[1] == pytest.approx(0.3)

@@ -43,11 +43,22 @@ def feasible(member: np.ndarray, test_correct: np.ndarray, threshold: float) -> 
     return bound, bound >= threshold - 1e-9
 
 
-def probit_influence(member: np.ndarray, test_margin: np.ndarray, train_ids, test_ids) -> tuple[np.ndarray, np.ndarray]:
+def probit_influence(member: np.ndarray, test_margin: np.ndarray, train_ids, test_ids,
+                     max_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray]:
     """(infl, se) of the given pairs (train_ids[p], test_ids[p]) from the margins (t, n_test)
     of test samples under the trials (``member``: (t, n_train) bool), by the probit model of
-    the module docstring. NaN where i was never in or never out, or the margin never varied."""
-    train_ids, test_ids = np.asarray(train_ids), np.asarray(test_ids)
+    the module docstring. NaN where i was never in or never out, or the margin never varied.
+    Works on blocks of pairs of about ``max_bytes`` each."""
+    train_ids, test_ids = np.asarray(train_ids, dtype=np.int64), np.asarray(test_ids, dtype=np.int64)
+    chunk = max(1, max_bytes // (8 * 4 * max(member.shape[0], 1)))
+    parts = [_probit_block(member, test_margin, train_ids[s:s + chunk], test_ids[s:s + chunk])
+             for s in range(0, len(train_ids), chunk)]
+    if not parts:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _probit_block(member, test_margin, train_ids, test_ids):
     m = member[:, train_ids].astype(np.float64)  # (t, pairs)
     y = test_margin[:, test_ids].astype(np.float64)  # (t, pairs)
     t = m.shape[0]
@@ -135,6 +146,9 @@ def prior_grid(estimate: np.ndarray, se: np.ndarray, grid=None, iters: int = 300
 
 
 def _likelihood(estimate, se, grid):
+    # an SE below half the grid's step is one the grid cannot resolve (and one of 1e-200, from a
+    # probit whose margins never come near 0, would put no grid point within reach): floor it there
+    se = np.maximum(se, np.diff(grid).min() / 2 if len(grid) > 1 else 0)
     z = (estimate[:, None] - grid[None, :]) / se[:, None]
     return (np.exp(-0.5 * z * z) / se[:, None]).astype(np.float64)
 

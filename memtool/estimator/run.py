@@ -334,7 +334,7 @@ def pairs_half_jaccard(run, trials: int, thr: Thresholds) -> float:
 
     t = load_trials(run)
     j = split_half(t.subset(t.trial_ids < trials), load_labels(run), "", thr.mem_threshold,
-                   thr.infl_threshold)["jaccard_high_pairs"]
+                   thr.infl_threshold, thr.pairs)["jaccard_high_pairs"]
     return 0.0 if np.isnan(j) else float(j)
 
 

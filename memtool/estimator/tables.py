@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import check_int, check_number, setting
+from ..config import check_choice, check_int, check_number, setting
 from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtool.estimator.read_table)
 
 from ..recorder import mean_over_members
 from . import scores as S
-from .pairs import plain_posterior
+from .pairs import candidate_pairs, plain_posterior, posterior, prior_grid, probit_influence
 from .scores import INFL_THRESHOLD, MEM_THRESHOLD
 from .store import Trials, check_run_digest, load_labels, load_trials, read_run_json, update_run_json
 
@@ -46,59 +46,96 @@ def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
     return df
 
 
+PAIR_ESTIMATORS = ("fz", "probit")
+
+
 def _pairs(trials: Trials, labels: dict, mem: np.ndarray, kind: str, **thr) -> pd.DataFrame:
     correct = trials.test_correct if kind == "clean" else trials.test_rob_correct
     p = S.influence_pairs(trials.member, correct, labels["train_label"], labels["test_label"], mem, **thr)
     return pd.DataFrame(p)
 
 
+def probit_candidates(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=MEM_THRESHOLD):
+    """(train_ids, test_ids, infl, se): the probit estimate of every pair the high-influence rule
+    can call (same class, mem(i) >= mem_threshold)."""
+    ci, cj = candidate_pairs(mem, labels["train_label"], labels["test_label"], mem_threshold)
+    return (ci, cj, *probit_influence(trials.member, trials.test_margin, ci, cj))
+
+
 def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.ndarray | None = None,
-                    mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, top_k=10) -> pd.DataFrame:
-    """High-influence pairs and top-k pairs; robust influence (``rob_*``) where recorded."""
+                    mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, top_k=10,
+                    pairs: str = "fz") -> pd.DataFrame:
+    """High-influence pairs and top-k pairs; robust influence (``rob_*``) where recorded.
+    Every row carries both estimates of its pair, Feldman & Zhang's 0/1 difference (``infl``,
+    ``infl_se``, ``high_fz``) and the probit of the test margins (``infl_probit``,
+    ``infl_probit_se``, ``high_probit``); ``high`` is the call of the estimator ``pairs`` and
+    ``p_high`` its posterior P(infl >= infl_threshold | estimate) (docs/estimating.md)."""
+    check_choice("pairs", pairs, PAIR_ESTIMATORS)
     thr = dict(mem_threshold=mem_threshold, infl_threshold=infl_threshold, top_k=top_k)
-    df = _pairs(trials, labels, mem, "clean", **thr)
+    keys = ["train_id", "test_id"]
+    ci, cj, c_infl, c_se = probit_candidates(trials, labels, mem, mem_threshold)
+    called = S.at_least(c_infl, infl_threshold)
+    df = _pairs(trials, labels, mem, "clean", **thr).rename(columns={"high": "high_fz"})
+    df = df.merge(pd.DataFrame({"train_id": ci[called], "test_id": cj[called]}), on=keys, how="outer")
+    prefixes = [("", "high_fz", trials.test_correct)]
     if rob_mem is not None:
-        rob = _pairs(trials, labels, rob_mem, "robust", **thr).add_prefix("rob_")
-        rob = rob.rename(columns={"rob_train_id": "train_id", "rob_test_id": "test_id"})
-        df = df.merge(rob, on=["train_id", "test_id"], how="outer")
-        for prefix, correct in (("", trials.test_correct), ("rob_", trials.test_rob_correct)):
-            miss = df[f"{prefix}infl"].isna().to_numpy()
-            if miss.any():
-                i, j = df.loc[miss, "train_id"].to_numpy(), df.loc[miss, "test_id"].to_numpy()
-                infl, se = S.influence_at(trials.member, correct, i, j)
-                df.loc[miss, f"{prefix}infl"], df.loc[miss, f"{prefix}infl_se"] = infl, se
-                df.loc[miss, f"{prefix}high"], df.loc[miss, f"{prefix}rank"] = False, -1
-        df = df.astype({"high": bool, "rank": np.int64, "rob_high": bool, "rob_rank": np.int64})
-    df.insert(2, "train_label", labels["train_label"][df["train_id"]])
-    df.insert(3, "test_label", labels["test_label"][df["test_id"]])
-    df.insert(4, "mem", mem[df["train_id"]])
-    df["p_high"] = plain_posterior(trials.member, trials.test_correct, mem, labels["train_label"], labels["test_label"],
-                                   mem_threshold, infl_threshold, df["train_id"].to_numpy(), df["test_id"].to_numpy())
+        df = df.merge(_pairs(trials, labels, rob_mem, "robust", **thr).add_prefix("rob_")
+                      .rename(columns={"rob_train_id": "train_id", "rob_test_id": "test_id"}), on=keys, how="outer")
+        prefixes.append(("rob_", "rob_high", trials.test_rob_correct))
+    for prefix, high, correct in prefixes:  # rows one rule called but not another: their estimates
+        miss = df[f"{prefix}infl"].isna().to_numpy()
+        if miss.any():
+            i, j = df.loc[miss, "train_id"].to_numpy(), df.loc[miss, "test_id"].to_numpy()
+            infl, se = S.influence_at(trials.member, correct, i, j)
+            df.loc[miss, f"{prefix}infl"], df.loc[miss, f"{prefix}infl_se"] = infl, se
+            df.loc[miss, high], df.loc[miss, f"{prefix}rank"] = False, -1
+        df = df.astype({high: bool, f"{prefix}rank": np.int64})
+    i, j = df["train_id"].to_numpy(), df["test_id"].to_numpy()
+    df["infl_probit"], df["infl_probit_se"] = probit_influence(trials.member, trials.test_margin, i, j)
+    df["high_probit"] = ((labels["train_label"][i] == labels["test_label"][j]) & S.at_least(mem[i], mem_threshold)
+                         & S.at_least(df["infl_probit"].to_numpy(), infl_threshold))
+    df.insert(2, "train_label", labels["train_label"][i])
+    df.insert(3, "test_label", labels["test_label"][j])
+    df.insert(4, "mem", mem[i])
+    df["high"] = df[f"high_{pairs}"]
+    if pairs == "probit":
+        prior = prior_grid(c_infl, c_se)
+        df["p_high"] = posterior(df["infl_probit"].to_numpy(), df["infl_probit_se"].to_numpy(), infl_threshold,
+                                 prior=prior)[0]
+    else:
+        df["p_high"] = plain_posterior(trials.member, trials.test_correct, mem, labels["train_label"],
+                                       labels["test_label"], mem_threshold, infl_threshold, i, j)
     return df.sort_values(["test_id", "train_id"], ignore_index=True)
 
 
-def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD,
-                  prefix: str = "") -> set:
-    """The high-influence pairs (train_id, test_id) that ``trials`` estimate, given ``mem``."""
+def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=MEM_THRESHOLD,
+                  infl_threshold=INFL_THRESHOLD, prefix: str = "", pairs: str = "fz") -> set:
+    """The high-influence pairs (train_id, test_id) that ``trials`` estimate by the estimator
+    ``pairs`` (robust, ``prefix="rob_"``: Feldman & Zhang's), given ``mem``."""
+    if pairs == "probit" and not prefix:
+        ci, cj, infl, _ = probit_candidates(trials, labels, mem, mem_threshold)
+        called = S.at_least(infl, infl_threshold)
+        return set(zip(ci[called].tolist(), cj[called].tolist()))
     p = S.influence_pairs(trials.member, getattr(trials, f"test_{prefix}correct"), labels["train_label"],
                           labels["test_label"], mem, mem_threshold, infl_threshold, top_k=0)
     return set(zip(p["train_id"].tolist(), p["test_id"].tolist()))
 
 
-def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD) -> dict:
+def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=MEM_THRESHOLD,
+               infl_threshold=INFL_THRESHOLD, pairs: str = "fz") -> dict:
     """Agreement of scores from even- and odd-numbered trials (docs/science.md section 1)."""
     halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
     correct = f"train_{prefix}correct"
     mems = [S.memorization(h.member, getattr(h, correct))["mem"] for h in halves]
     margins = [S.margin_memorization(h.member, getattr(h, f"train_{prefix}margin"))["margin_mem"] for h in halves]
-    pair_sets = [high_pair_set(h, labels, mem, mem_threshold, infl_threshold, prefix) for h, mem in zip(halves, mems)]
+    pair_sets = [high_pair_set(h, labels, m, mem_threshold, infl_threshold, prefix, pairs) for h, m in zip(halves, mems)]
     high = [set(np.flatnonzero(S.at_least(m, mem_threshold)).tolist()) for m in mems]
     return {f"{prefix}spearman_mem": S.spearman(*mems), f"{prefix}spearman_margin_mem": S.spearman(*margins),
             f"{prefix}jaccard_high_mem": S.jaccard(*high), f"{prefix}jaccard_high_pairs": S.jaccard(*pair_sets)}
 
 
 def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: dict,
-              mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD) -> dict:
+              mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, pairs: str = "fz") -> dict:
     tr = scores[scores["split"] == "train"]
     te = scores[scores["split"] == "test"]
     high = infl[infl["high"]]
@@ -107,7 +144,7 @@ def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: 
         "n_trials": len(trials), "n_train": len(tr), "n_test": len(te),
         "train_acc_in_subset": float(trials.train_correct[member].mean()),
         "test_acc": float(trials.test_correct.mean()),
-        "mem_threshold": mem_threshold, "infl_threshold": infl_threshold,
+        "mem_threshold": mem_threshold, "infl_threshold": infl_threshold, "pairs": pairs,
         "n_no_estimate": int(tr["mem"].isna().sum()),
         "n_high_mem": int(S.at_least(tr["mem"], mem_threshold).sum()),
         "frac_high_mem": float(S.at_least(tr["mem"], mem_threshold).mean()),
@@ -121,7 +158,7 @@ def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: 
         out["noise_auroc_mem"] = S.auroc(tr["mem"].to_numpy(), corrupted)
         out["noise_auroc_margin_mem"] = S.auroc(tr["margin_mem"].to_numpy(), corrupted)
     if len(trials) >= 4:
-        out["split_half"] = split_half(trials, labels, "", mem_threshold, infl_threshold)
+        out["split_half"] = split_half(trials, labels, "", mem_threshold, infl_threshold, pairs)
     if trials.train_rob_correct is not None:
         out["rob_train_acc_in_subset"] = float(trials.train_rob_correct[member].mean())
         out["rob_test_acc"] = float(trials.test_rob_correct.mean())
@@ -138,21 +175,24 @@ class Thresholds:
     mem_threshold: float = setting(MEM_THRESHOLD, "high-memorization threshold on mem")
     infl_threshold: float = setting(INFL_THRESHOLD, "high-influence threshold on infl")
     top_k: int = setting(10, "most influential training samples kept per test sample")
+    pairs: str = setting("fz", "the estimate that calls a pair high: fz (Feldman & Zhang's 0/1 difference) | probit "
+                               "(of the test margins: docs/estimating.md)", choices=PAIR_ESTIMATORS)
 
     def __post_init__(self):
         check_number("mem_threshold", self.mem_threshold, -1, 1)
         check_number("infl_threshold", self.infl_threshold, -1, 1)
         check_int("top_k", self.top_k, 0)
+        check_choice("pairs", self.pairs, PAIR_ESTIMATORS)
 
 
 def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_threshold,
                    infl_threshold: float = Thresholds.infl_threshold, top_k: int = Thresholds.top_k,
-                   allow_fewer: bool = False) -> dict:
+                   pairs: str = Thresholds.pairs, allow_fewer: bool = False) -> dict:
     """Recompute scores.parquet and influence.parquet from ``run``'s trials; return the summary.
     Tables made from more trials than the run now holds whole (a damaged file was set aside)
     are not replaced unless ``allow_fewer``: the error names the damaged files and the command
     that retrains them."""
-    Thresholds(mem_threshold, infl_threshold, top_k)  # validates
+    Thresholds(mem_threshold, infl_threshold, top_k, pairs)  # validates
     run = Path(run)
     meta = read_run_json(run)
     trials, labels = load_trials(run), load_labels(run)  # damaged files moved aside first
@@ -168,10 +208,10 @@ def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_thresh
     scores = score_table(trials, labels)
     tr = scores[scores["split"] == "train"]
     rob_mem = tr["rob_mem"].to_numpy() if "rob_mem" in tr else None
-    infl = influence_table(trials, labels, tr["mem"].to_numpy(), rob_mem, mem_threshold, infl_threshold, top_k)
-    summary = summarize(scores, infl, trials, labels, mem_threshold, infl_threshold)
+    infl = influence_table(trials, labels, tr["mem"].to_numpy(), rob_mem, mem_threshold, infl_threshold, top_k, pairs)
+    summary = summarize(scores, infl, trials, labels, mem_threshold, infl_threshold, pairs)
     table_meta = {"config": meta["config"], "dataset": meta["dataset"], "summary": summary,
-                  "thresholds": {"mem": mem_threshold, "infl": infl_threshold, "top_k": top_k}}
+                  "thresholds": {"mem": mem_threshold, "infl": infl_threshold, "top_k": top_k, "pairs": pairs}}
     write_table(scores, run / "scores.parquet", table_meta)
     write_table(infl, run / "influence.parquet", table_meta)
     update_run_json(run, summary=summary)
