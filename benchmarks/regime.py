@@ -30,16 +30,16 @@ from memtool.recipe import Recipe
 
 
 def measure(study, eps: float, epochs: int, seed: int, pgd_steps: int = 10, n_test: int = 1000, lr: float = 0.05,
-            without_atypical: bool = False) -> dict:
+            without_atypical: bool = False, drop_last: bool = False) -> dict:
     data, atyp = study.data, study.atypical_train
     train = np.flatnonzero(~atyp) if without_atypical else np.arange(len(data.y_train))
     recipe = Recipe(model="cnn", hidden=256, epochs=epochs, batch_size=128, lr=lr, schedule="onecycle",
-                    method=PGDAT(eps=eps, pgd_steps=pgd_steps)).for_dataset(study.config.dataset)
+                    drop_last=drop_last, method=PGDAT(eps=eps, pgd_steps=pgd_steps)).for_dataset(study.config.dataset)
     wall, cpu = time.time(), time.process_time()
     models = fit(recipe, data.x_train, data.y_train, [train], [seed],
                  num_classes=data.num_classes)
     train_s = (time.time() - wall, time.process_time() - cpu)
-    out = {"eps": eps, "epochs": epochs, "lr": lr, "pgd_steps": pgd_steps, "seed": seed,
+    out = {"eps": eps, "epochs": epochs, "lr": lr, "drop_last": drop_last, "pgd_steps": pgd_steps, "seed": seed,
            "without_atypical": without_atypical, "recipe": recipe.to_dict(),
            "n_atypical_train": int(atyp.sum()), "n_train": len(atyp), "n_test": n_test,
            "train_wall_s": round(train_s[0], 1), "train_cpu_s": round(train_s[1], 1)}
@@ -60,12 +60,14 @@ def table(out: Path) -> str:
     """The measured candidates of OUT as a markdown table (what benchmarks/README.md shows)."""
     rows = sorted((json.loads(f.read_text()) for f in out.glob("*.json")),
                   key=lambda r: (r.get("without_atypical", False), r["eps"], r["epochs"], -r.get("lr", 0.05)))
-    lines = ["| eps | epochs | peak lr | trained on | atypical train: PGD-20 / clean | typical train: PGD-20 / clean "
-             "| test: PGD-20 / clean | train CPU s |", "|---:|---:|---:|---|---|---|---|---:|"]
+    lines = ["| eps | epochs | peak lr | last batch | trained on | atypical train: PGD-20 / clean "
+             "| typical train: PGD-20 / clean | test: PGD-20 / clean | train CPU s |",
+             "|---:|---:|---:|---|---|---|---|---|---:|"]
     pct = lambda g: f"{100 * g['pgd20']:.1f} / {100 * g['clean']:.1f} %"  # noqa: E731
     for r in rows:
         on = f"typical only, seed {r['seed']}" if r.get("without_atypical") else "all"
-        lines.append(f"| {r['eps']:g} | {r['epochs']} | {r.get('lr', 0.05):g} | {on} | {pct(r['atypical train'])} | "
+        lines.append(f"| {r['eps']:g} | {r['epochs']} | {r.get('lr', 0.05):g} | "
+                     f"{'dropped' if r.get('drop_last') else 'kept'} | {on} | {pct(r['atypical train'])} | "
                      f"{pct(r['typical train'])} | {pct(r['test'])} | {r['train_cpu_s']:.0f} |")
     return "\n".join(lines)
 
@@ -78,6 +80,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.05, help="the one-cycle schedule's peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--drop-last", action="store_true", help="skip each epoch's partial batch (Recipe.drop_last)")
     p.add_argument("--without-atypical", action="store_true",
                    help="train on the typical samples only (finding (a)'s removal model: a stability check)")
     a = p.parse_args(argv)
@@ -87,11 +90,13 @@ def main(argv=None):
         eps, epochs = c.split("x")
         lr = "" if a.lr == 0.05 else f"-lr{a.lr:g}"
         without = "-without-atypical" if a.without_atypical else ""
-        path = a.out / f"eps{eps}-epochs{epochs}{lr}{without}-seed{a.seed}.json"
+        drop = "-drop-last" if a.drop_last else ""
+        path = a.out / f"eps{eps}-epochs{epochs}{lr}{drop}{without}-seed{a.seed}.json"
         if path.exists():
             print(f"{path}: done")
             continue
-        r = measure(study, float(eps), int(epochs), a.seed, lr=a.lr, without_atypical=a.without_atypical)
+        r = measure(study, float(eps), int(epochs), a.seed, lr=a.lr, without_atypical=a.without_atypical,
+                    drop_last=a.drop_last)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(r, indent=1))
         os.replace(tmp, path)
