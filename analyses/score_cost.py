@@ -52,7 +52,7 @@ SEEDS = (1, 4, 16)
 HYBRID_TRIALS = (16, 64)
 
 
-def _split_half_row(reference, meta, labels, cost, ref_compute, mem_threshold, infl_threshold) -> dict:
+def _split_half_row(reference, meta, labels, cost, ref_compute, mem_threshold, infl_threshold, pairs) -> dict:
     """The reference's own split half, odd trials against even ones (its first target); from the
     run's summary when its trials are not here (a committed reference)."""
     n = meta["summary"]["n_trials"]
@@ -65,7 +65,7 @@ def _split_half_row(reference, meta, labels, cost, ref_compute, mem_threshold, i
                 "spearman": sh["spearman_mem"], "pairs_jaccard": sh["jaccard_high_pairs"]}
     halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
     mems = [memorization(h.member, h.train_correct)["mem"] for h in halves]
-    hp = [high_pair_set(h, labels, mm, mem_threshold, infl_threshold) for h, mm in zip(halves, mems)]
+    hp = [high_pair_set(h, labels, mm, mem_threshold, infl_threshold, pairs=pairs) for h, mm in zip(halves, mems)]
     return _row(name, len(halves[1]) * cost, ref_compute, mems[0], at_least(mems[0], mem_threshold), mems[1],
                 hp[1], hp[0])
 
@@ -104,7 +104,8 @@ def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIA
     epochs = recipe["epochs"]
     n_ref = meta["summary"]["n_trials"]
     ref_compute = n_ref * epochs * m
-    rows = [_split_half_row(reference, meta, labels, epochs * m, ref_compute, mem_threshold, infl_threshold)]
+    pairs = meta["summary"].get("pairs", "fz")  # the reference's own estimator: fewer trials of the same estimate
+    rows = [_split_half_row(reference, meta, labels, epochs * m, ref_compute, mem_threshold, infl_threshold, pairs)]
 
     # subsampling: one independent run, its first T trials
     flat = {**{k: v for k, v in cfg.items() if k not in ("recipe",)}, **flat_recipe(Recipe.from_dict(recipe))}
@@ -116,7 +117,7 @@ def run(reference, out, *, trials=TRIALS, seeds=SEEDS, hybrid_trials=HYBRID_TRIA
         st = sub_trials.subset(slice(0, t))
         mem_t = memorization(st.member, st.train_correct)["mem"]
         rows.append(_row(f"subsampling, {t} trials", t * epochs * m, ref_compute, ref_mem, high, mem_t,
-                         high_pair_set(st, labels, mem_t, mem_threshold, infl_threshold), ref_pairs))
+                         high_pair_set(st, labels, mem_t, mem_threshold, infl_threshold, pairs=pairs), ref_pairs))
 
     # one-run proxies, 1 / 4 / 16 runs
     px_flat = {k: v for k, v in flat.items() if k not in ("ratio", "robust", "robust_eps")}

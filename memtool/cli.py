@@ -60,7 +60,8 @@ def print_summary(s: dict, run: str | Path, file=None) -> None:
              f"high-memorization samples (mem >= {s['mem_threshold']}): {s['n_high_mem']} "
              f"({100 * s['frac_high_mem']:.1f} %);  no estimate: {s['n_no_estimate']};  "
              f"median mem_se {_fmt(s['median_mem_se'])}",
-             f"high-influence pairs (infl >= {s['infl_threshold']}): {s['n_high_pairs']} over "
+             f"high-influence pairs ({'probit ' if s.get('pairs') == 'probit' else ''}infl >= {s['infl_threshold']}): "
+             f"{s['n_high_pairs']} over "
              f"{s['n_test_in_high_pairs']} test samples" + _false_pairs(s)]
     if "noise_auroc_mem" in s:
         lines.append(f"planted label noise ({s['n_label_corrupted']} flipped): AUROC of mem "

@@ -54,6 +54,7 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=
                                      **given})
     recipe = (recipe or cfg.recipe).for_dataset(cfg.dataset)
     pairs = load_influence(run)
+    rule = (pairs.attrs.get("memtool", {}).get("thresholds") or {}).get("pairs", "fz")  # the estimator that called them
     pairs = pairs[pairs["high"]]
     if pairs.empty:
         raise ValueError(f"{run} has no high-influence pairs: nothing to validate (more trials, or lower "
@@ -72,7 +73,7 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=
                      split="train") for v, ex in variants.items()]  # does the learner fit what it trained on?
     table = pd.concat([table, *fit], ignore_index=True)
     info = {"run": str(run), "n_removed": int(len(removed)), "n_influenced": int(influenced.sum()),
-            "seeds": seeds, "recipe": recipe.to_dict(), "dataset": meta["dataset"]}
+            "seeds": seeds, "recipe": recipe.to_dict(), "dataset": meta["dataset"], "pairs": rule}
     write_table(table, out / "validate.parquet", info)
     r = recipe.to_dict()
     learner = (f"Retrained: {r['model']} (hidden {r['hidden']}), {r['epochs']} epochs, batch {r['batch_size']}, lr "
@@ -80,7 +81,8 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=
                + ("" if recipe == cfg.recipe.for_dataset(cfg.dataset) else " (not the run's recipe)") + ". ")
     (out / "validate.md").write_text(
         f"# Do the scores predict retraining? ({run})\n\n{learner}Removed: the {len(removed)} training samples of the "
-        f"high-influence pairs, or as many random ones; influenced test samples: {int(influenced.sum())}; "
+        f"high-influence pairs ({'probit' if rule == 'probit' else 'Feldman & Zhang'} estimate), or as many random "
+        f"ones; influenced test samples: {int(influenced.sum())}; "
         f"{seeds} seeds per variant; 95 % t-intervals over seeds; differences are paired by seed.\n\n"
         + markdown(table))
     panels = {f"{m} accuracy": table[table["metric"] == m] for m in dict.fromkeys(table["metric"])}

@@ -64,7 +64,7 @@ def probit_candidates(trials: Trials, labels: dict, mem: np.ndarray, mem_thresho
 
 def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.ndarray | None = None,
                     mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, top_k=10,
-                    pairs: str = "fz") -> pd.DataFrame:
+                    pairs: str = "probit") -> pd.DataFrame:
     """High-influence pairs and top-k pairs; robust influence (``rob_*``) where recorded.
     Every row carries both estimates of its pair, Feldman & Zhang's 0/1 difference (``infl``,
     ``infl_se``, ``high_fz``) and the probit of the test margins (``infl_probit``,
@@ -109,7 +109,7 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
 
 
 def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=MEM_THRESHOLD,
-                  infl_threshold=INFL_THRESHOLD, prefix: str = "", pairs: str = "fz") -> set:
+                  infl_threshold=INFL_THRESHOLD, prefix: str = "", pairs: str = "probit") -> set:
     """The high-influence pairs (train_id, test_id) that ``trials`` estimate by the estimator
     ``pairs`` (robust, ``prefix="rob_"``: Feldman & Zhang's), given ``mem``."""
     if pairs == "probit" and not prefix:
@@ -122,20 +122,21 @@ def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=M
 
 
 def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=MEM_THRESHOLD,
-               infl_threshold=INFL_THRESHOLD, pairs: str = "fz") -> dict:
+               infl_threshold=INFL_THRESHOLD, pairs: str = "probit") -> dict:
     """Agreement of scores from even- and odd-numbered trials (docs/science.md section 1)."""
     halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
     correct = f"train_{prefix}correct"
     mems = [S.memorization(h.member, getattr(h, correct))["mem"] for h in halves]
     margins = [S.margin_memorization(h.member, getattr(h, f"train_{prefix}margin"))["margin_mem"] for h in halves]
-    pair_sets = [high_pair_set(h, labels, m, mem_threshold, infl_threshold, prefix, pairs) for h, m in zip(halves, mems)]
+    pair_sets = [high_pair_set(h, labels, m, mem_threshold, infl_threshold, prefix, pairs)
+                 for h, m in zip(halves, mems)]
     high = [set(np.flatnonzero(S.at_least(m, mem_threshold)).tolist()) for m in mems]
     return {f"{prefix}spearman_mem": S.spearman(*mems), f"{prefix}spearman_margin_mem": S.spearman(*margins),
             f"{prefix}jaccard_high_mem": S.jaccard(*high), f"{prefix}jaccard_high_pairs": S.jaccard(*pair_sets)}
 
 
 def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: dict,
-              mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, pairs: str = "fz") -> dict:
+              mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, pairs: str = "probit") -> dict:
     tr = scores[scores["split"] == "train"]
     te = scores[scores["split"] == "test"]
     high = infl[infl["high"]]
@@ -175,8 +176,9 @@ class Thresholds:
     mem_threshold: float = setting(MEM_THRESHOLD, "high-memorization threshold on mem")
     infl_threshold: float = setting(INFL_THRESHOLD, "high-influence threshold on infl")
     top_k: int = setting(10, "most influential training samples kept per test sample")
-    pairs: str = setting("fz", "the estimate that calls a pair high: fz (Feldman & Zhang's 0/1 difference) | probit "
-                               "(of the test margins: docs/estimating.md)", choices=PAIR_ESTIMATORS)
+    pairs: str = setting("probit", "the estimate that calls a pair high: probit (of the test margins; the "
+                                   "default: docs/estimating.md) | fz (Feldman & Zhang's 0/1 difference)",
+                         choices=PAIR_ESTIMATORS)
 
     def __post_init__(self):
         check_number("mem_threshold", self.mem_threshold, -1, 1)
