@@ -265,6 +265,19 @@ class Comparison(StudySettings):
                                             "(default: every seed)")
 
 
+def with_tuned(variants: list, aa_variants, aa_all_seeds, chosen: list) -> tuple[list, list | None, list]:
+    """(variants, aa_variants, aa_all_seeds) with each BAT family's ``chosen`` variant joining
+    them: a tuned variant is a default point, so it gets AutoAttack wherever the lists name
+    variants, ``"headline"`` (the curves and every method's default point) included."""
+    chosen = [v for v in chosen if v not in variants]
+    variants = variants + chosen
+    if aa_variants in ("headline", ("headline",), ["headline"]):
+        aa_variants = [v for v in variants if v in HEADLINE or v in chosen]
+    elif aa_variants is not None:
+        aa_variants = [*aa_variants, *chosen]
+    return variants, aa_variants, [*aa_all_seeds, *chosen] if aa_all_seeds else aa_all_seeds
+
+
 def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, variants=None,
         val_samples: int = 0, aa_samples: int = 1000, aa_variants=None, aa_seeds: int | None = None,
         aa_all_seeds=(), judges=None, tuned=None, curve_seeds=None, thresholds: Thresholds = Thresholds(),
@@ -278,7 +291,7 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     those in :data:`HEADLINE`), on their first ``aa_seeds`` seeds (default: every seed), those in
     ``aa_all_seeds`` on every seed; ``curve_seeds``: the eps curve's other points on the first
     N seeds only (their frontier then spans those seeds); ``tuned``: a table of :mod:`analyses.bat_tuning`, whose chosen
-    variants join ``variants`` (and ``aa_variants``, ``aa_all_seeds`` where those are lists)."""
+    variants join ``variants`` (and ``aa_variants``, ``aa_all_seeds`` where those are lists; ``"headline"`` includes them)."""
     run_dir, out = Path(run_dir), Path(out)
     st = load_study(run_dir, eps, thresholds, device, data_root)
     cfg, eps = st.config, st.eps
@@ -288,17 +301,9 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     n_test = len(st.atypical_test)
     if not 1 <= aa_samples <= n_test:
         raise ValueError(f"aa_samples must be in 1..{n_test} (the test set), got {aa_samples}")
-    headline = aa_variants in ("headline", ("headline",), ["headline"])
-    variants = list(variants or DEFAULT)
-    if tuned is not None:
-        chosen = [v for v in read_table(tuned).attrs["memtool"]["chosen"].values() if v not in variants]
-        variants += chosen
-        if aa_variants is not None and not headline:
-            aa_variants = [*aa_variants, *chosen]
-        aa_all_seeds = [*aa_all_seeds, *chosen] if aa_all_seeds else aa_all_seeds
+    chosen = [] if tuned is None else list(read_table(tuned).attrs["memtool"]["chosen"].values())
+    variants, aa_variants, aa_all_seeds = with_tuned(list(variants or DEFAULT), aa_variants, aa_all_seeds, chosen)
     todo = recipes(recipe or cfg.recipe, eps, run_dir, variants, pgd_steps, judges)
-    if headline:
-        aa_variants = [v for v in todo if v in HEADLINE]
     attacked = [v for v in todo if aa_variants is None or v in aa_variants]
     for name, chosen, among, what in (("aa_variants", aa_variants, todo, "variants"),
                                       ("aa_all_seeds", aa_all_seeds, attacked, "aa_variants")):

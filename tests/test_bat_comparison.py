@@ -281,3 +281,15 @@ def test_labels_of_crowded_points_do_not_overlap_and_clipped_bounds_are_written(
     mark_clipped(ax, {"wide": (np.array([5.0, -20.0, 30.0]), np.array([5.0, 4.0, 6.0]))})
     assert {t.get_text() for t in ax.texts[6:]} == {"-20", "30"}  # both x bounds run off: written at the edges
     plt.close(fig)
+
+
+def test_tuned_variants_join_the_grid_and_get_autoattack_wherever_the_default_points_do():
+    chosen = ["bat benign x2", "bat judged benign x1.5"]
+    v, aa, every = bc.with_tuned(["pgd-at", "mart", "pgd-at eps x0.5", "bat"], "headline", [], chosen)
+    assert v == ["pgd-at", "mart", "pgd-at eps x0.5", "bat", *chosen]
+    assert aa == ["pgd-at", "mart", "pgd-at eps x0.5", "bat", *chosen]  # the curve point stays: it is in HEADLINE
+    assert every == []
+    v, aa, every = bc.with_tuned(["pgd-at", "bat"], ["bat"], ["bat"], chosen)
+    assert aa == ["bat", *chosen] and every == ["bat", *chosen]
+    assert bc.with_tuned(["pgd-at", "bat benign x2"], None, [], chosen)[:2] == (["pgd-at", "bat benign x2",
+                                                                                  "bat judged benign x1.5"], None)

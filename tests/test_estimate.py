@@ -46,7 +46,9 @@ def test_score_table_columns_and_run_files(digits_run):
     assert {"spearman_mem", "jaccard_high_mem", "jaccard_high_pairs"} <= set(meta["summary"]["split_half"])
     infl = memtool.load_influence(out)
     high = infl[infl.high]
-    assert (high.train_label == high.test_label).all() and (high.mem >= 0.25).all() and (high.infl >= 0.15).all()
+    assert (high.train_label == high.test_label).all() and (high.mem >= 0.25).all()
+    assert (high.infl_probit >= 0.15).all() and infl.high.equals(infl.high_probit)  # the default estimator
+    assert (infl[infl.high_fz].infl >= 0.15).all() and not infl.high_fz.equals(infl.high_probit)
     assert infl.groupby("test_id")["rank"].max().eq(9).all()  # top-10 of every test sample
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     assert json.loads((out / "log.jsonl").read_text())["device"] == "cpu"
@@ -256,14 +258,16 @@ def test_until_pairs_stops_where_the_split_half_agreement_is_met(tmp_path, capsy
     from memtool.estimator.tables import Thresholds
 
     kw = dict(ensemble_size=8, **{**DIGITS_FAST, "epochs": 5})
-    thr = Thresholds()
-    r = memtool.estimate(tmp_path / "p", trials=128, until_pairs=0.1, progress=False, **kw)  # measured: 64 trials
+    thr = Thresholds(pairs="fz")  # measured, F&Z's rule: 0.064 / 0.077 / 0.110 / 0.113 at 16 / 32 / 64 / 128 trials
+    r = memtool.estimate(tmp_path / "p", trials=128, until_pairs=0.1, progress=False, pairs="fz", **kw)
     t, got = r["until_pairs"]["trials"], r["until_pairs"]["pairs_jaccard"]
     assert r["until_pairs"]["stopped_by"] == "agreement" and got >= 0.1 and r["n_trials"] == t
     assert got == pytest.approx(pairs_half_jaccard(tmp_path / "p", t, thr))
     assert 16 < t < 128 and pairs_half_jaccard(tmp_path / "p", t // 2, thr) < 0.1  # the round before did not reach it
     assert r["split_half"]["jaccard_high_pairs"] == pytest.approx(got)  # the summary's own split half
-    assert main(["estimate", "--out", str(tmp_path / "q"), "--trials=32", "--until-pairs=0.99", "--quiet",
+    probit = pairs_half_jaccard(tmp_path / "p", t, Thresholds(pairs="probit"))  # the rule decides (measured: 0.082)
+    assert probit != got and 0 < probit < 1
+    assert main(["estimate", "--out", str(tmp_path / "q"), "--trials=32", "--until-pairs=0.99", "--quiet", "--pairs=fz",
                  "--ensemble-size=8", *[f"--{k.replace('_', '-')}={v}" for k, v in {**DIGITS_FAST, "epochs": 5}.items()]
                  ]) == 0
     assert "reached --trials 32 before the agreement" in capsys.readouterr().out

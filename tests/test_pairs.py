@@ -257,12 +257,13 @@ def test_scores_with_the_probit_rule_summarize_and_split_by_it(digits_run, tmp_p
 
     run = tmp_path / "digits"
     shutil.copytree(digits_run[0], run)
-    fz = digits_run[1]
+    fz = compute_tables(run, pairs="fz")
     probit = compute_tables(run, pairs="probit")
     infl = load_influence(run)
     assert probit["pairs"] == "probit" and infl.attrs["memtool"]["thresholds"]["pairs"] == "probit"
     assert probit["n_high_pairs"] == int(infl["high_probit"].sum()) != fz["n_high_pairs"]
     assert probit["split_half"]["jaccard_high_pairs"] != fz["split_half"]["jaccard_high_pairs"]
+    assert (probit["n_high_pairs"], probit["pairs"]) == (digits_run[1]["n_high_pairs"], "probit")  # the default
     assert compute_tables(run, pairs="fz")["n_high_pairs"] == fz["n_high_pairs"]  # the rule, not the data, changed
     with pytest.raises(ValueError, match="pairs"):
         compute_tables(run, pairs="tracin")

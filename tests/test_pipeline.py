@@ -128,7 +128,7 @@ def test_bad_config_is_named(tmp_path, capsys):
     assert "\n" not in err and f"{config} is not valid YAML (line 4, column 1)" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", ["reference-mnist", "reference-fashion-mnist", "paper-cifar100",
+@pytest.mark.parametrize("name", ["reference-mnist", "reference-fashion-mnist", "regime-mnist", "paper-cifar100",
                                   "paper-tiny-imagenet"])
 def test_shipped_configs_parse(name):
     from pathlib import Path
@@ -140,9 +140,13 @@ def test_shipped_configs_parse(name):
     from memtool.estimator.run import Execution
     from memtool.config import flatten_settings, split_settings
 
-    ex, rest = split_settings(flatten_settings(cfg["estimate"]), Execution)
+    from memtool.estimator.tables import Thresholds
+
+    ex, th, rest = split_settings(flatten_settings(cfg["estimate"]), Execution, Thresholds)
     EstimateConfig.from_kwargs(**rest)
     Execution(**ex)
+    if name.startswith(("reference-", "regime-")):  # committed F&Z tables: reused only under the rule that made them
+        assert Thresholds(**th).pairs == "fz"
     from memtool.recipe import Recipe
 
     for stage in ("finding_a", "finding_b", "bat_comparison"):  # the recipes the stages retrain with

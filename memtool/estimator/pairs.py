@@ -165,7 +165,7 @@ def posterior(estimate: np.ndarray, se: np.ndarray, threshold: float, prior=None
         idx = ok[s : s + chunk]
         post = _likelihood(estimate[idx], se[idx], grid) * w
         post /= post.sum(1, keepdims=True)
-        prob[idx], mean[idx] = post[:, above].sum(1), post @ grid
+        prob[idx], mean[idx] = np.minimum(post[:, above].sum(1), 1.0), post @ grid  # no 1 + 1e-16
     return prob, mean
 
 
