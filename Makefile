@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	@# AutoAttack: the authors' code (pyautoattack) and torchattacks; --no-deps because
 	@# torchattacks pins requests~=2.25 and neither needs more than torch, numpy, scipy
 	$(PIP) install -q --no-deps pyautoattack==0.2.0 torchattacks==3.5.1
+	@# TRAK (Park et al. 2023), the pairs' prior (memtool.estimator.trak_prior): pure Python on torch, numpy, tqdm
+	$(PIP) install -q --no-deps traker==0.3.2
 	$(PIP) install -q -e '.[test]'
 	@# Fashion-MNIST from Debian where apt is there and we may use it (CI runs as root)
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

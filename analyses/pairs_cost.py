@@ -15,7 +15,10 @@ estimate) >= a cut tuned on draw 0 and reported on the others. Estimators:
 - ``probit``: the margin probit of :func:`memtool.estimator.pairs.probit_influence`;
 - ``regression``: :func:`~memtool.estimator.pairs.regression_influence`, candidates the class's
   high-mem training samples;
-- ``X + posterior``: empirical-Bayes posterior of X (:func:`~memtool.estimator.pairs.posterior`).
+- ``X + posterior``: empirical-Bayes posterior of X (:func:`~memtool.estimator.pairs.posterior`);
+- ``probit + TRAK prior`` (``trak_models`` K > 0): the probit's posterior under a prior fitted
+  within bins of the pairs' TRAK scores (:mod:`memtool.estimator.trak_prior`), TRAK from the
+  draw's first K trials trained again (their training and TRAK's seconds count as its compute).
 
 Compute: the draw's trials as a fraction of the reference's, plus the estimator's own seconds
 in units of one trial's (the pool's mean wall time per trial). The reference's split-half
@@ -39,6 +42,7 @@ from memtool import manifest
 from memtool.compare import high_pairs
 from memtool.estimator import load_influence
 from memtool.estimator.pairs import candidate_pairs, posterior, probit_influence, regression_influence
+from memtool.estimator.trak_prior import run_trak, trak_posterior
 from memtool.estimator.scores import at_least, influence_at, memorization
 from memtool.estimator.store import load_labels, load_trials, read_run_json
 from memtool.rundir import diff_settings, write_table
@@ -95,7 +99,8 @@ def score(called: set, reference: set) -> dict:
             "recall": hit / len(reference) if reference else np.nan, "jaccard": hit / union if union else np.nan}
 
 
-def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimators=BASE, progress: bool = True):
+def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimators=BASE, trak_models: int = 0,
+        progress: bool = True):
     reference, pool, out = Path(reference), Path(pool), Path(out)
     ref_meta, pool_meta = read_run_json(reference), read_run_json(pool)
     ref_cfg = {k: v for k, v in ref_meta["config"].items() if k != "seed"}
@@ -141,6 +146,17 @@ def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimator
                                  "rule": f"P >= {cut:g}", "seconds": post_s,
                                  "expected_false": float((1 - prob[keep]).sum()),
                                  **score(set(zip(tr[keep], te[keep])), ref_pairs)})
+            if trak_models:
+                start = time.perf_counter()
+                scores = run_trak(pool, sub.trial_ids[:trak_models])[tr, te]
+                f, s = estimates("probit", sub, labels, tr, te, high)
+                prob = trak_posterior(f, s, scores, infl_t)
+                trak_s = base_s + time.perf_counter() - start
+                for cut in CUTS:
+                    keep = prob >= cut
+                    rows.append({"estimator": "probit + TRAK prior", "trials": t, "draw": d, "rule": f"P >= {cut:g}",
+                                 "seconds": trak_s, "expected_false": float((1 - prob[keep]).sum()),
+                                 **score(set(zip(tr[keep], te[keep])), ref_pairs)})
             if progress:
                 print(f"pairs_cost: T={t} draw {d} done", flush=True)
     table = pd.DataFrame(rows)
@@ -151,7 +167,7 @@ def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimator
     table["chosen"] = [r.rule == tuned.get((r.estimator, r.trials), r.rule) for r in table.itertuples()]
     info = {"reference": str(reference), "pool": str(pool), "pool_trials": len(trials), "reference_trials": n_ref,
             "seconds_per_trial": per_trial, "ceiling_split_half_jaccard": summary["split_half"]["jaccard_high_pairs"],
-            "n_reference_pairs": len(ref_pairs), "sizes": list(sizes), "draws": draws,
+            "n_reference_pairs": len(ref_pairs), "sizes": list(sizes), "draws": draws, "trak_models": trak_models,
             "overlap": {t: mean_overlap(len(trials), t, draws) for t in sizes}}
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "pairs_cost.parquet", info)
@@ -212,8 +228,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--sizes", default="64,128,256", help="trials per draw, comma-separated")
     p.add_argument("--draws", type=int, default=5, help="draws per size")
+    p.add_argument("--trak-models", type=int, default=0,
+                   help="K > 0: also the probit under a TRAK prior from K of each draw's trials (trained again)")
     a = p.parse_args(argv)
-    run(a.reference, a.pool, a.out, sizes=tuple(int(s) for s in a.sizes.split(",")), draws=a.draws)
+    run(a.reference, a.pool, a.out, sizes=tuple(int(s) for s in a.sizes.split(",")), draws=a.draws,
+        trak_models=a.trak_models)
     out = Path(a.out)
     m = manifest.load(out, name=out.name, description=f"High-influence pairs from few trials against {a.reference}",
                       command="python -m analyses.pairs_cost " + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -153,11 +153,13 @@ def test_pairs_cost_measures_every_estimator_on_disjoint_draws(tmp_path):
     memtool.estimate(tmp_path / "ref", trials=32, seed=0, **kw)
     memtool.estimate(tmp_path / "pool", trials=24, seed=7, **kw)
     table = pairs_cost.run(tmp_path / "ref", tmp_path / "pool", tmp_path / "out", sizes=(8, 16), draws=2,
-                           progress=False)
+                           trak_models=2, progress=False)
     assert set(table.estimator) == {"plain", "probit", "regression", "plain + posterior", "probit + posterior",
-                                    "regression + posterior"}
+                                    "regression + posterior", "probit + TRAK prior"}
+    c = table.groupby("estimator")["compute_fraction"].mean()
+    assert c["probit + TRAK prior"] > c["probit + posterior"]  # its two trainings and TRAK's seconds count
     assert set(map(tuple, table[["trials", "draw"]].drop_duplicates().to_numpy())) == {(8, 0), (8, 1), (16, 0), (16, 1)}
-    post = table[table.estimator.str.endswith("posterior")]
+    post = table[table.estimator.str.endswith(("posterior", "prior"))]
     assert (post.groupby(["estimator", "trials", "draw"])["chosen"].sum() == 1).all()  # one cut, the same per draw
     best = post[post.draw == 0].groupby(["estimator", "trials"])["jaccard"].max()
     chosen = post[(post.draw == 0) & post.chosen].set_index(["estimator", "trials"])["jaccard"]
