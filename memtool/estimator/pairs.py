@@ -20,8 +20,9 @@ Feldman & Zhang difference throws away.
   NPMLE, fitted by EM); each pair gets P(infl >= threshold | its estimate), and a set of pairs
   its expected number of false ones, sum(1 - P).
 
-The plain difference (:func:`memtool.estimator.scores.influence_at`) stays what the tables
-call ``infl``; these are measured against it before any becomes a default.
+The tables carry the plain difference (:func:`memtool.estimator.scores.influence_at`) as
+``infl`` and the probit as ``infl_probit``; ``--pairs`` chooses which one calls ``high`` (the
+probit by default, after analyses/pairs_cost.py measured both against the references).
 """
 
 from __future__ import annotations
