@@ -16,6 +16,9 @@ estimate) >= a cut tuned on draw 0 and reported on the others. Estimators:
 - ``regression``: :func:`~memtool.estimator.pairs.regression_influence`, candidates the class's
   high-mem training samples;
 - ``X + posterior``: empirical-Bayes posterior of X (:func:`~memtool.estimator.pairs.posterior`);
+- ``ash``: the regression under a sparse prior fitted to the pairs
+  (:func:`~memtool.estimator.pairs.ash_candidates`): ``ash`` calls its posterior-mean infl >= the
+  threshold, ``ash + posterior`` its own P(infl >= threshold) >= the tuned cut;
 - ``probit + TRAK prior`` (``trak_models`` K > 0): the probit's posterior under a prior fitted
   within bins of the pairs' TRAK scores (:mod:`memtool.estimator.trak_prior`), TRAK from the
   draw's first K trials trained again (their training and TRAK's seconds count as its compute).
@@ -41,14 +44,14 @@ import pandas as pd
 from memtool import manifest
 from memtool.compare import high_pairs
 from memtool.estimator import load_influence
-from memtool.estimator.pairs import candidate_pairs, posterior, probit_influence, regression_influence
+from memtool.estimator.pairs import ash_candidates, candidate_pairs, posterior, probit_influence, regression_influence
 from memtool.estimator.trak_prior import run_trak, trak_posterior
 from memtool.estimator.scores import at_least, influence_at, memorization
 from memtool.estimator.store import load_labels, load_trials, read_run_json
 from memtool.rundir import diff_settings, write_table
 
 CUTS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # posterior-probability cuts tried on draw 0
-BASE = ("plain", "probit", "regression")
+BASE = ("plain", "probit", "regression")  # each also with the posterior; "ash" brings its own
 
 
 def candidates(trials, labels, mem_threshold: float):
@@ -99,8 +102,18 @@ def score(called: set, reference: set) -> dict:
             "recall": hit / len(reference) if reference else np.nan, "jaccard": hit / union if union else np.nan}
 
 
-def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimators=BASE, trak_models: int = 0,
-        progress: bool = True):
+def cut_rows(name: str, t: int, d: int, prob, seconds: float, tr, te, ref_pairs) -> list[dict]:
+    """One row per posterior cut of ``CUTS``: the pairs with P >= the cut."""
+    rows = []
+    for cut in CUTS:
+        keep = prob >= cut
+        rows.append({"estimator": name, "trials": t, "draw": d, "rule": f"P >= {cut:g}", "seconds": seconds,
+                     "expected_false": float((1 - prob[keep]).sum()), **score(set(zip(tr[keep], te[keep])), ref_pairs)})
+    return rows
+
+
+def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimators=BASE, ash: bool = True,
+        trak_models: int = 0, progress: bool = True):
     reference, pool, out = Path(reference), Path(pool), Path(out)
     ref_meta, pool_meta = read_run_json(reference), read_run_json(pool)
     ref_cfg = {k: v for k, v in ref_meta["config"].items() if k != "seed"}
@@ -139,24 +152,24 @@ def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimator
                              "seconds": est_s, **score(set(zip(tr[keep], te[keep])), ref_pairs)})
                 start = time.perf_counter()
                 prob, _ = posterior(f, s, infl_t)
-                post_s = est_s + time.perf_counter() - start
-                for cut in CUTS:
-                    keep = prob >= cut
-                    rows.append({"estimator": f"{name} + posterior", "trials": t, "draw": d,
-                                 "rule": f"P >= {cut:g}", "seconds": post_s,
-                                 "expected_false": float((1 - prob[keep]).sum()),
-                                 **score(set(zip(tr[keep], te[keep])), ref_pairs)})
+                rows += cut_rows(f"{name} + posterior", t, d, prob, est_s + time.perf_counter() - start, tr, te, ref_pairs)
+            if ash:
+                start = time.perf_counter()
+                mem = memorization(sub.member, sub.train_correct)["mem"]
+                tr_a, te_a, f, prob = ash_candidates(sub.member, sub.test_margin, mem, labels["train_label"],
+                                                     labels["test_label"], mem_t, infl_t)
+                ash_s = time.perf_counter() - start
+                keep = at_least(f, infl_t)
+                rows.append({"estimator": "ash", "trials": t, "draw": d, "rule": f"infl >= {infl_t:g}",
+                             "seconds": ash_s, **score(set(zip(tr_a[keep], te_a[keep])), ref_pairs)})
+                rows += cut_rows("ash + posterior", t, d, prob, ash_s, tr_a, te_a, ref_pairs)
             if trak_models:
                 start = time.perf_counter()
                 scores = run_trak(pool, sub.trial_ids[:trak_models])[tr, te]
                 f, s = estimates("probit", sub, labels, tr, te, high)
                 prob = trak_posterior(f, s, scores, infl_t)
-                trak_s = base_s + time.perf_counter() - start
-                for cut in CUTS:
-                    keep = prob >= cut
-                    rows.append({"estimator": "probit + TRAK prior", "trials": t, "draw": d, "rule": f"P >= {cut:g}",
-                                 "seconds": trak_s, "expected_false": float((1 - prob[keep]).sum()),
-                                 **score(set(zip(tr[keep], te[keep])), ref_pairs)})
+                rows += cut_rows("probit + TRAK prior", t, d, prob, base_s + time.perf_counter() - start, tr, te,
+                                 ref_pairs)
             if progress:
                 print(f"pairs_cost: T={t} draw {d} done", flush=True)
     table = pd.DataFrame(rows)
@@ -228,11 +241,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--sizes", default="64,128,256", help="trials per draw, comma-separated")
     p.add_argument("--draws", type=int, default=5, help="draws per size")
+    p.add_argument("--estimators", default=",".join(BASE), help="of plain, probit, regression (each also with the "
+                   "posterior), comma-separated")
+    p.add_argument("--no-ash", action="store_true", help="leave out the adaptive-shrinkage regression")
     p.add_argument("--trak-models", type=int, default=0,
                    help="K > 0: also the probit under a TRAK prior from K of each draw's trials (trained again)")
     a = p.parse_args(argv)
     run(a.reference, a.pool, a.out, sizes=tuple(int(s) for s in a.sizes.split(",")), draws=a.draws,
-        trak_models=a.trak_models)
+        estimators=tuple(a.estimators.split(",")), ash=not a.no_ash, trak_models=a.trak_models)
     out = Path(a.out)
     m = manifest.load(out, name=out.name, description=f"High-influence pairs from few trials against {a.reference}",
                       command="python -m analyses.pairs_cost " + " ".join(argv if argv is not None else sys.argv[1:]))

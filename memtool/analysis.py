@@ -35,15 +35,24 @@ def atypical_test(scores: pd.DataFrame, influence: pd.DataFrame, mem_threshold: 
                   infl_threshold: float = 0.15) -> pd.Series:
     """Whether each test sample is atypical: in a same-class pair (i, j) with mem(i) >=
     ``mem_threshold`` and infl(i, j) >= ``infl_threshold``, infl by the estimator that made the
-    table (its ``pairs``: the probit, or Feldman & Zhang's difference). By sample_id."""
+    table (its ``pairs``: the probit, the adaptive-shrinkage regression's call, or Feldman &
+    Zhang's difference). By sample_id."""
     stored = influence.attrs.get("memtool", {}).get("thresholds")
     if stored and (mem_threshold < stored["mem"] or infl_threshold < stored["infl"]):
         raise ValueError(
             f"the influence table holds the pairs with mem >= {stored['mem']} and infl >= {stored['infl']}; "
             f"for mem_threshold={mem_threshold}, infl_threshold={infl_threshold} recompute it: "
             f"memtool scores RUN --mem-threshold {mem_threshold} --infl-threshold {infl_threshold}")
-    infl = influence["infl_probit" if (stored or {}).get("pairs") == "probit" else "infl"]  # the table's estimator
-    pairs = influence[at_least(influence["mem"], mem_threshold) & at_least(infl, infl_threshold)
+    rule = (stored or {}).get("pairs", "fz")  # the table's estimator
+    if rule == "ash":  # its call is a posterior probability at the table's threshold
+        if stored and infl_threshold != stored["infl"]:
+            raise ValueError(f"the influence table's ash pairs are called at infl >= {stored['infl']}; for "
+                             f"infl_threshold={infl_threshold} recompute it: memtool scores RUN --infl-threshold "
+                             f"{infl_threshold}")
+        called = influence["high_ash"]
+    else:
+        called = at_least(influence["infl_probit" if rule == "probit" else "infl"], infl_threshold)
+    pairs = influence[at_least(influence["mem"], mem_threshold) & called
                       & (influence["train_label"] == influence["test_label"])]
     test_ids = _split(scores, "test").index
     return pd.Series(test_ids.isin(pairs["test_id"].unique()), index=test_ids, name="atypical")

@@ -52,6 +52,13 @@ def _false_pairs(s: dict) -> str:
     return note + ("  -- most are noise: train more trials" if false > s["n_high_pairs"] / 2 else "")
 
 
+def _pair_rule(s: dict) -> str:
+    from .estimator.pairs import ASH_CUT
+
+    infl = f"infl >= {s['infl_threshold']}"
+    return {"probit": f"probit {infl}", "ash": f"ash P({infl}) >= {ASH_CUT}"}.get(s.get("pairs"), infl)
+
+
 def print_summary(s: dict, run: str | Path, file=None) -> None:
     """The numbers a user looks at first, and where the tables are."""
     run = Path(run)
@@ -60,7 +67,7 @@ def print_summary(s: dict, run: str | Path, file=None) -> None:
              f"high-memorization samples (mem >= {s['mem_threshold']}): {s['n_high_mem']} "
              f"({100 * s['frac_high_mem']:.1f} %);  no estimate: {s['n_no_estimate']};  "
              f"median mem_se {_fmt(s['median_mem_se'])}",
-             f"high-influence pairs ({'probit ' if s.get('pairs') == 'probit' else ''}infl >= {s['infl_threshold']}): "
+             f"high-influence pairs ({_pair_rule(s)}): "
              f"{s['n_high_pairs']} over "
              f"{s['n_test_in_high_pairs']} test samples" + _false_pairs(s)]
     if "noise_auroc_mem" in s:

@@ -341,15 +341,26 @@ def verdict(h: dict, margin: float | None = None) -> str:
 
 VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
 VERDICT_LABELS = ("BAT - PGD-AT",)  # the README's verdict lines: these headline rows of every study
+FINDING_A_VERDICTS = ("AT robust loss - ST clean loss", "AT robust loss - AT clean loss")  # and these contrasts
 
 
 def render_verdict(out: Path) -> str:
-    """One line per study and contrast of :data:`VERDICT_LABELS`: its :func:`verdict` and numbers."""
+    """One line per study and contrast of :data:`VERDICT_LABELS` (its BAT comparison's headline)
+    and :data:`FINDING_A_VERDICTS` (its finding (a) table's contrasts): its :func:`verdict` and
+    numbers."""
     lines = []
-    for m in (read_json(p) for p in sorted(Path(out).glob("*/manifest.json"))):
+    for path in sorted(Path(out).glob("*/manifest.json")):
+        m = read_json(path)
         for h in m["stages"].get("bat_comparison", {}).get("headline", []):
             if h["label"].startswith(VERDICT_LABELS) and h["unit"] == "points":
                 lines.append(f"- {m['name']}, {h['label']}: {verdict(h)}, {fmt(h)}")
+        if "finding_a" in m["stages"]:
+            contrasts = read_table(path.parent / "finding_a.parquet").attrs["memtool"].get("contrasts", [])
+            for c in contrasts:
+                if c["contrast"] in FINDING_A_VERDICTS:
+                    h = {"value": c["diff"], "low": c["diff_low"], "high": c["diff_high"], "unit": "points",
+                         "seeds": c["seeds"]}
+                    lines.append(f"- {m['name']}, (a) {c['contrast']}: {verdict(h)}, {fmt(h)}")
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .estimator import load_influence, open_run
+from .estimator.tables import ESTIMATOR_NAMES
 from .experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
 from .models import check_model_record, resolve_model
 from .recipe import Recipe, flat_recipe, stream, user_settings
@@ -81,7 +82,7 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=
                + ("" if recipe == cfg.recipe.for_dataset(cfg.dataset) else " (not the run's recipe)") + ". ")
     (out / "validate.md").write_text(
         f"# Do the scores predict retraining? ({run})\n\n{learner}Removed: the {len(removed)} training samples of the "
-        f"high-influence pairs ({'probit' if rule == 'probit' else 'Feldman & Zhang'} estimate), or as many random "
+        f"high-influence pairs ({ESTIMATOR_NAMES.get(rule, rule)} estimate), or as many random "
         f"ones; influenced test samples: {int(influenced.sum())}; "
         f"{seeds} seeds per variant; 95 % t-intervals over seeds; differences are paired by seed.\n\n"
         + markdown(table))

@@ -38,3 +38,14 @@ def test_atypical_test_needs_a_same_class_pair_above_both_thresholds():
     assert atypical_test(scores, infl, mem_threshold=0.3).tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="memtool scores RUN --mem-threshold 0.1 --infl-threshold 0.15"):
         atypical_test(scores, infl, mem_threshold=0.1)
+
+
+def test_atypical_test_of_an_ash_table_follows_its_call_and_wants_its_threshold():
+    scores, infl = _tables()
+    infl["high_ash"] = [False, True, True, False, True]  # its calls, whatever the F&Z column says
+    infl.attrs["memtool"]["thresholds"]["pairs"] = "ash"
+    # test 1: called, same class, mem 0.25. test 2: other class. test 3: called only with a typical train sample
+    assert atypical_test(scores, infl).tolist() == [False, True, False, False]
+    assert atypical_test(scores, infl, mem_threshold=0.3).tolist() == [False, False, False, False]
+    with pytest.raises(ValueError, match="memtool scores RUN --infl-threshold 0.2"):
+        atypical_test(scores, infl, infl_threshold=0.2)

@@ -47,8 +47,9 @@ def test_score_table_columns_and_run_files(digits_run):
     infl = memtool.load_influence(out)
     high = infl[infl.high]
     assert (high.train_label == high.test_label).all() and (high.mem >= 0.25).all()
-    assert (high.infl_probit >= 0.15).all() and infl.high.equals(infl.high_probit)  # the default estimator
-    assert (infl[infl.high_fz].infl >= 0.15).all() and not infl.high_fz.equals(infl.high_probit)
+    assert infl.high.equals(infl.high_ash) and (high.infl_ash.notna()).all()  # the default estimator
+    assert (infl[infl.high_probit].infl_probit >= 0.15).all() and (infl[infl.high_fz].infl >= 0.15).all()
+    assert not infl.high_fz.equals(infl.high_ash) and not infl.high_probit.equals(infl.high_ash)
     assert infl.groupby("test_id")["rank"].max().eq(9).all()  # top-10 of every test sample
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     assert json.loads((out / "log.jsonl").read_text())["device"] == "cpu"

@@ -250,3 +250,24 @@ def test_the_readme_verdict_lines_match_their_intervals():
             assert hi < 0, line
         else:
             assert "no resolved difference" in line and lo <= 0 <= hi, line
+
+
+def test_finding_a_verdict_lines_come_from_the_tables_contrasts(tmp_path):
+    """A study with a finding (a) table gets one verdict line per contrast of FINDING_A_VERDICTS,
+    with the contrast's own interval; other contrasts and studies without the stage get none."""
+    from memtool.rundir import write_json, write_table
+
+    study = tmp_path / "s"
+    study.mkdir()
+    write_json(study / "manifest.json", {"name": "s", "stages": {"finding_a": {"headline": []}}})
+    contrasts = [{"contrast": "AT robust loss - ST clean loss", "seeds": 5, "diff": -0.001, "diff_low": -0.012,
+                  "diff_high": 0.010, "p": 0.8},
+                 {"contrast": "AT robust loss - AT clean loss", "seeds": 5, "diff": -0.119, "diff_low": -0.135,
+                  "diff_high": -0.103, "p": 0.0},
+                 {"contrast": "AT clean loss", "seeds": 5, "diff": -0.07, "diff_low": -0.08, "diff_high": -0.06, "p": 0.0}]
+    write_table(pd.DataFrame({"x": [0]}), study / "finding_a.parquet", {"contrasts": contrasts})
+    (tmp_path / "other").mkdir()
+    write_json(tmp_path / "other" / "manifest.json", {"name": "other", "stages": {}})
+    assert manifest.render_verdict(tmp_path).splitlines() == [
+        "- s, (a) AT robust loss - ST clean loss: no resolved difference, -0.1 (-1.2 to +1.0) points, 5 seeds",
+        "- s, (a) AT robust loss - AT clean loss: resolved: lower, -11.9 (-13.5 to -10.3) points, 5 seeds"]

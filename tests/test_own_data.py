@@ -106,7 +106,7 @@ def test_digits_image_folder_with_a_batchnorm_cnn_through_the_command_line(tmp_p
     assert main(args) == 0
     cfg = json.loads((run / "run.json").read_text())["config"]
     assert cfg["dataset"] == f"imagefolder:{folder.resolve()}" and cfg["recipe"]["model_kwargs"] == {"width": 8}
-    assert main(["scores", str(run)]) == 0
+    assert main(["scores", str(run), "--pairs", "probit"]) == 0  # 4 trials: the default (ash) rightly calls no pair
     # validate retrains the user's model only when the user names it
     assert main(["validate", str(run), "--seeds", "1", "--quiet"]) == 2
     assert "--model examples.mynets:bn_cnn" in capsys.readouterr().err
@@ -119,7 +119,7 @@ def test_tabular_train_and_clean_evaluate_on_the_command_line(tmp_path, monkeypa
     common = ["--dataset", "examples.mynets:breast_cancer", "--model", "examples.mynets:tabular_mlp"]
     run = tmp_path / "run"
     assert main(["estimate", *common, "--epochs", "10", "--batch-size", "32", "--trials", "4", "--out", str(run),
-                 "--quiet"]) == 0
+                 "--pairs", "probit", "--quiet"]) == 0  # 4 trials: the default (ash) rightly calls no pair
     assert main(["figures", str(run), "--dataset", "examples.mynets:breast_cancer", "--out", str(tmp_path / "f")]) == 0
     assert sorted(p.name for p in (tmp_path / "f").glob("*.png")) == ["mem_hist.png"]  # features: no galleries
     assert main(["validate", str(run), *common, "--seeds", "1", "--quiet"]) == 0

@@ -259,7 +259,8 @@ def test_a_fresh_clone_reads_the_committed_reference_instead_of_estimating(tmp_p
     assert committed_reference(ref, other, tmp_path / "runs" / "tiny" / "estimate") is None
     assert committed_reference(ref, {**est, "trials": 8}, tmp_path / "x") is None  # more trials asked
     assert committed_reference(ref, {**est, "pairs": "fz"}, tmp_path / "x") is None  # tables of another pairs rule
-    assert committed_reference(ref, {**est, "pairs": "probit"}, tmp_path / "x") is not None  # the default made them
+    assert committed_reference(ref, {**est, "pairs": "probit"}, tmp_path / "x") is None
+    assert committed_reference(ref, {**est, "pairs": "ash"}, tmp_path / "x") is not None  # the default made them
     # the robust estimate keeps its score tables (not its trials) in the records, and a clone reads them
     config.write_text(config.read_text() + "robust_estimate: {method: pgd-at, eps: 0.1, pgd_steps: 1, trials: 2}\n")
     assert main(["figures", "--config", str(config), "--out", str(tmp_path / "figures"), "--quiet",

@@ -15,14 +15,18 @@ Feldman & Zhang difference throws away.
   each test sample's margin regressed (ridge, intercept free) on the membership of the
   candidate training samples of its class, so the other candidates' effects leave the
   residual: a less noisy coefficient, turned into a probability difference by the same probit.
+- :func:`ash_influence`: the regression under a sparse prior fitted to the pairs (adaptive
+  shrinkage), most of its mass at exactly 0, so each test sample's variation goes to the
+  candidate that has it; its own posterior gives each pair P(infl >= threshold).
 - :func:`posterior`: empirical Bayes over the pairs. The prior of the true influence is the
   grid distribution that maximizes the likelihood of every candidate's (estimate, SE) (the
   NPMLE, fitted by EM); each pair gets P(infl >= threshold | its estimate), and a set of pairs
   its expected number of false ones, sum(1 - P).
 
 The tables carry the plain difference (:func:`memtool.estimator.scores.influence_at`) as
-``infl`` and the probit as ``infl_probit``; ``--pairs`` chooses which one calls ``high`` (the
-probit by default, after analyses/pairs_cost.py measured both against the references).
+``infl``, the probit as ``infl_probit`` and the adaptive shrinkage as ``infl_ash``; ``--pairs``
+chooses which one calls ``high`` (``ash`` by default, after analyses/pairs_cost.py measured all
+of them against the references).
 """
 
 from __future__ import annotations
@@ -125,6 +129,93 @@ def regression_influence(member: np.ndarray, test_margin: np.ndarray, candidates
     return infl, se
 
 
+ASH_SCALES = np.r_[0.0, 2.0 ** np.arange(-8, 3)]  # the prior's sds of a coefficient, in units of the residual's
+ASH_CUT = 0.3  # the tables call a pair when P(infl >= threshold) >= ASH_CUT (analyses/pairs_cost.py chose it)
+
+
+def ash_influence(member: np.ndarray, test_margin: np.ndarray, candidates: np.ndarray, test_ids, threshold: float,
+                  scales=ASH_SCALES, iters: int = 100, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """(infl, p_high), each (len(test_ids), len(candidates)): the regression of
+    :func:`regression_influence` under a sparse prior learnt from the pairs themselves (adaptive
+    shrinkage, "mr.ash": Kim, Wang, Carbonetto & Stephens 2024). Test sample j's standardized
+    margin y_j = sum_i b_ij (m_i - r_i) + e_j, e_j ~ N(0, s_j^2), and b_ij ~ sum_l pi_l N(0, s_j^2
+    scales_l^2) with scales_0 = 0 (no effect); the weights pi are shared by every pair and fitted
+    with the coefficients by variational EM (coordinate ascent over the candidates, every test
+    sample at once). The candidates compete for each test sample's variation, so an effect goes
+    to the candidate that has it and the others' coefficients shrink to 0, where the ridge's one
+    Gaussian prior spreads it (measured by analyses/pairs_cost.py). ``infl``: the posterior-mean
+    coefficient through the probit of :func:`regression_influence`; ``p_high``: the posterior
+    P(infl >= threshold) (infl increases with b_ij, so it is P(b_ij >= the b that reaches the
+    threshold) under the posterior mixture). NaN where i was never in or never out, or j's margin
+    never varied."""
+    candidates, test_ids = np.asarray(candidates), np.asarray(test_ids)
+    m = member[:, candidates].astype(np.float64)
+    r = m.mean(0)
+    y = test_margin[:, test_ids].astype(np.float64)
+    mean, sd = y.mean(0), y.std(0)
+    cols, rows = np.flatnonzero((r > 0) & (r < 1)), np.flatnonzero(sd > 0)
+    infl, p_high = np.full((len(test_ids), len(candidates)), np.nan), np.full((len(test_ids), len(candidates)), np.nan)
+    if not len(cols) or not len(rows):
+        return infl, p_high
+    x, r = m[:, cols] - r[cols], r[cols]
+    y, z0 = (y[:, rows] - mean[rows]) / sd[rows], (mean[rows] / sd[rows])[None, :]
+    b, phi, mu, var, sigma2 = _ash_fit(x, y, np.asarray(scales, dtype=np.float64) ** 2, iters, tol)
+    # the probit's scale: the residual and the other candidates' effects (as in regression_influence)
+    spread = b**2 * (r * (1 - r))[:, None]  # (c, n)
+    scale = np.sqrt(sigma2[None, :] + spread.sum(0, keepdims=True) - spread)
+
+    def probit(beta):
+        return (stats.norm.cdf((z0 + beta * (1 - r)[:, None]) / scale)
+                - stats.norm.cdf((z0 - beta * r[:, None]) / scale))
+
+    lo, hi = np.zeros_like(b), np.ones_like(b)  # the b that reaches the threshold: bracket, then bisect
+    for _ in range(60):
+        short = probit(hi) < threshold
+        if not short.any():
+            break
+        lo, hi = np.where(short, hi, lo), np.where(short, 2 * hi, hi)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        above = probit(mid) >= threshold
+        lo, hi = np.where(above, lo, mid), np.where(above, mid, hi)
+    sdev = np.sqrt(var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(sdev > 0, stats.norm.sf((hi[..., None] - mu) / sdev), mu >= hi[..., None])
+    infl[np.ix_(rows, cols)] = probit(b).T
+    p_high[np.ix_(rows, cols)] = np.minimum((phi * tail).sum(2), 1.0).T
+    return infl, p_high
+
+
+def _ash_fit(x, y, s2, iters, tol):
+    """Variational EM of the adaptive-shrinkage regression of every column of ``y`` on ``x`` (both
+    centred): (b, phi, mu, var, sigma2), the posterior means (c, n), the mixture's weights, means
+    and variances per component (c, n, L), and the residual variances (n,)."""
+    t, c = x.shape
+    d = (x * x).sum(0)
+    pi = np.full(len(s2), 1 / len(s2))
+    b, resid, sigma2 = np.zeros((c, y.shape[1])), y.copy(), (y * y).mean(0)
+    phi, mu, var = (np.zeros((c, y.shape[1], len(s2))) for _ in range(3))
+    for _ in range(iters):
+        before = b.copy()
+        for k in range(c):
+            resid += np.outer(x[:, k], b[k])
+            bhat = x[:, k] @ resid / d[k]
+            mu[k] = bhat[:, None] * (d[k] * s2 / (1 + d[k] * s2))
+            var[k] = sigma2[:, None] * (s2 / (1 + d[k] * s2))
+            marginal = sigma2[:, None] * (1 / d[k] + s2)  # of bhat under component l
+            logw = np.log(np.maximum(pi, 1e-300)) - 0.5 * (np.log(marginal) + bhat[:, None] ** 2 / marginal)
+            w = np.exp(logw - logw.max(1, keepdims=True))
+            phi[k] = w / w.sum(1, keepdims=True)
+            b[k] = (phi[k] * mu[k]).sum(1)
+            resid -= np.outer(x[:, k], b[k])
+        pi = phi.reshape(-1, len(s2)).mean(0)
+        spread = (phi * (var + mu**2)).sum(2) - b**2  # the coefficients' posterior variances
+        sigma2 = ((resid**2).sum(0) + (d[:, None] * spread).sum(0)) / t
+        if np.abs(b - before).max() < tol:
+            break
+    return b, phi, mu, var, sigma2
+
+
 def prior_grid(estimate: np.ndarray, se: np.ndarray, grid=None, iters: int = 300, tol: float = 1e-7,
                fit_on: int = 100_000, seed: int = 0):
     """(grid, weights): the NPMLE of the distribution of the true values behind ``estimate`` ~
@@ -181,6 +272,21 @@ def candidate_pairs(mem: np.ndarray, train_label: np.ndarray, test_label: np.nda
     tests = [by_class[c] for c in train_label[high]]
     return (np.repeat(high, [len(t) for t in tests]).astype(np.int64),
             np.concatenate(tests).astype(np.int64) if tests else np.zeros(0, np.int64))
+
+
+def ash_candidates(member, test_margin, mem, train_label, test_label, mem_threshold: float, threshold: float):
+    """(train_ids, test_ids, infl, p_high) of every pair the high-influence rule can call
+    (:func:`candidate_pairs`), by :func:`ash_influence`, one regression per class: its test
+    samples on its training samples with mem >= ``mem_threshold``."""
+    ci, cj = candidate_pairs(mem, train_label, test_label, mem_threshold)
+    infl, p_high = np.full(len(ci), np.nan), np.full(len(ci), np.nan)
+    for c in np.unique(train_label[ci]):
+        pick = np.flatnonzero(train_label[ci] == c)
+        cand, tests = np.unique(ci[pick]), np.flatnonzero(test_label == c)
+        f, p = ash_influence(member, test_margin, cand, tests, threshold)
+        rows, cols = np.searchsorted(tests, cj[pick]), np.searchsorted(cand, ci[pick])
+        infl[pick], p_high[pick] = f[rows, cols], p[rows, cols]
+    return ci, cj, infl, p_high
 
 
 def plain_posterior(member, test_correct, mem, train_label, test_label, mem_threshold: float, infl_threshold: float,

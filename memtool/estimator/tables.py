@@ -17,7 +17,7 @@ from ..rundir import read_table, write_table  # noqa: F401  (re-exported: memtoo
 
 from ..recorder import mean_over_members
 from . import scores as S
-from .pairs import candidate_pairs, plain_posterior, posterior, prior_grid, probit_influence
+from .pairs import ASH_CUT, ash_candidates, candidate_pairs, plain_posterior, posterior, prior_grid, probit_influence
 from .scores import INFL_THRESHOLD, MEM_THRESHOLD
 from .store import Trials, check_run_digest, load_labels, load_trials, read_run_json, update_run_json
 
@@ -46,7 +46,8 @@ def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
     return df
 
 
-PAIR_ESTIMATORS = ("fz", "probit")
+ESTIMATOR_NAMES = {"fz": "Feldman & Zhang", "probit": "probit", "ash": "adaptive-shrinkage"}  # --pairs
+PAIR_ESTIMATORS = tuple(ESTIMATOR_NAMES)
 
 
 def _pairs(trials: Trials, labels: dict, mem: np.ndarray, kind: str, **thr) -> pd.DataFrame:
@@ -62,19 +63,31 @@ def probit_candidates(trials: Trials, labels: dict, mem: np.ndarray, mem_thresho
     return (ci, cj, *probit_influence(trials.member, trials.test_margin, ci, cj))
 
 
+def ash_called(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=MEM_THRESHOLD,
+               infl_threshold=INFL_THRESHOLD):
+    """(train_ids, test_ids, infl, p_high, called) of every candidate pair by the adaptive-shrinkage
+    regression; called: P(infl >= infl_threshold) >= ASH_CUT."""
+    ci, cj, infl, p = ash_candidates(trials.member, trials.test_margin, mem, labels["train_label"],
+                                     labels["test_label"], mem_threshold, infl_threshold)
+    return ci, cj, infl, p, p >= ASH_CUT
+
+
 def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.ndarray | None = None,
                     mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, top_k=10,
-                    pairs: str = "probit") -> pd.DataFrame:
+                    pairs: str = "ash") -> pd.DataFrame:
     """High-influence pairs and top-k pairs; robust influence (``rob_*``) where recorded.
-    Every row carries both estimates of its pair, Feldman & Zhang's 0/1 difference (``infl``,
-    ``infl_se``, ``high_fz``) and the probit of the test margins (``infl_probit``,
-    ``infl_probit_se``, ``high_probit``); ``high`` is the call of the estimator ``pairs`` and
-    ``p_high`` its posterior P(infl >= infl_threshold | estimate) (docs/estimating.md)."""
+    Every row carries the three estimates of its pair: Feldman & Zhang's 0/1 difference
+    (``infl``, ``infl_se``, ``high_fz``), the probit of the test margins (``infl_probit``,
+    ``infl_probit_se``, ``high_probit``) and the adaptive-shrinkage regression (``infl_ash``, its
+    posterior mean, and ``high_ash``: P(infl >= infl_threshold) >= ASH_CUT; NaN and False off
+    the candidates); ``high`` is the call of the estimator ``pairs`` and ``p_high`` its
+    P(infl >= infl_threshold | the trials) (docs/estimating.md)."""
     check_choice("pairs", pairs, PAIR_ESTIMATORS)
     thr = dict(mem_threshold=mem_threshold, infl_threshold=infl_threshold, top_k=top_k)
     keys = ["train_id", "test_id"]
     ci, cj, c_infl, c_se = probit_candidates(trials, labels, mem, mem_threshold)
-    called = S.at_least(c_infl, infl_threshold)
+    _, _, a_infl, a_p, a_called = ash_called(trials, labels, mem, mem_threshold, infl_threshold)
+    called = S.at_least(c_infl, infl_threshold) | a_called
     df = _pairs(trials, labels, mem, "clean", **thr).rename(columns={"high": "high_fz"})
     df = df.merge(pd.DataFrame({"train_id": ci[called], "test_id": cj[called]}), on=keys, how="outer")
     prefixes = [("", "high_fz", trials.test_correct)]
@@ -94,27 +107,36 @@ def influence_table(trials: Trials, labels: dict, mem: np.ndarray, rob_mem: np.n
     df["infl_probit"], df["infl_probit_se"] = probit_influence(trials.member, trials.test_margin, i, j)
     df["high_probit"] = ((labels["train_label"][i] == labels["test_label"][j]) & S.at_least(mem[i], mem_threshold)
                          & S.at_least(df["infl_probit"].to_numpy(), infl_threshold))
+    ash = pd.DataFrame({"train_id": ci, "test_id": cj, "infl_ash": a_infl, "p_ash": a_p, "high_ash": a_called})
+    df = df.merge(ash, on=keys, how="left")
+    df["high_ash"] = df["high_ash"].eq(True)  # False off the candidates
+    i, j = df["train_id"].to_numpy(), df["test_id"].to_numpy()
     df.insert(2, "train_label", labels["train_label"][i])
     df.insert(3, "test_label", labels["test_label"][j])
     df.insert(4, "mem", mem[i])
     df["high"] = df[f"high_{pairs}"]
-    if pairs == "probit":
-        prior = prior_grid(c_infl, c_se)
+    if pairs == "ash":
+        df["p_high"] = df["p_ash"]
+    elif pairs == "probit":
         df["p_high"] = posterior(df["infl_probit"].to_numpy(), df["infl_probit_se"].to_numpy(), infl_threshold,
-                                 prior=prior)[0]
+                                 prior=prior_grid(c_infl, c_se))[0]
     else:
         df["p_high"] = plain_posterior(trials.member, trials.test_correct, mem, labels["train_label"],
                                        labels["test_label"], mem_threshold, infl_threshold, i, j)
+    df = df.drop(columns="p_ash")
     return df.sort_values(["test_id", "train_id"], ignore_index=True)
 
 
 def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=MEM_THRESHOLD,
-                  infl_threshold=INFL_THRESHOLD, prefix: str = "", pairs: str = "probit") -> set:
+                  infl_threshold=INFL_THRESHOLD, prefix: str = "", pairs: str = "ash") -> set:
     """The high-influence pairs (train_id, test_id) that ``trials`` estimate by the estimator
     ``pairs`` (robust, ``prefix="rob_"``: Feldman & Zhang's), given ``mem``."""
-    if pairs == "probit" and not prefix:
-        ci, cj, infl, _ = probit_candidates(trials, labels, mem, mem_threshold)
-        called = S.at_least(infl, infl_threshold)
+    if pairs in ("probit", "ash") and not prefix:
+        if pairs == "ash":
+            ci, cj, *_, called = ash_called(trials, labels, mem, mem_threshold, infl_threshold)
+        else:
+            ci, cj, infl, _ = probit_candidates(trials, labels, mem, mem_threshold)
+            called = S.at_least(infl, infl_threshold)
         return set(zip(ci[called].tolist(), cj[called].tolist()))
     p = S.influence_pairs(trials.member, getattr(trials, f"test_{prefix}correct"), labels["train_label"],
                           labels["test_label"], mem, mem_threshold, infl_threshold, top_k=0)
@@ -122,7 +144,7 @@ def high_pair_set(trials: Trials, labels: dict, mem: np.ndarray, mem_threshold=M
 
 
 def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=MEM_THRESHOLD,
-               infl_threshold=INFL_THRESHOLD, pairs: str = "probit") -> dict:
+               infl_threshold=INFL_THRESHOLD, pairs: str = "ash") -> dict:
     """Agreement of scores from even- and odd-numbered trials (docs/science.md section 1)."""
     halves = [trials.subset(slice(0, None, 2)), trials.subset(slice(1, None, 2))]
     correct = f"train_{prefix}correct"
@@ -136,7 +158,7 @@ def split_half(trials: Trials, labels: dict, prefix: str = "", mem_threshold=MEM
 
 
 def summarize(scores: pd.DataFrame, infl: pd.DataFrame, trials: Trials, labels: dict,
-              mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, pairs: str = "probit") -> dict:
+              mem_threshold=MEM_THRESHOLD, infl_threshold=INFL_THRESHOLD, pairs: str = "ash") -> dict:
     tr = scores[scores["split"] == "train"]
     te = scores[scores["split"] == "test"]
     high = infl[infl["high"]]
@@ -176,8 +198,9 @@ class Thresholds:
     mem_threshold: float = setting(MEM_THRESHOLD, "high-memorization threshold on mem")
     infl_threshold: float = setting(INFL_THRESHOLD, "high-influence threshold on infl")
     top_k: int = setting(10, "most influential training samples kept per test sample")
-    pairs: str = setting("probit", "the estimate that calls a pair high: probit (of the test margins; the "
-                                   "default: docs/estimating.md) | fz (Feldman & Zhang's 0/1 difference)",
+    pairs: str = setting("ash", "the estimate that calls a pair high: ash (the adaptive-shrinkage regression of "
+                                "the test margins on membership; the default: docs/estimating.md) | probit (of "
+                                "each pair's test margins) | fz (Feldman & Zhang's 0/1 difference)",
                          choices=PAIR_ESTIMATORS)
 
     def __post_init__(self):
