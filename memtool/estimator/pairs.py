@@ -189,17 +189,18 @@ def ash_influence(member: np.ndarray, test_margin: np.ndarray, candidates: np.nd
 def _ash_fit(x, y, s2, iters, tol):
     """Variational EM of the adaptive-shrinkage regression of every column of ``y`` on ``x`` (both
     centred): (b, phi, mu, var, sigma2), the posterior means (c, n), the mixture's weights, means
-    and variances per component (c, n, L), and the residual variances (n,)."""
+    and variances per component (c, n, L), and the residual variances (n,). Works on X^T X and
+    X^T y, so a sweep costs c^2 n, not the trials' t c n."""
     t, c = x.shape
-    d = (x * x).sum(0)
+    gram, xty, yy = x.T @ x, x.T @ y, (y * y).sum(0)
+    d = np.diag(gram).copy()
     pi = np.full(len(s2), 1 / len(s2))
-    b, resid, sigma2 = np.zeros((c, y.shape[1])), y.copy(), (y * y).mean(0)
+    b, sigma2 = np.zeros((c, y.shape[1])), yy / t
     phi, mu, var = (np.zeros((c, y.shape[1], len(s2))) for _ in range(3))
     for _ in range(iters):
         before = b.copy()
         for k in range(c):
-            resid += np.outer(x[:, k], b[k])
-            bhat = x[:, k] @ resid / d[k]
+            bhat = (xty[k] - gram[k] @ b) / d[k] + b[k]  # x_k' (y minus the other candidates' fit) / d_k
             mu[k] = bhat[:, None] * (d[k] * s2 / (1 + d[k] * s2))
             var[k] = sigma2[:, None] * (s2 / (1 + d[k] * s2))
             marginal = sigma2[:, None] * (1 / d[k] + s2)  # of bhat under component l
@@ -207,10 +208,10 @@ def _ash_fit(x, y, s2, iters, tol):
             w = np.exp(logw - logw.max(1, keepdims=True))
             phi[k] = w / w.sum(1, keepdims=True)
             b[k] = (phi[k] * mu[k]).sum(1)
-            resid -= np.outer(x[:, k], b[k])
         pi = phi.reshape(-1, len(s2)).mean(0)
         spread = (phi * (var + mu**2)).sum(2) - b**2  # the coefficients' posterior variances
-        sigma2 = ((resid**2).sum(0) + (d[:, None] * spread).sum(0)) / t
+        rss = yy - 2 * (b * xty).sum(0) + (b * (gram @ b)).sum(0)
+        sigma2 = (np.maximum(rss, 0) + (d[:, None] * spread).sum(0)) / t
         if np.abs(b - before).max() < tol:
             break
     return b, phi, mu, var, sigma2
