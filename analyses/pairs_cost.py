@@ -55,10 +55,10 @@ BASE = ("plain", "probit", "regression")  # each also with the posterior; "ash" 
 
 
 def candidates(trials, labels, mem_threshold: float):
-    """(train_ids, test_ids, high_mem): the pairs the reference's rule can call, by the draw's own mem."""
+    """(train_ids, test_ids, high_mem, mem): the pairs the reference's rule can call, by the draw's own mem."""
     mem = memorization(trials.member, trials.train_correct)["mem"]
     tr, te = candidate_pairs(mem, labels["train_label"], labels["test_label"], mem_threshold)
-    return tr, te, np.flatnonzero(at_least(mem, mem_threshold))
+    return tr, te, np.flatnonzero(at_least(mem, mem_threshold)), mem
 
 
 def estimates(name: str, trials, labels, train_ids, test_ids, high):
@@ -141,7 +141,7 @@ def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimator
             rows_d = draw_rows(len(trials), t, d)
             sub = trials.subset(rows_d)
             start = time.perf_counter()
-            tr, te, high = candidates(sub, labels, mem_t)
+            tr, te, high, mem = candidates(sub, labels, mem_t)
             base_s = time.perf_counter() - start
             for name in estimators:
                 start = time.perf_counter()
@@ -154,15 +154,14 @@ def run(reference, pool, out, *, sizes=(64, 128, 256), draws: int = 5, estimator
                 prob, _ = posterior(f, s, infl_t)
                 rows += cut_rows(f"{name} + posterior", t, d, prob, est_s + time.perf_counter() - start, tr, te, ref_pairs)
             if ash:
-                start = time.perf_counter()
-                mem = memorization(sub.member, sub.train_correct)["mem"]
-                tr_a, te_a, f, prob = ash_candidates(sub.member, sub.test_margin, mem, labels["train_label"],
-                                                     labels["test_label"], mem_t, infl_t)
-                ash_s = time.perf_counter() - start
+                start = time.perf_counter()  # the same candidate pairs, in the same order
+                _, _, f, prob = ash_candidates(sub.member, sub.test_margin, mem, labels["train_label"],
+                                               labels["test_label"], mem_t, infl_t)
+                ash_s = base_s + time.perf_counter() - start
                 keep = at_least(f, infl_t)
                 rows.append({"estimator": "ash", "trials": t, "draw": d, "rule": f"infl >= {infl_t:g}",
-                             "seconds": ash_s, **score(set(zip(tr_a[keep], te_a[keep])), ref_pairs)})
-                rows += cut_rows("ash + posterior", t, d, prob, ash_s, tr_a, te_a, ref_pairs)
+                             "seconds": ash_s, **score(set(zip(tr[keep], te[keep])), ref_pairs)})
+                rows += cut_rows("ash + posterior", t, d, prob, ash_s, tr, te, ref_pairs)
             if trak_models:
                 start = time.perf_counter()
                 scores = run_trak(pool, sub.trial_ids[:trak_models])[tr, te]
