@@ -10,10 +10,14 @@ only the PGD-AT eps sweep trains at a smaller eps, to draw PGD-AT's trade-off cu
 paired: seed s of every variant starts from the same initialization and minibatch order.
 Each model is then evaluated with :func:`memtool.evaluate` at ``eps``: clean, PGD-20 and
 CW-20 on every test sample, and AutoAttack (standard version, the authors' code) on the first
-``aa_samples`` for the variants in ``aa_variants`` (default: all). Where AutoAttack is too
-dear for the whole grid (on a CPU), the other variants are ranked by CW-20 on the same
-samples, and the report measures first how CW-20 agrees with AutoAttack on the models that
-have both. Everything resumes: a model per epoch, an evaluation per batch; and several
+``aa_samples`` for the variants in ``aa_variants`` (default: all); with ``aa_atypical`` on the
+first ``aa_samples`` typical test samples and every atypical one; with ``aa_attack="apgd"``
+its first two attacks (APGD-CE + APGD-T) instead, checked against standard AutoAttack on the
+first seed of the ``aa_check`` variants. Where AutoAttack is too dear for the whole grid (on
+a CPU), the other variants are ranked by CW-20 on the same samples, and the report measures
+first how CW-20 agrees with AutoAttack on the models that have both. The robust evaluation's
+intervals (accuracy, and the difference to PGD-AT paired by seed and test sample) are a
+hierarchical bootstrap over seeds, then test samples; the others are t-intervals over seeds. Everything resumes: a model per epoch, an evaluation per batch; and several
 processes may run the same command at once (one per core or GPU, ``OMP_NUM_THREADS=1`` on a
 CPU): each model's training and evaluations are claimed by one of them. After RUN is
 re-estimated the BAT models are refused (their atypical set changed): remove OUT/models/bat*;
@@ -37,8 +41,8 @@ Written to OUT:
 A BAT point lies beyond the baselines' curve when its AutoAttack accuracy exceeds that of the
 baselines' upper frontier (the Pareto points of the :data:`BASELINES`: standard training,
 PGD-AT at every eps, TRADES, MART and GAIRAT, joined by straight lines) at its clean accuracy; the gap is measured per
-seed against that seed's frontier (on the seeds where every baseline has the attack) and reported with its
-t-interval.
+seed against that seed's frontier (on the seeds where every baseline has the attack), with its t-interval and
+the bootstrap interval over those seeds, then the test samples, which the verdict reads.
 """
 
 from __future__ import annotations
@@ -53,10 +57,10 @@ import numpy as np
 import pandas as pd
 
 from memtool.checkpoints import load_checkpoint, selected_epoch
-from memtool.config import setting
+from memtool.config import check_choice, setting
 from memtool.estimator import Thresholds
 from memtool.evaluation import evaluate
-from memtool.experiments import experiment_seeds, slug, summarize, t_interval
+from memtool.experiments import experiment_seeds, hierarchical_bootstrap, slug, summarize, t_interval
 from memtool.recipe import Recipe
 from memtool.rundir import RunMismatchError, read_json, read_table, write_json, write_table
 from memtool.sharing import shared
@@ -113,7 +117,9 @@ HEADLINE = (*BASELINES, "bat")  # the curves and every method's default point
 ATTACKS = "clean,pgd20,cw20"
 LAST_EPOCH = ("pgd-at", "bat")  # with val_samples, also reported at their last epoch, as "VARIANT (last epoch)"
 LAST = " (last epoch)"
-METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack"}
+METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
+AA_ATTACKS = ("autoattack", "apgd")  # the robust evaluation of the default points: standard AutoAttack, or its first two
+HIERARCHICAL = "hierarchical bootstrap (seeds, then test samples)"
 SELECTED = "selected.json"  # a model's kept epoch, beside its checkpoint: read where the checkpoint is gone
 
 
@@ -131,17 +137,17 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def evaluation_recorded(sub: Path, eps: float, attacks: str, n: int) -> bool:
-    """Whether ``sub`` holds a finished evaluation of ``attacks`` at ``eps`` on the first ``n``
-    test samples (fewer: not finished, it resumes); one at another eps or of other attacks is
-    an error, as :func:`memtool.evaluate` would say."""
+def evaluation_recorded(sub: Path, eps: float, attacks: str, ids: np.ndarray) -> bool:
+    """Whether ``sub`` holds a finished evaluation of ``attacks`` at ``eps`` on every test
+    sample of ``ids`` (fewer: not finished, it resumes); one at another eps or of other attacks
+    is an error, as :func:`memtool.evaluate` would say."""
     if not (sub / "per_sample.parquet").exists():
         return False
     done = read_json(sub / "summary.json")
     if done["eps"] != eps or list(done["attacks"]) != attacks.split(","):
         raise RunMismatchError(f"{sub} holds an evaluation of {','.join(done['attacks'])} at eps {done['eps']:g}; "
                                f"this comparison asks for {attacks} at eps {eps:g}: remove it, or use another OUT")
-    return done["n_samples"] >= n
+    return bool(np.isin(ids, read_table(sub / "per_sample.parquet")["sample_id"].to_numpy()).all())
 
 
 def recipes(base: Recipe, eps: float, run_dir, variants, pgd_steps: int = 10, judges=None) -> dict[str, Recipe]:
@@ -187,8 +193,9 @@ def frontier_gaps(per_seed: pd.DataFrame, variants, baselines=BASELINES, metric:
     clean accuracy, per seed (that seed's baselines), with the t-interval over seeds. A seed
     counts only where every baseline measured at any seed is measured (AutoAttack on seed 0 of
     most baselines but every seed of PGD-AT: the other seeds' frontier would be PGD-AT's alone).
-    Where one seed counts, ``samples`` (the per-sample records behind ``per_seed``) give the gap
-    a bootstrap interval over the test samples instead (``boot_low``, ``boot_high``)."""
+    ``samples`` (the per-sample records behind ``per_seed``) give the gap a bootstrap interval
+    (``boot_low``, ``boot_high``; :func:`bootstrap_gap`: over seeds, then test samples), and
+    the verdict is then read from it; one seed is no interval over seeds, whatever the samples say."""
     present = [b for b in baselines if b in per_seed.index.get_level_values("variant")]
     rows = []
     for v in variants:
@@ -201,50 +208,87 @@ def frontier_gaps(per_seed: pd.DataFrame, variants, baselines=BASELINES, metric:
                                                          g.loc[v, "clean"])
         if gaps:
             mean, lo, hi = t_interval(list(gaps.values()))
-            verdict = ("one seed: no interval over seeds" if len(gaps) == 1 else "beyond the curve" if lo > 0 else
-                       "inside the curve" if hi < 0 else "on the curve (not resolved)")
-            boot = (bootstrap_gap(samples, v, next(iter(gaps)), present, metric) if len(gaps) == 1 and
-                    samples is not None else (np.nan, np.nan))
+            boot = bootstrap_gap(samples, v, list(gaps), present, metric) if samples is not None else (np.nan, np.nan)
+            read = (lo, hi) if samples is None else boot  # the verdict's interval
+            verdict = ("one seed: no interval over seeds" if len(gaps) == 1 else "beyond the curve" if read[0] > 0 else
+                       "inside the curve" if read[1] < 0 else "on the curve (not resolved)")
             rows.append({"variant": v, "attack": metric, "seeds": len(gaps), "gap": mean, "gap_low": lo, "gap_high": hi,
                          "boot_low": boot[0], "boot_high": boot[1], "verdict": verdict})
     return pd.DataFrame(rows)
 
 
-def bootstrap_gap(samples: pd.DataFrame, variant: str, seed, baselines, metric: str, n_boot: int = 2000,
+def bootstrap_gap(samples: pd.DataFrame, variant: str, seeds, baselines, metric: str, n_boot: int = 2000,
                   confidence: float = 0.95, rng: int = 0) -> tuple[float, float]:
-    """Percentile interval of ``variant``'s gap to the frontier of ``baselines`` at one seed,
-    over test samples drawn with replacement (the same draw for every model): how much the gap
-    owes to which test samples were attacked. It says nothing of the seed-to-seed spread."""
-    at = samples[samples["seed"] == seed]
-    acc = {v: g.sort_values("sample_id")[["clean", metric]].to_numpy(float)
-           for v, g in at.groupby("variant") if v in (*baselines, variant)}
-    n = len(acc[variant])
-    if any(len(a) != n for a in acc.values()):
-        raise ValueError(f"seed {seed}: the models' records cover different test samples; the bootstrap pairs them")
-    draws = np.random.default_rng(rng).multinomial(n, np.full(n, 1 / n), size=n_boot) / n  # weights per draw
-    means = {v: draws @ a for v, a in acc.items()}  # (n_boot, 2): clean, robust
-    base = np.stack([means[b] for b in baselines], axis=1)  # (n_boot, baselines, 2)
-    gaps = [means[variant][i, 1] - frontier(base[i, :, 0], base[i, :, 1], means[variant][i, 0]) for i in range(n_boot)]
+    """Percentile interval of ``variant``'s gap to the frontier of ``baselines`` (a seed, or a
+    list of seeds: the mean gap over them), a hierarchical bootstrap: the seeds drawn with
+    replacement, then each drawn seed's test samples (the same draw for every model of the
+    seed). With one seed it is how much the gap owes to which test samples were attacked, and
+    says nothing of the seed-to-seed spread."""
+    seeds = list(seeds) if isinstance(seeds, (list, tuple, np.ndarray)) else [seeds]
+    gen = np.random.default_rng(rng)
+    per_seed = []  # (n_boot,) gaps of each seed over its own test-sample draws
+    for seed in seeds:
+        at = samples[samples["seed"] == seed]
+        acc = {v: g.sort_values("sample_id")[["clean", metric]].to_numpy(float)
+               for v, g in at.groupby("variant") if v in (*baselines, variant)}
+        n = len(acc[variant])
+        if any(len(a) != n for a in acc.values()):
+            raise ValueError(f"seed {seed}: the models' records cover different test samples; the bootstrap pairs them")
+        draws = gen.multinomial(n, np.full(n, 1 / n), size=n_boot) / n  # weights per draw
+        means = {v: draws @ a for v, a in acc.items()}  # (n_boot, 2): clean, robust
+        base = np.stack([means[b] for b in baselines], axis=1)  # (n_boot, baselines, 2)
+        per_seed.append([means[variant][i, 1] - frontier(base[i, :, 0], base[i, :, 1], means[variant][i, 0])
+                         for i in range(n_boot)])
+    g = np.asarray(per_seed)
+    k = len(seeds)  # each draw: k seeds with replacement, each with one of its test-sample draws
+    gaps = g[0] if k == 1 else g[gen.integers(0, k, (n_boot, k)), gen.integers(0, n_boot, (n_boot, k))].mean(1)
     lo, hi = np.percentile(gaps, [50 * (1 - confidence), 50 * (1 + confidence)])
     return float(lo), float(hi)
 
 
-def agreement(on_aa: pd.DataFrame, evals: pd.DataFrame) -> dict:
-    """How CW-20 agrees with AutoAttack on the models that have both (same samples): per-sample
-    agreement, CW-20's excess accuracy per model, and the rank correlation of the models."""
+def hierarchical_intervals(table: pd.DataFrame, records: pd.DataFrame, groups: dict, metric: str,
+                           baseline: str | None, n_boot: int = 4000) -> pd.DataFrame:
+    """``table`` with the intervals of its ``metric`` rows from a hierarchical bootstrap over
+    seeds, then test samples within a seed (:func:`memtool.experiments.hierarchical_bootstrap`):
+    the accuracy's, and the difference's to ``baseline``, paired by seed and test sample. Rows
+    of one seed keep no interval; the column ``interval`` says which rule made each."""
+    table = table.copy()
+    table["interval"] = "t over seeds"
+    wide = records.set_index(["variant", "seed", "sample_id"])[metric].astype(float).unstack("sample_id")
+    for i, r in table[table["metric"] == metric].iterrows():
+        ids = np.intersect1d(np.flatnonzero(groups[r["group"]]), wide.columns)
+        acc = wide.loc[r["variant"], ids]
+        if len(acc) > 1 and len(ids):
+            table.loc[i, ["ci_low", "ci_high"]] = hierarchical_bootstrap(acc.to_numpy(), n_boot)[1:]
+            table.loc[i, "interval"] = HIERARCHICAL
+        if baseline in wide.index.get_level_values("variant") and r["variant"] != baseline and "diff" in table:
+            base = wide.loc[baseline, ids]
+            both = acc.index.intersection(base.index)
+            if len(both) > 1 and len(ids):
+                d = acc.loc[both].to_numpy() - base.loc[both].to_numpy()
+                table.loc[i, ["diff_low", "diff_high"]] = hierarchical_bootstrap(d, n_boot)[1:]
+    return table
+
+
+def agreement(strong: pd.DataFrame, weak: pd.DataFrame, attack: str = "autoattack", cheaper: str = "cw20") -> dict:
+    """How the ``cheaper`` attack (a column of ``weak``) agrees with the stronger ``attack`` (of
+    ``strong``) on the models and samples both have: per-sample agreement, the cheaper attack's
+    excess accuracy per model (mean, min, max), and the rank correlation of the models."""
     from scipy.stats import spearmanr
 
-    both = on_aa.merge(evals[["variant", "seed", "sample_id", "cw20"]], on=["variant", "seed", "sample_id"])
+    key = ["variant", "seed", "sample_id"]
+    both = strong[key + [attack]].merge(weak[key + [cheaper]], on=key)
     if both.empty:
         return {}
-    per_model = both.groupby(["variant", "seed"])[["autoattack", "cw20"]].mean()
-    excess = per_model["cw20"] - per_model["autoattack"]
-    robust = per_model[per_model["autoattack"] > 0]
-    rho = float(spearmanr(robust["cw20"], robust["autoattack"])[0]) if len(robust) > 2 else float("nan")
-    return {"models": len(per_model), "samples_per_model": int(len(both) / len(per_model)),
-            "per_sample_agreement": float((both["autoattack"] == both["cw20"]).mean()),
-            "cw20_minus_aa_mean": float(excess.mean()), "cw20_minus_aa_min": float(excess.min()),
-            "cw20_minus_aa_max": float(excess.max()), "spearman_models": rho}
+    per_model = both.groupby(["variant", "seed"])[[attack, cheaper]].mean()
+    excess = per_model[cheaper] - per_model[attack]
+    robust = per_model[per_model[attack] > 0]
+    rho = float(spearmanr(robust[cheaper], robust[attack])[0]) if len(robust) > 2 else float("nan")
+    return {"attack": attack, "cheaper": cheaper, "models": len(per_model),
+            "samples_per_model": int(len(both) / len(per_model)),
+            "per_sample_agreement": float((both[attack] == both[cheaper]).mean()),
+            "excess_mean": float(excess.mean()), "excess_min": float(excess.min()), "excess_max": float(excess.max()),
+            "spearman_models": rho}
 
 
 @dataclass(frozen=True)
@@ -252,7 +296,14 @@ class Comparison(StudySettings):
     variants: tuple[str, ...] | None = setting(None, f"names from GRID (default: {DEFAULT})")
     val_samples: int = setting(0, "adversarial models keep their best-PGD-20 epoch on this many held-out training "
                                   "samples (0: the last epoch)")
-    aa_samples: int = setting(1000, "AutoAttack on the first N test samples")
+    aa_samples: int = setting(1000, "AutoAttack on the first N test samples (with aa_atypical: the first N typical ones)")
+    aa_atypical: bool = setting(False, "AutoAttack also on every atypical test sample")
+    aa_attack: str = setting("autoattack", "the robust evaluation of the attacked variants: autoattack (standard) | "
+                                           "apgd (its APGD-CE + APGD-T, about a third of the cost)", choices=AA_ATTACKS)
+    aa_check: tuple[str, ...] = setting((), "with aa_attack apgd: these variants' first seed also gets standard "
+                                            "AutoAttack on the same samples (how far apgd's accuracy is above it)")
+    margin: float | None = setting(None, "the pre-declared equivalence margin of BAT - PGD-AT under the robust "
+                                         "evaluation (accuracy, e.g. 0.01; docs/bat.md): 'equivalent' only within it")
     aa_variants: tuple[str, ...] | None = setting(None, "the variants AutoAttack runs on, or 'headline' "
                                                         "(default: all)")
     aa_seeds: int | None = setting(None, "AutoAttack on the first N seeds of those (default: every seed)")
@@ -279,7 +330,8 @@ def with_tuned(variants: list, aa_variants, aa_all_seeds, chosen: list) -> tuple
 
 
 def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: int = 10, variants=None,
-        val_samples: int = 0, aa_samples: int = 1000, aa_variants=None, aa_seeds: int | None = None,
+        val_samples: int = 0, aa_samples: int = 1000, aa_atypical: bool = False, aa_attack: str = "autoattack",
+        aa_check=(), margin: float | None = None, aa_variants=None, aa_seeds: int | None = None,
         aa_all_seeds=(), judges=None, tuned=None, curve_seeds=None, thresholds: Thresholds = Thresholds(),
         recipe: Recipe | None = None,
         backend: str = "pyautoattack", device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
@@ -289,7 +341,11 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     (``memtool train --val-samples N --select best-pgd``; 0: the last epoch);
     ``aa_variants``: those that get AutoAttack (default: all of ``variants``; ``"headline"``:
     those in :data:`HEADLINE`), on their first ``aa_seeds`` seeds (default: every seed), those in
-    ``aa_all_seeds`` on every seed; ``curve_seeds``: the eps curve's other points on the first
+    ``aa_all_seeds`` on every seed; on the first ``aa_samples`` test samples, or with
+    ``aa_atypical`` the first ``aa_samples`` typical ones and every atypical one; ``aa_attack``
+    ``"apgd"``: APGD-CE + APGD-T instead, and standard AutoAttack on the same samples at the
+    first seed of ``aa_check`` (their agreement is reported); ``margin``: the declared
+    equivalence margin (recorded for the verdicts); ``curve_seeds``: the eps curve's other points on the first
     N seeds only (their frontier then spans those seeds); ``tuned``: a table of :mod:`analyses.bat_tuning`, whose chosen
     variants join ``variants`` (and ``aa_variants``, ``aa_all_seeds`` where those are lists; ``"headline"`` includes them)."""
     run_dir, out = Path(run_dir), Path(out)
@@ -298,15 +354,24 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     if cfg.label_noise:
         raise ValueError(f"{run_dir} planted label noise ({cfg.label_noise}); memtool train seeds label noise with "
                          "the model seed, so its models would see other labels: use a run without --label-noise")
-    n_test = len(st.atypical_test)
-    if not 1 <= aa_samples <= n_test:
-        raise ValueError(f"aa_samples must be in 1..{n_test} (the test set), got {aa_samples}")
+    atyp = st.atypical_test
+    n_test = len(atyp)
+    pool = np.flatnonzero(~atyp) if aa_atypical else np.arange(n_test)
+    if not 1 <= aa_samples <= len(pool):
+        raise ValueError(f"aa_samples must be in 1..{len(pool)} (the {'typical ' * aa_atypical}test samples), "
+                         f"got {aa_samples}")
+    aa_ids = np.sort(np.concatenate([pool[:aa_samples], np.flatnonzero(atyp) if aa_atypical else []])).astype(int)
+    check_choice("aa_attack", aa_attack, AA_ATTACKS)
+    if aa_check and aa_attack != "apgd":
+        raise ValueError(f"aa_check runs standard AutoAttack beside apgd: set aa_attack apgd, or leave aa_check empty "
+                         f"(got aa_attack {aa_attack!r})")
     chosen = [] if tuned is None else list(read_table(tuned).attrs["memtool"]["chosen"].values())
     variants, aa_variants, aa_all_seeds = with_tuned(list(variants or DEFAULT), aa_variants, aa_all_seeds, chosen)
     todo = recipes(recipe or cfg.recipe, eps, run_dir, variants, pgd_steps, judges)
     attacked = [v for v in todo if aa_variants is None or v in aa_variants]
     for name, chosen, among, what in (("aa_variants", aa_variants, todo, "variants"),
-                                      ("aa_all_seeds", aa_all_seeds, attacked, "aa_variants")):
+                                      ("aa_all_seeds", aa_all_seeds, attacked, "aa_variants"),
+                                      ("aa_check", aa_check, attacked, "aa_variants")):
         unknown = set(chosen or ()) - set(among)
         if unknown:
             raise ValueError(f"{name} {sorted(unknown)} are not among the {what} {list(among)}")
@@ -330,18 +395,22 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     aa_jobs = [(v, s) for v, s in jobs if v in attacked and (s < (aa_seeds or seeds) or v in aa_all_seeds)]
     tracked = [j for j in jobs if val_samples and j[0] in LAST_EPOCH]  # robust overfitting (Rice et al.); in order
 
+    checked = [(v, 0) for v in aa_check if (v, 0) in aa_jobs]  # also standard AutoAttack, beside apgd
     evaluations = {"eval": dict(attacks=ATTACKS), "eval-last": dict(attacks=ATTACKS, weights="last"),
-                   "autoattack": dict(attacks="clean,autoattack", n_samples=aa_samples, backend=backend)}
+                   aa_attack: dict(attacks=f"clean,{aa_attack}", sample_ids=aa_ids, backend=backend)}
+    if checked:
+        evaluations["autoattack"] = dict(attacks="clean,autoattack", sample_ids=aa_ids, backend=backend)
+    all_ids = np.arange(n_test)
 
     def recorded(j, sub) -> bool:  # refuses a recorded evaluation of other settings
         return evaluation_recorded(dirs[j] / sub, eps, evaluations[sub]["attacks"],
-                                   evaluations[sub].get("n_samples") or n_test)
+                                   evaluations[sub].get("sample_ids", all_ids))
 
     def owes_last(j) -> bool:  # PGD-AT and BAT at their last epoch too, where it is not the kept one
         return j in tracked and kept_epoch(dirs[j]) != todo[j[0]].epochs
 
     def fit_model(j):
-        owed = ["eval"] + ["autoattack"] * (j in aa_jobs)  # then its checkpoint may go (a fresh clone)
+        owed = ["eval"] + [aa_attack] * (j in aa_jobs) + ["autoattack"] * (j in checked)  # then the checkpoint may go
         if (dirs[j] / SELECTED).exists() and all(recorded(j, sub) for sub in owed + ["eval-last"] * owes_last(j)):
             check_trained(config(*j), dirs[j], data_root)  # recorded: no checkpoint needed, the settings checked
             return
@@ -367,6 +436,8 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         if owes_last(j):
             evaluated("eval-last")(j)
         if j in aa_jobs:  # at once, while the checkpoint is here: a fresh clone would have to retrain it
+            evaluated(aa_attack)(j)
+        if j in checked:
             evaluated("autoattack")(j)
 
     # several processes may share the work, seed by seed: a whole first seed, AutoAttack included, exists early
@@ -381,51 +452,72 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
                                                                                        split="test")
                           for j in which], ignore_index=True)
 
-    atyp = st.atypical_test
     groups = {"all test": np.ones(n_test, bool), "typical test": ~atyp, "atypical test": atyp}
     baseline = "pgd-at" if "pgd-at" in todo else None
     evals = records("eval", jobs)
-    on_aa = records("autoattack", aa_jobs) if aa_jobs else evals.iloc[:0].assign(autoattack=False)
+    on_aa = records(aa_attack, aa_jobs) if aa_jobs else evals.iloc[:0].assign(**{aa_attack: False})
     with_last = pd.concat([evals, records(last, list(last), LAST)]) if last else evals
+    in_aa = np.isin(all_ids, aa_ids)
     table = pd.concat([
         summarize(with_last, groups, baseline=baseline, metrics={a: a for a in ATTACKS.split(",")}),
-        summarize(on_aa, {k: m[:aa_samples] for k, m in groups.items()}, baseline=baseline,
-                  metrics={"autoattack": "autoattack"}) if attacked else None,
+        hierarchical_intervals(summarize(on_aa, {k: m & in_aa for k, m in groups.items()}, baseline=baseline,
+                                         metrics={aa_attack: aa_attack}), on_aa, groups, aa_attack, baseline)
+        if attacked else None,
     ], ignore_index=True)
+    table["interval"] = table["interval"].fillna("t over seeds") if "interval" in table else "t over seeds"
     table.insert(1, "method", table["variant"].map(lambda v: todo[v.removesuffix(LAST)].method.name))
 
-    aa = on_aa.groupby(["variant", "seed"], sort=False)[["clean", "autoattack"]].mean()
-    first = evals[evals["sample_id"] < aa_samples]
+    aa = on_aa.groupby(["variant", "seed"], sort=False)[["clean", aa_attack]].mean()
+    first = evals[in_aa[evals["sample_id"]]]  # CW-20 on the samples the robust evaluation attacked
     cw = first.groupby(["variant", "seed"], sort=False)[["clean", "cw20"]].mean()
     others = [v for v in todo if v not in BASELINES]
-    gaps = pd.concat([frontier_gaps(aa, [v for v in others if v in attacked], samples=on_aa),
+    gaps = pd.concat([frontier_gaps(aa, [v for v in others if v in attacked], metric=aa_attack, samples=on_aa),
                       frontier_gaps(cw, others, metric="cw20", samples=first)], ignore_index=True)
-    agree = agreement(on_aa, evals)
+    agree = {"cw20": agreement(on_aa, evals, aa_attack)}
+    if checked:
+        agree["apgd"] = agreement(records("autoattack", checked), on_aa, "autoattack", "apgd")
     info = {"run": str(run_dir), "dataset": st.meta["dataset"], "eps": eps, "seeds": seeds,
-            "train_attack": f"pgd{pgd_steps}", "aa_samples": aa_samples, "n_test": n_test,
+            "train_attack": f"pgd{pgd_steps}", "aa_samples": aa_samples, "aa_atypical": aa_atypical,
+            "aa_attack": aa_attack, "aa_n": len(aa_ids), "aa_check": list(aa_check), "margin": margin, "n_test": n_test,
             "n_atypical_test": int(atyp.sum()), "n_atypical_train": int(st.atypical_train.sum()),
             "mem_threshold": thresholds.mem_threshold, "recipe": (recipe or cfg.recipe).to_dict(),
             "aa_variants": attacked, "aa_seeds": aa_seeds or seeds, "aa_all_seeds": list(aa_all_seeds),
             "val_samples": val_samples, "curve_seeds": curve_seeds or seeds,
             "best_epochs": {f"{v} s{s}": e for (v, s), e in best.items()},
-            "frontier_gaps": gaps.to_dict("records"), "cw20_vs_autoattack": agree}
+            "frontier_gaps": gaps.to_dict("records"), "agreement": agree}
     write_table(table, out / "bat_comparison.parquet", info)
     (out / "bat_comparison.md").write_text(report(table, gaps, info, cfg.dataset))
-    figure(aa, cw, out / "bat_comparison.png", cfg.dataset, eps, aa_samples)
+    figure(aa, cw, out / "bat_comparison.png", cfg.dataset, eps, len(aa_ids), aa_attack)
     return table
 
 
 def _cell(r) -> str:
-    """mean ± half-width of the 95 % interval, in %; "-" where the group has no sample."""
+    """mean ± half-width of the 95 % t-interval, or mean (low to high) of a bootstrap one, in %;
+    "-" where the group has no sample."""
     if np.isnan(r.accuracy):
         return "-"
-    half = 100 * (r.ci_high - r.accuracy)
-    return f"{100 * r.accuracy:.1f}" + ("" if half != half else f" ± {half:.1f}")
+    if np.isnan(r.ci_low):
+        return f"{100 * r.accuracy:.1f}"
+    if getattr(r, "interval", "") == HIERARCHICAL:
+        return f"{100 * r.accuracy:.1f} ({100 * r.ci_low:.1f} to {100 * r.ci_high:.1f})"
+    return f"{100 * r.accuracy:.1f} ± {100 * (r.ci_high - r.accuracy):.1f}"
+
+
+def _agreement_line(a: dict, attacked: list) -> str:
+    name, cheap = METRICS[a["attack"]], METRICS[a["cheaper"]]
+    return (f"On the {a['models']} models with both, {a['samples_per_model']} samples each: per-sample agreement "
+            f"{100 * a['per_sample_agreement']:.1f} %; {cheap} accuracy exceeds {name}'s by "
+            f"{100 * a['excess_mean']:.1f} points on average ({100 * a['excess_min']:.1f} to "
+            f"{100 * a['excess_max']:.1f} over models); Spearman correlation of the models' accuracies (robust "
+            f"models) {a['spearman_models']:.3f}. {name} ran on: {', '.join(attacked)}.")
 
 
 def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) -> str:
     """The markdown report: headline table, typical/atypical table, distance to the curve."""
-    def wide(group, metrics):
+    aa = info.get("aa_attack", "autoattack")
+    metrics = ["clean", "pgd20", "cw20", aa]
+
+    def wide(group):
         t = table[table["group"] == group]
         head = "| variant | " + " | ".join(METRICS[m] for m in metrics) + " |"
         lines = [head, "|---|" + "---|" * len(metrics)]
@@ -438,6 +530,11 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
         return "\n".join(lines) + "\n"
 
     r = info["recipe"]
+    name = {"autoattack": "AutoAttack (standard)", "apgd": "APGD-CE + APGD-T (AutoAttack's first two attacks)"}[aa]
+    where = (f"the first {info['aa_samples']} typical test samples and every atypical one ({info['aa_n']}; 'all "
+             "test' is their union, the atypical ones over-represented)" if info.get("aa_atypical") else
+             f"the first {info['aa_samples']} test samples")
+    hier = (table["interval"] == HIERARCHICAL).any() if "interval" in table else False
     text = [f"# BAT against PGD-AT, TRADES, MART and GAIRAT on {dataset} (eps {info['eps']:g})", "",
             f"Scores: {info['run']} ({info['n_atypical_train']} atypical training samples, mem >= "
             f"{info['mem_threshold']}). Every model: {r['model']} (hidden {r['hidden']}), {r['epochs']} epochs, "
@@ -446,44 +543,45 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
             "per variant, paired. " + (f"Adversarial models: the epoch of best PGD-20 accuracy (at their training eps) "
             f"on {info['val_samples']} held-out training samples; " if info.get("val_samples") else "Last epoch; ") +
             "the test set is never used for selection. Accuracy in % with the half-width of the 95 % t-interval over "
-            f"seeds (mean ± CI). Clean, PGD-20 and CW-20 on all {info['n_test']} test samples; AutoAttack (standard) "
-            f"on the first {info['aa_samples']}, on the first {info.get('aa_seeds', info['seeds'])} seed(s)"
-            + (f" ({', '.join(info['aa_all_seeds'])}: every seed)" if info.get("aa_all_seeds") else "") + ".", "",
-            "## All test samples", "", wide("all test", ["clean", "pgd20", "cw20", "autoattack"]), "",
+            f"seeds (mean ± CI). Clean, PGD-20 and CW-20 on all {info['n_test']} test samples; {name} on {where}, "
+            f"on the first {info.get('aa_seeds', info['seeds'])} seed(s)"
+            + (f" ({', '.join(info['aa_all_seeds'])}: every seed)" if info.get("aa_all_seeds") else "") + "."
+            + (f" {METRICS[aa]} intervals (mean, low to high): a {HIERARCHICAL}, which counts both which seeds "
+               "were trained and which test samples were drawn." if hier else "")
+            + (f" Declared equivalence margin of BAT - PGD-AT under {METRICS[aa]}: ±{100 * info['margin']:g} points "
+               "(docs/bat.md)." if info.get("margin") else ""), "",
+            "## All test samples", "", wide("all test"), "",
             f"## Typical and atypical test samples ({info['n_atypical_test']} atypical of {info['n_test']})", "",
-            "### typical", "", wide("typical test", ["clean", "pgd20", "cw20", "autoattack"]), "",
-            "### atypical", "", wide("atypical test", ["clean", "pgd20", "cw20", "autoattack"]), "",
+            "### typical", "", wide("typical test"), "",
+            "### atypical", "", wide("atypical test"), "",
             "## BAT against the baselines' trade-off curve", "",
             "Robust accuracy minus the baselines' upper frontier (standard, PGD-AT at every eps, TRADES, MART, GAIRAT: "
-            "their Pareto points joined by straight lines) at the variant's clean accuracy, in points, on the first "
-            f"{info['aa_samples']} test samples, per seed on which every baseline has the attack. AutoAttack where "
-            "the variant has it; CW-20 for every variant (its agreement with AutoAttack is below). Where one seed "
-            "has every baseline, the interval is a bootstrap over the test samples (which samples were attacked; "
-            "it says nothing of the spread over seeds).", "",
-            "| variant | attack | seeds | gap (95 % CI) | verdict |", "|---|---|---:|---|---|"]
+            "their Pareto points joined by straight lines) at the variant's clean accuracy, in points, on the samples "
+            f"{METRICS[aa]} attacked, per seed on which every baseline has the attack. {METRICS[aa]} where the variant "
+            "has it; CW-20 for every variant (its agreement is below). Intervals: t over seeds, and a bootstrap over "
+            "those seeds, then the test samples (the verdict's; with one seed, over the test samples alone: it says "
+            "nothing of the spread over seeds).", "",
+            "| variant | attack | seeds | gap (95 % t-interval) | bootstrap | verdict |", "|---|---|---:|---|---|---|"]
     for g in gaps.itertuples():
-        ci = (f" ({100 * g.gap_low:+.1f} to {100 * g.gap_high:+.1f})" if not np.isnan(g.gap_low) else
-              f" (test-sample bootstrap: {100 * g.boot_low:+.1f} to {100 * g.boot_high:+.1f})"
-              if not np.isnan(getattr(g, "boot_low", np.nan)) else "")
-        text.append(f"| {g.variant} | {METRICS[g.attack]} | {g.seeds} | {100 * g.gap:+.1f}{ci} | {g.verdict} |")
-    a = info.get("cw20_vs_autoattack") or {}
-    if a:
-        text += ["", "## CW-20 against AutoAttack (the cheaper attack that ranks the grid)", "",
-                 f"On the {a['models']} models with both, {a['samples_per_model']} samples each: per-sample agreement "
-                 f"{100 * a['per_sample_agreement']:.1f} %; CW-20 accuracy exceeds AutoAttack's by "
-                 f"{100 * a['cw20_minus_aa_mean']:.1f} points on average ({100 * a['cw20_minus_aa_min']:.1f} to "
-                 f"{100 * a['cw20_minus_aa_max']:.1f} over models); Spearman correlation of the models' CW-20 and "
-                 f"AutoAttack accuracies (robust models) {a['spearman_models']:.3f}. AutoAttack ran on: "
-                 f"{', '.join(info['aa_variants'])}."]
+        ci = "" if np.isnan(g.gap_low) else f" ({100 * g.gap_low:+.1f} to {100 * g.gap_high:+.1f})"
+        boot = "-" if np.isnan(g.boot_low) else f"{100 * g.boot_low:+.1f} to {100 * g.boot_high:+.1f}"
+        text.append(f"| {g.variant} | {METRICS[g.attack]} | {g.seeds} | {100 * g.gap:+.1f}{ci} | {boot} | {g.verdict} |")
+    agree = info.get("agreement") or {}
+    if agree.get("cw20"):
+        text += ["", f"## CW-20 against {METRICS[aa]} (the cheaper attack that ranks the grid)", "",
+                 _agreement_line(agree["cw20"], info["aa_variants"])]
+    if agree.get("apgd"):
+        text += ["", "## APGD-CE + APGD-T against standard AutoAttack (whether the cheaper one may stand in)", "",
+                 _agreement_line(agree["apgd"], info["aa_check"])]
     diffs = table[(table["group"] == "all test") & table["diff"].notna()] if "diff" in table.columns else []
     if len(diffs):
         text += ["", "## Paired differences to PGD-AT (points, 95 % CI)", "",
-                 "| variant | clean | PGD-20 | CW-20 | AutoAttack |", "|---|---|---|---|---|"]
+                 "| variant | " + " | ".join(METRICS[m] for m in metrics) + " |", "|---|---|---|---|---|"]
         for v in dict.fromkeys(diffs["variant"]):
             if v == "pgd-at":
                 continue
             cells = []
-            for m in ("clean", "pgd20", "cw20", "autoattack"):
+            for m in metrics:
                 d = next(diffs[(diffs["variant"] == v) & (diffs["metric"] == m)].itertuples(), None)
                 cells.append("-" if d is None else f"{100 * d.diff:+.1f} (one seed)" if np.isnan(d.diff_low) else
                              f"{100 * d.diff:+.1f} ({100 * d.diff_low:+.1f} to {100 * d.diff_high:+.1f})")
@@ -546,13 +644,13 @@ def mark_clipped(ax, pts: dict, fontsize: float = 6) -> None:
                                     0 if horizontal else (5 if edge == e0 else -5)), textcoords="offset points")
 
 
-def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n: int):
-    """Clean against robust accuracy on the first ``n`` test samples: AutoAttack (left, the
+def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n: int, attack: str = "autoattack"):
+    """Clean against robust accuracy on the ``n`` attacked test samples: ``attack`` (left, the
     variants that have it) and CW-20 (right, every variant); each variant's mean with its
     intervals over seeds, the TRADES curve and the PGD-AT eps sweep joined by lines."""
     import matplotlib.pyplot as plt
 
-    panels = [(aa, "autoattack", "AutoAttack"), (cw, "cw20", "CW-20")]
+    panels = [(aa, attack, METRICS[attack]), (cw, "cw20", "CW-20")]
     panels = [p for p in panels if len(p[0])]
     fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 4.8), squeeze=False)
     curves = {"TRADES (beta 1, 3, 6)": ("C0", ["trades b=1", "trades b=3", "trades b=6"]),

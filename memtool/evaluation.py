@@ -15,8 +15,9 @@ writes ::
 
 A sample misclassified without attack counts as not robust and is not attacked. Evaluation
 resumes per batch after an interruption (the same batch seeds, so the same flags as an
-uninterrupted run for the seeded attacks), may be extended to more samples (``n_samples``),
-and refuses to mix settings: another checkpoint, dataset, eps or attack set is an error.
+uninterrupted run for the seeded attacks), may be extended to more samples (``n_samples``, or
+chosen ``sample_ids``), and refuses to mix settings: another checkpoint, dataset, eps or
+attack set is an error.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class Evaluation:
 
 
 def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, device="cpu", data_root=None,
-             attack_options: dict | None = None, **settings) -> dict:
-    """Evaluate the model in ``checkpoint`` on the first ``n_samples`` test samples of
+             attack_options: dict | None = None, sample_ids=None, **settings) -> dict:
+    """Evaluate the model in ``checkpoint`` on the first ``n_samples`` test samples (or on the
+    test samples ``sample_ids``, e.g. the first 1,000 typical and every atypical one) of
     ``dataset`` (default: the training dataset) under ``attacks`` at radius ``eps`` (default:
     the training eps, else the dataset's standard one; none for ``attacks="clean"``); write
     the per-sample table and summary into ``out``; return the summary.
@@ -171,7 +173,18 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
     n_test = len(ds.y_test)
     if n_samples is not None and not 1 <= n_samples <= n_test:
         raise ValueError(f"n_samples must be in 1..{n_test} (the {dataset} test set), got {n_samples}")
-    n = n_samples or n_test
+    if sample_ids is not None:
+        if n_samples is not None:
+            raise ValueError("give n_samples (the first N test samples) or sample_ids (chosen ones), not both")
+        ids = np.unique(np.asarray(sample_ids, dtype=np.int64))
+        if not len(ids) or ids[0] < 0 or ids[-1] >= n_test:
+            raise ValueError(f"sample_ids must be test sample ids in 0..{n_test - 1} (the {dataset} test set), "
+                             f"got {len(ids)} ids" + (f" from {ids[0]} to {ids[-1]}" if len(ids) else ""))
+        described = f"{len(ids)} chosen test samples (ids {ids[0]} to {ids[-1]})"
+    else:
+        ids = np.arange(n_samples or n_test)
+        described = f"the first {len(ids)} of the test set"
+    n = len(ids)
     built = {a: build_attack(a, eps, **opts.get(a, {})) for a in names}
 
     out = Path(out)
@@ -179,7 +192,6 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
                 "dataset_fingerprint": ds.fingerprint, "eps": eps, "seed": seed,
                 "attacks": {a: built[a].describe() for a in names},
                 **({"weights": "last"} if ev.weights == "last" else {})})
-    ids = np.arange(n)
     x_u8, y = ds.x_test, ds.y_test
     states = {a: _State(out / "state" / f"{a}.npz", n_test, built[a].describe()) for a in names}
     _run_attack("clean", built["clean"], model, x_u8, y, ids, states["clean"], seed, batch_size, device, progress)
@@ -190,11 +202,11 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
         st.done[wrong], st.correct[wrong] = True, False
         _run_attack(a, built[a], model, x_u8, y, ids[clean_ok[ids]], st, seed, batch_size, device, progress)
 
-    cols = {a: states[a].correct[:n].copy() for a in names}
-    df = pd.DataFrame({"sample_id": ids, "label": y[:n], **cols})
+    cols = {a: states[a].correct[ids].copy() for a in names}
+    df = pd.DataFrame({"sample_id": ids, "label": y[ids], **cols})
     df["worst_case"] = np.logical_and.reduce([cols[a] for a in names])
     summary = {"checkpoint": str(checkpoint_path(checkpoint)) if checkpoint is not None else identity.get("weights"),
-               "dataset": dataset, "eps": eps, "n_samples": n,
+               "dataset": dataset, "eps": eps, "n_samples": n, "test_samples": described,
                "seed": seed, "train_config": trained, "attacks": {}}
     for a in names:
         k, cpu = int(cols[a].sum()), states[a].cpu_s
@@ -270,7 +282,7 @@ def robustbench_record(summary: dict, ck: dict, backend: str, last: bool = False
     except PackageNotFoundError:
         package = backend
     return {"dataset": summary["dataset"], "threat_model": "Linf", "eps": summary["eps"],
-            "n_test_samples": summary["n_samples"], "test_samples": f"the first {summary['n_samples']} of the test set",
+            "n_test_samples": summary["n_samples"], "test_samples": summary.get("test_samples", f"the first {summary['n_samples']} of the test set"),
             "clean_acc": attacks["clean"]["accuracy"], "autoattack_acc": None if aa is None else aa["accuracy"],
             "attack_version": None if aa is None else f"AutoAttack standard ({', '.join(aa['attacks'])}; {package})",
             "other_attacks": {a: r["accuracy"] for a, r in attacks.items() if a not in ("clean", "autoattack")},

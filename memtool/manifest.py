@@ -86,6 +86,9 @@ HEADLINES = {
         Contrast("BAT - PGD-AT: clean", {"variant": "bat", "group": "all test", "metric": "clean"}),
         Contrast("BAT - PGD-AT: AutoAttack", {"variant": "bat", "group": "all test", "metric": "autoattack"}),
         Contrast("BAT - PGD-AT: CW-20", {"variant": "bat", "group": "all test", "metric": "cw20"}),
+        _acc("PGD-AT: APGD-CE+T", {"variant": "pgd-at", "group": "all test", "metric": "apgd"}),
+        _acc("BAT: APGD-CE+T", {"variant": "bat", "group": "all test", "metric": "apgd"}),
+        Contrast("BAT - PGD-AT: APGD-CE+T", {"variant": "bat", "group": "all test", "metric": "apgd"}),
     ],
     "score_cost": [*_cost("subsampling, 64 trials", "subsampling, 64 trials"),
                    *_cost("hybrid, 64 trials", "hybrid: 64 trials + 16-run proxies, TracIn pairs + trial infl")],
@@ -323,45 +326,80 @@ def render_results(out: Path, link_prefix: str = "figures") -> str:
     return "\n".join(lines) + "\n"
 
 
-def verdict(h: dict, margin: float | None = None) -> str:
-    """What an interval of a difference supports, and nothing more: "resolved: higher" /
-    "resolved: lower" only when it excludes 0, "equivalent within +-m points" only with a
-    declared ``margin`` that contains it, else "no resolved difference"."""
+DIFFERENCE = ("resolved: higher", "resolved: lower", "no resolved difference")
+CURVE = ("beyond the curve", "inside the curve", "no resolved gap to the curve")
+
+
+def verdict(h: dict, margin: float | None = None, words: tuple[str, str, str] = DIFFERENCE) -> str:
+    """What an interval of a difference supports, and nothing more: ``words[0]`` ("resolved:
+    higher") / ``words[1]`` ("resolved: lower") only when it excludes 0, "equivalent within
+    +-m points" only with a declared ``margin`` that contains it, else ``words[2]`` ("no
+    resolved difference")."""
     lo, hi = h.get("low"), h.get("high")
     if lo is None or hi is None:
         return "one seed: no interval"
     if lo > 0:
-        return "resolved: higher"
+        return words[0]
     if hi < 0:
-        return "resolved: lower"
+        return words[1]
     if margin is not None and -margin <= lo and hi <= margin:
         return f"equivalent within ±{100 * margin:g} points"
-    return "no resolved difference"
+    return words[2]
 
 
 VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
-VERDICT_LABELS = ("BAT - PGD-AT",)  # the README's verdict lines: these headline rows of every study
-FINDING_A_VERDICTS = ("AT robust loss - ST clean loss", "AT robust loss - AT clean loss")  # and these contrasts
+FINDING_A_VERDICTS = ("AT robust loss - ST clean loss", "AT robust loss - AT clean loss")  # its table's contrasts
+
+
+def _points(value, low, high, seeds) -> dict:
+    return {"value": value, "low": None if pd.isna(low) else low, "high": None if pd.isna(high) else high,
+            "unit": "points", "seeds": seeds}
+
+
+def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
+    """(label, interval, verdict) of a study's decisive contrasts, read from its tables: finding
+    (a)'s :data:`FINDING_A_VERDICTS`; finding (b)'s harmful - random removal, robust, at the
+    largest k (Holm-adjusted); and every BAT variant of the comparison that has the robust
+    evaluation (AutoAttack or APGD-CE+T): its paired difference to PGD-AT (with the table's
+    declared ``margin``) and its gap to the baselines' frontier (the bootstrap interval over
+    seeds, then test samples, where there is one; one seed: none)."""
+    study, out = Path(study), []
+    if (study / "finding_a.parquet").exists():
+        for c in read_table(study / "finding_a.parquet").attrs["memtool"].get("contrasts", []):
+            if c["contrast"] in FINDING_A_VERDICTS:
+                h = _points(c["diff"], c["diff_low"], c["diff_high"], c["seeds"])
+                out.append((f"(a) {c['contrast']}", h, verdict(h)))
+    if (study / "finding_b.parquet").exists():
+        info = read_table(study / "finding_b.parquet").attrs["memtool"]
+        for c in info.get("contrasts", []):
+            if c["contrast"] == f"harmful {max(info['sizes'])} - random {max(info['sizes'])}: robust":
+                h = _points(c["diff"], c["diff_low"], c["diff_high"], c["seeds"])
+                out.append((f"(b) {c['contrast']} (Holm)", h, verdict(h)))
+    if (study / "bat_comparison.parquet").exists():
+        table = read_table(study / "bat_comparison.parquet")
+        info = table.attrs["memtool"]
+        aa = info.get("aa_attack", "autoattack")
+        name = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}[aa]
+        for v in [v for v in info["aa_variants"] if v.startswith("bat")]:
+            r = table[(table["variant"] == v) & (table["group"] == "all test") & (table["metric"] == aa)]
+            if len(r) and r["diff"].notna().iloc[0]:
+                r = r.iloc[0]
+                h = _points(r["diff"], r["diff_low"], r["diff_high"], int(r["seeds"]))
+                out.append((f"{v} - PGD-AT: {name}", h, verdict(h, info.get("margin"))))
+            for g in info.get("frontier_gaps", []):
+                if g["variant"] == v and g["attack"] == aa:
+                    boot = not pd.isna(g.get("boot_low")) and g["seeds"] > 1
+                    h = _points(g["gap"], *((g["boot_low"], g["boot_high"]) if boot else
+                                            (g["gap_low"], g["gap_high"])), g["seeds"])
+                    out.append((f"{v} vs the baselines' curve: {name}", h, verdict(h, words=CURVE)))
+    return out
 
 
 def render_verdict(out: Path) -> str:
-    """One line per study and contrast of :data:`VERDICT_LABELS` (its BAT comparison's headline)
-    and :data:`FINDING_A_VERDICTS` (its finding (a) table's contrasts): its :func:`verdict` and
-    numbers."""
-    lines = []
-    for path in sorted(Path(out).glob("*/manifest.json")):
-        m = read_json(path)
-        for h in m["stages"].get("bat_comparison", {}).get("headline", []):
-            if h["label"].startswith(VERDICT_LABELS) and h["unit"] == "points":
-                lines.append(f"- {m['name']}, {h['label']}: {verdict(h)}, {fmt(h)}")
-        if "finding_a" in m["stages"]:
-            contrasts = read_table(path.parent / "finding_a.parquet").attrs["memtool"].get("contrasts", [])
-            for c in contrasts:
-                if c["contrast"] in FINDING_A_VERDICTS:
-                    h = {"value": c["diff"], "low": c["diff_low"], "high": c["diff_high"], "unit": "points",
-                         "seeds": c["seeds"]}
-                    lines.append(f"- {m['name']}, (a) {c['contrast']}: {verdict(h)}, {fmt(h)}")
-    return "\n".join(lines) + "\n"
+    """One line per study and decisive contrast (:func:`study_verdicts`): its verdict and numbers."""
+    return "".join(f"- {read_json(path)['name']}, {label}: {said}, {fmt(h)}\n"
+                   for path in sorted(Path(out).glob("*/manifest.json"))
+                   for label, h, said in study_verdicts(path.parent))
 
 
 def _between(text: str, begin: str, end: str, body: str, readme) -> str:

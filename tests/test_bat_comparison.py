@@ -58,6 +58,51 @@ def test_bootstrap_gap_over_test_samples():
         bc.bootstrap_gap(samples.iloc[1:], "bat", 0, ["standard", "pgd-at"], "autoattack")
 
 
+def test_bootstrap_gap_over_seeds_then_test_samples():
+    """Every test sample alike within a seed, so the within-seed draws change nothing: the gap
+    is 1 at seed 0 (PGD-AT robust on none, BAT on all) and 0 at seed 1 (both on all); drawing
+    two seeds with replacement gives a mean of 0, 0.5 or 1, so the 95 % interval is (0, 1)."""
+    n = 50
+    rows = lambda v, seed, rob: pd.DataFrame({"variant": v, "seed": seed, "sample_id": np.arange(n), "clean": True,
+                                              "autoattack": np.full(n, rob)})
+    samples = pd.concat([rows("pgd-at", 0, False), rows("bat", 0, True), rows("pgd-at", 1, True), rows("bat", 1, True)])
+    assert bc.bootstrap_gap(samples, "bat", [0, 1], ["pgd-at"], "autoattack") == pytest.approx((0.0, 1.0))
+    assert bc.bootstrap_gap(samples, "bat", 0, ["pgd-at"], "autoattack") == pytest.approx((1.0, 1.0))
+    per_seed = samples.groupby(["variant", "seed"])[["clean", "autoattack"]].mean()
+    g = bc.frontier_gaps(per_seed, ["bat"], baselines=("pgd-at",), samples=samples).iloc[0]
+    assert g.seeds == 2 and g.gap == 0.5 and (g.boot_low, g.boot_high) == pytest.approx((0.0, 1.0))
+    assert g.verdict == "on the curve (not resolved)"
+
+
+def test_hierarchical_intervals_pair_by_seed_and_sample_and_land_on_their_rows():
+    """PGD-AT robust on the even test samples, BAT on those and on every other odd one, at two
+    identical seeds (so only the test samples vary): BAT - PGD-AT is 1 on a quarter of the
+    samples, and its interval, paired sample by sample, is 0.25 -+ 1.96 sqrt(0.1875 / 800); the
+    unpaired one would be 1.96 sqrt(0.4375 / 800) wide. The typical group (ids < 200) gets its
+    own interval; CW-20 rows keep theirs (t over seeds)."""
+    from memtool.experiments import summarize
+
+    n = 400
+    ids = np.arange(n)
+    pgd, bat = ids % 2 == 0, (ids % 2 == 0) | (ids % 4 == 1)
+    rec = pd.concat([pd.DataFrame({"variant": v, "seed": s, "split": "test", "sample_id": ids, "apgd": ok,
+                                   "cw20": ok}) for s in (0, 1) for v, ok in (("pgd-at", pgd), ("bat", bat))])
+    groups = {"all test": np.ones(n, bool), "typical test": ids < 200}
+    table = summarize(rec, groups, baseline="pgd-at", metrics={"apgd": "apgd", "cw20": "cw20"})
+    out = bc.hierarchical_intervals(table, rec, groups, "apgd", "pgd-at", n_boot=4000).set_index(
+        ["variant", "group", "metric"])
+    half = 1.96 * np.sqrt(0.1875 / 800)
+    row = out.loc["bat", "all test", "apgd"]
+    assert row["diff"] == pytest.approx(0.25) and row["interval"] == bc.HIERARCHICAL
+    assert row["diff_low"] == pytest.approx(0.25 - half, abs=0.006) and row["diff_high"] == pytest.approx(0.25 + half, abs=0.006)
+    assert row["ci_low"] == pytest.approx(0.75 - 1.96 * np.sqrt(0.1875 / 800), abs=0.006)  # BAT's accuracy, 0.75
+    typical = out.loc["bat", "typical test", "apgd"]
+    assert typical["diff_high"] - typical["diff_low"] == pytest.approx(2 * 1.96 * np.sqrt(0.1875 / 400), abs=0.012)
+    assert out.loc["pgd-at", "all test", "apgd"]["diff_low"] == 0  # PGD-AT against itself: exactly 0
+    cw = out.loc["bat", "all test", "cw20"]
+    assert cw["interval"] == "t over seeds" and cw["diff_low"] == cw["diff_high"] == pytest.approx(0.25)
+
+
 def test_zoom_shows_the_means_and_cuts_a_wide_interval_at_five_points():
     """Hand-computed: means 80 and 84; the second's interval (60 to 108, as two seeds give) is cut
     5 points beyond the means; a tight one is shown whole; a single seed (NaN bounds) is a point."""
@@ -151,9 +196,9 @@ def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path, monkey
     info = read_table(out / "bat_comparison.parquet").attrs["memtool"]
     gaps = {(g["variant"], g["attack"]) for g in info["frontier_gaps"]}
     assert gaps == {("bat", "autoattack"), ("bat", "cw20"), ("bat weights only", "cw20")}
-    agree = info["cw20_vs_autoattack"]
+    agree = info["agreement"]["cw20"]
     assert agree["models"] == 10 and agree["samples_per_model"] == 40 and 0.5 <= agree["per_sample_agreement"] <= 1
-    assert agree["cw20_minus_aa_min"] >= -0.05  # AutoAttack is the stronger attack (up to random starts)
+    assert agree["excess_min"] >= -0.05  # AutoAttack is the stronger attack (up to random starts)
     md = (out / "bat_comparison.md").read_text()
     assert "## BAT against the baselines' trade-off curve" in md and "| bat weights only | CW-20 |" in md
     assert "## CW-20 against AutoAttack" in md
@@ -181,6 +226,39 @@ def test_comparison_tables_records_and_figure(clean_digits_run, tmp_path, monkey
     assert trained == ["bat-s1"] and (out / "models" / "bat-s1" / "autoattack" / "per_sample.parquet").exists()
     key = ["variant", "group", "metric"]
     pd.testing.assert_frame_equal(again.sort_values(key, ignore_index=True), table.sort_values(key, ignore_index=True))
+
+
+def test_apgd_on_the_atypical_and_first_typical_samples_checked_against_autoattack(clean_digits_run, tmp_path):
+    """aa_atypical: the robust evaluation covers the first aa_samples typical test samples and
+    every atypical one; aa_attack apgd runs APGD-CE + APGD-T there, aa_check adds standard
+    AutoAttack on the same samples at the first seed of its variants (their agreement is
+    reported), and the margin is recorded; its intervals are the hierarchical bootstrap's."""
+    from analyses.study import load_study
+
+    out = tmp_path / "bc"
+    kw = dict(seeds=2, eps=0.1, recipe=SMALL, pgd_steps=2, variants=["pgd-at", "bat"], aa_samples=15,
+              aa_atypical=True, progress=False)
+    table = bc.run(clean_digits_run, out, aa_attack="apgd", aa_check=["bat"], margin=0.01, **kw)
+    atyp = load_study(clean_digits_run).atypical_test
+    want = np.sort(np.concatenate([np.flatnonzero(~atyp)[:15], np.flatnonzero(atyp)]))
+    for j in ("pgd-at-s0", "pgd-at-s1", "bat-s0", "bat-s1"):
+        got = read_table(out / "models" / j / "apgd" / "per_sample.parquet")["sample_id"].to_numpy()
+        np.testing.assert_array_equal(got, want)
+        assert (out / "models" / j / "autoattack").exists() == (j == "bat-s0")
+    rows = table[table.metric == "apgd"].set_index(["variant", "group"])
+    assert rows.loc[("bat", "atypical test"), "n"] == atyp.sum() and rows.loc[("bat", "typical test"), "n"] == 15
+    assert (rows["interval"] == bc.HIERARCHICAL).all() and (table[table.metric == "clean"]["interval"] == "t over seeds").all()
+    info = read_table(out / "bat_comparison.parquet").attrs["memtool"]
+    assert info["margin"] == 0.01 and info["aa_attack"] == "apgd" and info["aa_n"] == len(want)
+    a = info["agreement"]["apgd"]
+    assert a["models"] == 1 and a["samples_per_model"] == len(want) and a["excess_min"] >= -0.05
+    md = (out / "bat_comparison.md").read_text()
+    assert "## APGD-CE + APGD-T against standard AutoAttack" in md and "| bat | APGD-CE+T | 2 |" in md
+    assert "Declared equivalence margin of BAT - PGD-AT under APGD-CE+T: ±1 points" in md
+    with pytest.raises(ValueError, match="aa_check runs standard AutoAttack beside apgd"):
+        bc.run(clean_digits_run, tmp_path / "x", aa_check=["bat"], **kw)
+    with pytest.raises(ValueError, match=r"aa_samples must be in 1\.\.\d+ \(the typical test samples\)"):
+        bc.run(clean_digits_run, tmp_path / "y", **{**kw, "aa_samples": 10**6})
 
 
 def test_refuses_unknown_variant_and_noisy_run(digits_run, clean_digits_run, tmp_path):

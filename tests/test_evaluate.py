@@ -177,3 +177,25 @@ def test_clean_accuracy_needs_no_eps_and_the_attacks_say_they_do(tmp_path, capsy
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "attacks pgd5 need an eps and the model was trained without one" in err and "--eps" in err
+
+
+def test_chosen_sample_ids_are_the_first_n_evaluations_rows(digits_at, tmp_path):
+    """An evaluation on chosen test samples (as the comparison's: the first typical ones and
+    every atypical one) records exactly those ids, with the flags a first-N evaluation gives
+    them (clean is deterministic); the record says which samples; asking for both is an error."""
+    ckpt, _ = digits_at
+    full = memtool.evaluate(ckpt, tmp_path / "all", attacks="clean", n_samples=60, progress=False)
+    assert full["test_samples"] == "the first 60 of the test set"
+    first = pd.read_parquet(tmp_path / "all" / "per_sample.parquet").set_index("sample_id")
+    ids = [41, 3, 17, 3, 59]
+    s = memtool.evaluate(ckpt, tmp_path / "some", attacks="clean", sample_ids=ids, progress=False)
+    some = pd.read_parquet(tmp_path / "some" / "per_sample.parquet")
+    assert some["sample_id"].tolist() == [3, 17, 41, 59] and s["n_samples"] == 4
+    assert some["clean"].tolist() == first.loc[[3, 17, 41, 59], "clean"].tolist()
+    assert some["label"].tolist() == first.loc[[3, 17, 41, 59], "label"].tolist()
+    rec = json.loads((tmp_path / "some" / "robustbench.json").read_text())
+    assert rec["test_samples"] == "4 chosen test samples (ids 3 to 59)" and rec["n_test_samples"] == 4
+    with pytest.raises(ValueError, match="n_samples .* or sample_ids .*, not both"):
+        memtool.evaluate(ckpt, tmp_path / "x", attacks="clean", n_samples=5, sample_ids=ids, progress=False)
+    with pytest.raises(ValueError, match=r"sample_ids must be test sample ids in 0\.\.\d+"):
+        memtool.evaluate(ckpt, tmp_path / "y", attacks="clean", sample_ids=[5, 10**6], progress=False)

@@ -240,16 +240,26 @@ def test_the_readme_verdict_lines_match_their_intervals():
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
     block = text.split("<!-- verdict:begin -->")[1].split("<!-- verdict:end -->")[0]
+    assert block.strip("\n") + "\n" == manifest.render_verdict(ROOT / "figures"), "README.md's verdicts are stale: " \
+        "run memtool figures --index figures --readme README.md"
     lines = [line for line in block.splitlines() if line.startswith("- ")]
     assert lines
     for line in lines:
+        if ": one seed: no interval, " in line:
+            assert " to " not in line.split(": one seed: no interval, ")[1], line
+            continue
         lo, hi = map(float, re.search(r"\(([-+]?[\d.]+) to ([-+]?[\d.]+)\) points", line).groups())
-        if "resolved: higher" in line:
+        said = re.search(r": (resolved: higher|resolved: lower|no resolved difference|beyond the curve|inside the curve|"
+                         r"no resolved gap to the curve|equivalent within ±([\d.]+) points), [-+]", line)
+        assert said, line
+        if said[1] in ("resolved: higher", "beyond the curve"):
             assert lo > 0, line
-        elif "resolved: lower" in line:
+        elif said[1] in ("resolved: lower", "inside the curve"):
             assert hi < 0, line
+        elif said[2]:
+            assert -float(said[2]) <= lo <= 0 <= hi <= float(said[2]), line
         else:
-            assert "no resolved difference" in line and lo <= 0 <= hi, line
+            assert lo <= 0 <= hi, line
 
 
 def test_finding_a_verdict_lines_come_from_the_tables_contrasts(tmp_path):
@@ -271,3 +281,37 @@ def test_finding_a_verdict_lines_come_from_the_tables_contrasts(tmp_path):
     assert manifest.render_verdict(tmp_path).splitlines() == [
         "- s, (a) AT robust loss - ST clean loss: no resolved difference, -0.1 (-1.2 to +1.0) points, 5 seeds",
         "- s, (a) AT robust loss - AT clean loss: resolved: lower, -11.9 (-13.5 to -10.3) points, 5 seeds"]
+
+
+def test_finding_b_and_comparison_verdicts_read_their_tables(tmp_path):
+    """Finding (b): harmful - random at the largest k only, robust. The comparison: every BAT
+    variant that has the robust evaluation (here APGD-CE+T), its difference to PGD-AT with the
+    declared margin (inside it: "equivalent"; sticking out: not), and its gap to the curve from
+    the bootstrap interval when there are seeds to bootstrap, none with one seed."""
+    from memtool.rundir import write_json, write_table
+
+    study = tmp_path / "s"
+    study.mkdir()
+    write_json(study / "manifest.json", {"name": "s", "stages": {}})
+    con = [{"contrast": f"harmful {k} - random {k}: {m}", "seeds": 5, "diff": d, "diff_low": d - 0.01,
+            "diff_high": d + 0.01, "p": 0.1, "p_holm": 0.2} for k, m, d in ((98, "robust", 0.05), (195, "robust", 0.02),
+                                                                            (195, "clean", 0.0))]
+    write_table(pd.DataFrame({"x": [0]}), study / "finding_b.parquet", {"contrasts": con, "sizes": [98, 195]})
+    rows = [("bat", "apgd", -0.002, -0.008, 0.006), ("bat benign x2", "apgd", 0.004, -0.003, 0.011),
+            ("bat", "clean", 0.01, 0.005, 0.015), ("bat weights only", "apgd", 0.0, -0.1, 0.1)]
+    table = pd.DataFrame([{"variant": v, "group": "all test", "metric": m, "seeds": 5, "diff": d, "diff_low": lo,
+                           "diff_high": hi} for v, m, d, lo, hi in rows])
+    gaps = [{"variant": "bat", "attack": "apgd", "seeds": 5, "gap": 0.03, "gap_low": -0.01, "gap_high": 0.07,
+             "boot_low": 0.01, "boot_high": 0.05, "verdict": "beyond the curve"},
+            {"variant": "bat benign x2", "attack": "apgd", "seeds": 1, "gap": 0.02, "gap_low": float("nan"),
+             "gap_high": float("nan"), "boot_low": 0.0, "boot_high": 0.04, "verdict": "one seed"},
+            {"variant": "bat", "attack": "cw20", "seeds": 5, "gap": -0.03, "gap_low": -0.05, "gap_high": -0.01,
+             "boot_low": -0.05, "boot_high": -0.01, "verdict": "inside the curve"}]
+    write_table(table, study / "bat_comparison.parquet", {"aa_attack": "apgd", "margin": 0.01, "frontier_gaps": gaps,
+                                                          "aa_variants": ["pgd-at", "bat", "bat benign x2"]})
+    assert manifest.render_verdict(tmp_path).splitlines() == [
+        "- s, (b) harmful 195 - random 195: robust (Holm): resolved: higher, +2.0 (+1.0 to +3.0) points, 5 seeds",
+        "- s, bat - PGD-AT: APGD-CE+T: equivalent within ±1 points, -0.2 (-0.8 to +0.6) points, 5 seeds",
+        "- s, bat vs the baselines' curve: APGD-CE+T: beyond the curve, +3.0 (+1.0 to +5.0) points, 5 seeds",
+        "- s, bat benign x2 - PGD-AT: APGD-CE+T: no resolved difference, +0.4 (-0.3 to +1.1) points, 5 seeds",
+        "- s, bat benign x2 vs the baselines' curve: APGD-CE+T: one seed: no interval, +2.0 points"]
