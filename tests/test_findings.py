@@ -71,7 +71,10 @@ def test_finding_b_tables_and_figure(digits_run, tmp_path):
     k1, k2 = round(0.25 * n_atyp), round(0.5 * n_atyp)
     assert set(table.variant) == {"full", f"harmful {k1}", f"random atypical {k1}", f"harmful {k2}",
                                   f"random atypical {k2}"}
-    assert set(table.group) == {"typical test", "atypical test"} and (table.seeds == 2).all()
+    assert set(table.group) == {"typical test", "atypical test", "atypical train", "typical train"}
+    assert (table.seeds == 2).all()
+    train = table[table.group.str.endswith("train")]  # what each model fits: clean (nobody attacks its training set)
+    assert set(train.metric) == {"clean"} and set(train.variant) == set(table.variant)
     assert (out / "finding_b.png").stat().st_size > 0
     # the decisive contrast: harmful minus random, per k, Holm-adjusted (p_holm >= p; the mean of the paired
     # differences is the difference of the two rows' differences to the full set)
