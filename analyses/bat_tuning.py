@@ -2,8 +2,8 @@
 
     python -m analyses.bat_tuning RUN --out runs/mnist/bat_tuning --val-samples 1000
 
-Every candidate of each family in :data:`analyses.bat_comparison.FAMILIES` (three each: the
-budget of TRADES's three betas) is trained once, at the comparison's first seed, with the
+Every candidate of each family in :data:`analyses.bat_comparison.FAMILIES` (five each: the
+budget of PGD-AT's eps sweep, five points) is trained once, at the comparison's first seed, with the
 comparison's recipe and ``memtool train --val-samples N``: N training samples from beyond
 ``--limit``, never trained on and never the test set, checked with PGD-20 at the study's eps
 after every epoch. Each family keeps the candidate with the highest last-epoch PGD-20
