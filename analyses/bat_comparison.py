@@ -17,9 +17,10 @@ first seed of the ``aa_check`` variants. Where AutoAttack is too dear for the wh
 a CPU), the other variants are ranked by CW-20 on the same samples, and the report measures
 first how CW-20 agrees with AutoAttack on the models that have both. The robust evaluation's
 intervals (accuracy, and the difference to PGD-AT paired by seed and test sample) are a
-hierarchical bootstrap over seeds, then test samples; the others are t-intervals over seeds. Everything resumes: a model per epoch, an evaluation per batch; and several
-processes may run the same command at once (one per core or GPU, ``OMP_NUM_THREADS=1`` on a
-CPU): each model's training and evaluations are claimed by one of them. After RUN is
+hierarchical bootstrap over seeds, then test samples; the others are t-intervals over seeds.
+Everything resumes: a model per epoch, an evaluation per batch; and several processes may run
+the same command at once (one per core or GPU, ``OMP_NUM_THREADS=1`` on a CPU): each model's
+training and evaluations are claimed by one of them. After RUN is
 re-estimated the BAT models are refused (their atypical set changed): remove OUT/models/bat*;
 the baselines do not read the scores and are reused.
 
@@ -27,7 +28,7 @@ Written to OUT:
 
 - ``models/VARIANT-sS/``: each model's checkpoint, per-epoch log (BAT: mean weight of the
   atypical samples, fraction flagged harmful), its kept epoch (``selected.json``), ``eval/``
-  and ``autoattack/`` (per-sample flags, ``robustbench.json``). A model whose evaluations are
+  and ``autoattack/`` or ``apgd/`` (per-sample flags, ``robustbench.json``). A model whose evaluations are
   all there needs its checkpoint no more: OUT without the checkpoints (and the evaluations'
   ``state/``) is what a study commits, and a fresh clone resumes from it model by model;
 - ``bat_comparison.parquet``: accuracy per (variant, group, metric) with 95 % t-intervals over
@@ -346,8 +347,8 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     ``aa_atypical`` the first ``aa_samples`` typical ones and every atypical one; ``aa_attack``
     ``"apgd"``: APGD-CE + APGD-T instead, and standard AutoAttack on the same samples at the
     first seed of ``aa_check`` (their agreement is reported); ``margin``: the declared
-    equivalence margin (recorded for the verdicts); ``curve_seeds``: the eps curve's other points on the first
-    N seeds only (their frontier then spans those seeds); ``tuned``: a table of :mod:`analyses.bat_tuning`, whose chosen
+    equivalence margin (recorded for the verdicts); ``curve_seeds``: the eps curve's other
+    points on the first N seeds only (their frontier then spans those seeds); ``tuned``: a table of :mod:`analyses.bat_tuning`, whose chosen
     variants join ``variants`` (and ``aa_variants``, ``aa_all_seeds`` where those are lists; ``"headline"`` includes them)."""
     run_dir, out = Path(run_dir), Path(out)
     st = load_study(run_dir, eps, thresholds, device, data_root)
