@@ -16,8 +16,9 @@ its first two attacks (APGD-CE + APGD-T) instead, checked against standard AutoA
 first seed of the ``aa_check`` variants. Where AutoAttack is too dear for the whole grid (on
 a CPU), the other variants are ranked by CW-20 on the same samples, and the report measures
 first how CW-20 agrees with AutoAttack on the models that have both. The robust evaluation's
-intervals (accuracy, and the difference to PGD-AT paired by seed and test sample) are a
-hierarchical bootstrap over seeds, then test samples; the others are t-intervals over seeds.
+Every interval (accuracy, and the difference to PGD-AT paired by seed and test sample) counts
+both which seeds were trained and which test samples were drawn, the same samples for every
+seed (:func:`memtool.experiments.crossed_interval`).
 Everything resumes: a model per epoch, an evaluation per batch; and several processes may run
 the same command at once (one per core or GPU, ``OMP_NUM_THREADS=1`` on a CPU): each model's
 training and evaluations are claimed by one of them. After RUN is
@@ -31,8 +32,8 @@ Written to OUT:
   and ``autoattack/`` or ``apgd/`` (per-sample flags, ``robustbench.json``). A model whose evaluations are
   all there needs its checkpoint no more: OUT without the checkpoints (and the evaluations'
   ``state/``) is what a study commits, and a fresh clone resumes from it model by model;
-- ``bat_comparison.parquet``: accuracy per (variant, group, metric) with 95 % t-intervals over
-  seeds and the difference to PGD-AT paired by seed; groups: all, typical and atypical test
+- ``bat_comparison.parquet``: accuracy per (variant, group, metric) with 95 % intervals over
+  seeds and test samples and the difference to PGD-AT paired by seed and sample; groups: all, typical and atypical test
   samples (atypical: in a same-class high-influence pair with an atypical training sample);
 - ``bat_comparison.md``: the table as markdown, each BAT variant's distance to the baselines'
   trade-off curve (under AutoAttack, and under CW-20), and CW-20's agreement with AutoAttack;
@@ -42,8 +43,8 @@ Written to OUT:
 A BAT point lies beyond the baselines' curve when its AutoAttack accuracy exceeds that of the
 baselines' upper frontier (the Pareto points of the :data:`BASELINES`: standard training,
 PGD-AT at every eps, TRADES, MART and GAIRAT, joined by straight lines) at its clean accuracy; the gap is measured per
-seed against that seed's frontier (on the seeds where every baseline has the attack), with its t-interval and
-the bootstrap interval over those seeds, then the test samples, which the verdict reads.
+seed against that seed's frontier (on the seeds where every baseline has the attack), its interval over those
+seeds and the test samples (:func:`gap_interval`), which the verdict reads.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ from memtool.checkpoints import load_checkpoint, selected_epoch
 from memtool.config import check_choice, setting
 from memtool.estimator import Thresholds
 from memtool.evaluation import evaluate
-from memtool.experiments import experiment_seeds, hierarchical_bootstrap, slug, summarize, t_interval
+from memtool.experiments import (crossed_interval, experiment_seeds, seeds_and_samples_interval, slug, summarize,
+                                 t_interval)
 from memtool.recipe import Recipe
 from memtool.rundir import RunMismatchError, read_json, read_table, write_json, write_table
 from memtool.sharing import shared
@@ -120,7 +122,7 @@ LAST_EPOCH = ("pgd-at", "bat")  # with val_samples, also reported at their last 
 LAST = " (last epoch)"
 METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 AA_ATTACKS = ("autoattack", "apgd")  # the robust evaluation of the default points: standard AutoAttack, or its first two
-HIERARCHICAL = "hierarchical bootstrap (seeds, then test samples)"
+CROSSED = "seeds and test samples"  # memtool.experiments.crossed_interval: which seeds, which test samples
 STAND_IN = 0.005  # APGD-CE + APGD-T stands in for AutoAttack at most this far above it on every checked model (docs/bat.md)
 SELECTED = "selected.json"  # a model's kept epoch, beside its checkpoint: read where the checkpoint is gone
 
@@ -192,12 +194,12 @@ def frontier(clean, robust, at):
 def frontier_gaps(per_seed: pd.DataFrame, variants, baselines=BASELINES, metric: str = "autoattack",
                   samples: pd.DataFrame | None = None) -> pd.DataFrame:
     """Each variant's robust accuracy (column ``metric``) minus the baselines' frontier at its
-    clean accuracy, per seed (that seed's baselines), with the t-interval over seeds. A seed
-    counts only where every baseline measured at any seed is measured (AutoAttack on seed 0 of
-    most baselines but every seed of PGD-AT: the other seeds' frontier would be PGD-AT's alone).
-    ``samples`` (the per-sample records behind ``per_seed``) give the gap a bootstrap interval
-    (``boot_low``, ``boot_high``; :func:`bootstrap_gap`: over seeds, then test samples), and
-    the verdict is then read from it; one seed is no interval over seeds, whatever the samples say."""
+    clean accuracy, per seed (that seed's baselines), with its interval, which the verdict
+    reads: over seeds and test samples (:func:`gap_interval`) where ``samples`` (the per-sample
+    records behind ``per_seed``) are given, else t over seeds. A seed counts only where every
+    baseline measured at any seed is measured (AutoAttack on seed 0 of most baselines but every
+    seed of PGD-AT: the other seeds' frontier would be PGD-AT's alone). One seed has no interval
+    over seeds, whatever its test samples say (they give its ``gap_low``, ``gap_high``)."""
     present = [b for b in baselines if b in per_seed.index.get_level_values("variant")]
     rows = []
     for v in variants:
@@ -209,66 +211,69 @@ def frontier_gaps(per_seed: pd.DataFrame, variants, baselines=BASELINES, metric:
                 gaps[seed] = g.loc[v, metric] - frontier(base["clean"].to_numpy(), base[metric].to_numpy(),
                                                          g.loc[v, "clean"])
         if gaps:
-            mean, lo, hi = t_interval(list(gaps.values()))
-            boot = bootstrap_gap(samples, v, list(gaps), present, metric) if samples is not None else (np.nan, np.nan)
-            read = (lo, hi) if samples is None else boot  # the verdict's interval
-            verdict = ("one seed: no interval over seeds" if len(gaps) == 1 else "beyond the curve" if read[0] > 0 else
-                       "inside the curve" if read[1] < 0 else "on the curve (not resolved)")
+            mean, lo, hi = t_interval(list(gaps.values())) if samples is None else \
+                gap_interval(samples, v, list(gaps), present, metric)
+            verdict = ("one seed: no interval over seeds" if len(gaps) == 1 else "beyond the curve" if lo > 0 else
+                       "inside the curve" if hi < 0 else "on the curve (not resolved)")
             rows.append({"variant": v, "attack": metric, "seeds": len(gaps), "gap": mean, "gap_low": lo, "gap_high": hi,
-                         "boot_low": boot[0], "boot_high": boot[1], "verdict": verdict})
+                         "interval": "t over seeds" if samples is None else CROSSED, "verdict": verdict})
     return pd.DataFrame(rows)
 
 
-def bootstrap_gap(samples: pd.DataFrame, variant: str, seeds, baselines, metric: str, n_boot: int = 2000,
-                  confidence: float = 0.95, rng: int = 0) -> tuple[float, float]:
-    """Percentile interval of ``variant``'s gap to the frontier of ``baselines`` (a seed, or a
-    list of seeds: the mean gap over them), a hierarchical bootstrap: the seeds drawn with
-    replacement, then each drawn seed's test samples (the same draw for every model of the
-    seed). With one seed it is how much the gap owes to which test samples were attacked, and
-    says nothing of the seed-to-seed spread."""
+def gap_interval(samples: pd.DataFrame, variant: str, seeds, baselines, metric: str, n_boot: int = 2000,
+                 confidence: float = 0.95, rng: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of ``variant``'s gap to the frontier of ``baselines`` over ``seeds`` (a
+    seed, or a list), counting which seeds were trained and which test samples were drawn
+    (:func:`memtool.experiments.seeds_and_samples_interval`): each seed's gap, and its variance
+    over ``n_boot`` draws of the test samples, the same draw for every model and every seed (the
+    frontier is not linear in the samples, so its sample variance is bootstrapped)."""
     seeds = list(seeds) if isinstance(seeds, (list, tuple, np.ndarray)) else [seeds]
-    gen = np.random.default_rng(rng)
-    per_seed = []  # (n_boot,) gaps of each seed over its own test-sample draws
+    at = samples[samples["seed"].isin(seeds) & samples["variant"].isin([*baselines, variant])]
+    ids = np.sort(at["sample_id"].unique())
+    acc = {}  # (variant, seed) -> (n, 2): clean, robust per sample
+    for (v, seed), g in at.groupby(["variant", "seed"]):
+        g = g.sort_values("sample_id")
+        if not np.array_equal(g["sample_id"].to_numpy(), ids):
+            raise ValueError(f"{v} at seed {seed}: the models' records cover different test samples; the interval "
+                             "pairs them")
+        acc[v, seed] = g[["clean", metric]].to_numpy(float)
+    draws = np.random.default_rng(rng).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), n_boot) / len(ids)
+    gaps, drawn = [], []  # per seed: the gap, and the gap in each draw
     for seed in seeds:
-        at = samples[samples["seed"] == seed]
-        acc = {v: g.sort_values("sample_id")[["clean", metric]].to_numpy(float)
-               for v, g in at.groupby("variant") if v in (*baselines, variant)}
-        n = len(acc[variant])
-        if any(len(a) != n for a in acc.values()):
-            raise ValueError(f"seed {seed}: the models' records cover different test samples; the bootstrap pairs them")
-        draws = gen.multinomial(n, np.full(n, 1 / n), size=n_boot) / n  # weights per draw
-        means = {v: draws @ a for v, a in acc.items()}  # (n_boot, 2): clean, robust
-        base = np.stack([means[b] for b in baselines], axis=1)  # (n_boot, baselines, 2)
-        per_seed.append([means[variant][i, 1] - frontier(base[i, :, 0], base[i, :, 1], means[variant][i, 0])
-                         for i in range(n_boot)])
-    g = np.asarray(per_seed)
-    k = len(seeds)  # each draw: k seeds with replacement, each with one of its test-sample draws
-    gaps = g[0] if k == 1 else g[gen.integers(0, k, (n_boot, k)), gen.integers(0, n_boot, (n_boot, k))].mean(1)
-    lo, hi = np.percentile(gaps, [50 * (1 - confidence), 50 * (1 + confidence)])
-    return float(lo), float(hi)
+        for w in (np.full((1, len(ids)), 1 / len(ids)), draws):
+            means = {v: w @ acc[v, seed] for v in (*baselines, variant)}  # (draws, 2)
+            base = np.stack([means[b] for b in baselines], axis=1)
+            (gaps if len(w) == 1 else drawn).append(
+                [means[variant][i, 1] - frontier(base[i, :, 0], base[i, :, 1], means[variant][i, 0])
+                 for i in range(len(w))])
+    gaps, drawn = np.concatenate(gaps), np.asarray(drawn)
+    return (float(gaps.mean()), *seeds_and_samples_interval(gaps, drawn.var(1, ddof=1), drawn.mean(0).var(ddof=1),
+                                                            confidence))
 
 
-def hierarchical_intervals(table: pd.DataFrame, records: pd.DataFrame, groups: dict, metric: str,
-                           baseline: str | None, n_boot: int = 4000) -> pd.DataFrame:
-    """``table`` with the intervals of its ``metric`` rows from a hierarchical bootstrap over
-    seeds, then test samples within a seed (:func:`memtool.experiments.hierarchical_bootstrap`):
-    the accuracy's, and the difference's to ``baseline``, paired by seed and test sample. Rows
-    of one seed keep no interval; the column ``interval`` says which rule made each."""
+def crossed_intervals(table: pd.DataFrame, records: pd.DataFrame, groups: dict, metrics, baseline: str | None
+                      ) -> pd.DataFrame:
+    """``table`` with the intervals of its rows of ``metrics`` over seeds and test samples
+    (:func:`memtool.experiments.crossed_interval`): the accuracy's, and the difference's to
+    ``baseline``, paired by seed and test sample. Rows of one seed keep none; the column
+    ``interval`` says which rule made each."""
     table = table.copy()
-    table["interval"] = "t over seeds"
-    wide = records.set_index(["variant", "seed", "sample_id"])[metric].astype(float).unstack("sample_id")
-    for i, r in table[table["metric"] == metric].iterrows():
-        ids = np.intersect1d(np.flatnonzero(groups[r["group"]]), wide.columns)
-        acc = wide.loc[r["variant"], ids]
-        if len(acc) > 1 and len(ids):
-            table.loc[i, ["ci_low", "ci_high"]] = hierarchical_bootstrap(acc.to_numpy(), n_boot)[1:]
-            table.loc[i, "interval"] = HIERARCHICAL
-        if baseline in wide.index.get_level_values("variant") and r["variant"] != baseline and "diff" in table:
-            base = wide.loc[baseline, ids]
-            both = acc.index.intersection(base.index)
-            if len(both) > 1 and len(ids):
-                d = acc.loc[both].to_numpy() - base.loc[both].to_numpy()
-                table.loc[i, ["diff_low", "diff_high"]] = hierarchical_bootstrap(d, n_boot)[1:]
+    if "interval" not in table:
+        table["interval"] = "t over seeds"
+    for metric in metrics:
+        wide = records.set_index(["variant", "seed", "sample_id"])[metric].astype(float).unstack("sample_id")
+        for i, r in table[table["metric"] == metric].iterrows():
+            ids = np.intersect1d(np.flatnonzero(groups[r["group"]]), wide.columns)
+            acc = wide.loc[r["variant"], ids]
+            if len(acc) > 1 and len(ids):
+                table.loc[i, ["ci_low", "ci_high"]] = crossed_interval(acc.to_numpy())[1:]
+                table.loc[i, "interval"] = CROSSED
+            if baseline in wide.index.get_level_values("variant") and r["variant"] != baseline and "diff" in table:
+                base = wide.loc[baseline, ids]
+                both = acc.index.intersection(base.index)
+                if len(both) > 1 and len(ids):
+                    d = acc.loc[both].to_numpy() - base.loc[both].to_numpy()
+                    table.loc[i, ["diff_low", "diff_high"]] = crossed_interval(d)[1:]
     return table
 
 
@@ -460,13 +465,14 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     on_aa = records(aa_attack, aa_jobs) if aa_jobs else evals.iloc[:0].assign(**{aa_attack: False})
     with_last = pd.concat([evals, records(last, list(last), LAST)]) if last else evals
     in_aa = np.isin(all_ids, aa_ids)
+    plain = ATTACKS.split(",")
     table = pd.concat([
-        summarize(with_last, groups, baseline=baseline, metrics={a: a for a in ATTACKS.split(",")}),
-        hierarchical_intervals(summarize(on_aa, {k: m & in_aa for k, m in groups.items()}, baseline=baseline,
-                                         metrics={aa_attack: aa_attack}), on_aa, groups, aa_attack, baseline)
+        crossed_intervals(summarize(with_last, groups, baseline=baseline, metrics=dict(zip(plain, plain))), with_last,
+                          groups, plain, baseline),
+        crossed_intervals(summarize(on_aa, {k: m & in_aa for k, m in groups.items()}, baseline=baseline,
+                                    metrics={aa_attack: aa_attack}), on_aa, groups, [aa_attack], baseline)
         if attacked else None,
     ], ignore_index=True)
-    table["interval"] = table["interval"].fillna("t over seeds") if "interval" in table else "t over seeds"
     table.insert(1, "method", table["variant"].map(lambda v: todo[v.removesuffix(LAST)].method.name))
 
     aa = on_aa.groupby(["variant", "seed"], sort=False)[["clean", aa_attack]].mean()
@@ -489,20 +495,18 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
             "frontier_gaps": gaps.to_dict("records"), "agreement": agree}
     write_table(table, out / "bat_comparison.parquet", info)
     (out / "bat_comparison.md").write_text(report(table, gaps, info, cfg.dataset))
-    figure(aa, cw, out / "bat_comparison.png", cfg.dataset, eps, len(aa_ids), aa_attack)
+    figure(on_aa, first, out / "bat_comparison.png", cfg.dataset, eps, len(aa_ids), aa_attack)
     return table
 
 
 def _cell(r) -> str:
-    """mean ± half-width of the 95 % t-interval, or mean (low to high) of a bootstrap one, in %;
-    "-" where the group has no sample."""
+    """mean (low to high) of the 95 % interval in %, or the mean alone (one seed); "-" where the
+    group has no sample."""
     if np.isnan(r.accuracy):
         return "-"
     if np.isnan(r.ci_low):
         return f"{100 * r.accuracy:.1f}"
-    if getattr(r, "interval", "") == HIERARCHICAL:
-        return f"{100 * r.accuracy:.1f} ({100 * r.ci_low:.1f} to {100 * r.ci_high:.1f})"
-    return f"{100 * r.accuracy:.1f} ± {100 * (r.ci_high - r.accuracy):.1f}"
+    return f"{100 * r.accuracy:.1f} ({100 * r.ci_low:.1f} to {100 * r.ci_high:.1f})"
 
 
 def _agreement_line(a: dict, attacked: list) -> str:
@@ -536,7 +540,6 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
     where = (f"the first {info['aa_samples']} typical test samples and every atypical one ({info['aa_n']}; 'all "
              "test' is their union, the atypical ones over-represented)" if info.get("aa_atypical") else
              f"the first {info['aa_samples']} test samples")
-    hier = (table["interval"] == HIERARCHICAL).any() if "interval" in table else False
     text = [f"# BAT against PGD-AT, TRADES, MART and GAIRAT on {dataset} (eps {info['eps']:g})", "",
             f"Scores: {info['run']} ({info['n_atypical_train']} atypical training samples, mem >= "
             f"{info['mem_threshold']}). Every model: {r['model']} (hidden {r['hidden']}), {r['epochs']} epochs, "
@@ -544,12 +547,11 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
             f"{info['eps']:g} (the eps sweep, and a variant that names another lr, excepted); {info['seeds']} seeds "
             "per variant, paired. " + (f"Adversarial models: the epoch of best PGD-20 accuracy (at their training eps) "
             f"on {info['val_samples']} held-out training samples; " if info.get("val_samples") else "Last epoch; ") +
-            "the test set is never used for selection. Accuracy in % with the half-width of the 95 % t-interval over "
-            f"seeds (mean ± CI). Clean, PGD-20 and CW-20 on all {info['n_test']} test samples; {name} on {where}, "
+            "the test set is never used for selection. Accuracy in %, mean (95 % interval over the seeds and the test "
+            "samples: which seeds were trained, which samples drawn, the same for every seed). "
+            f"Clean, PGD-20 and CW-20 on all {info['n_test']} test samples; {name} on {where}, "
             f"on the first {info.get('aa_seeds', info['seeds'])} seed(s)"
             + (f" ({', '.join(info['aa_all_seeds'])}: every seed)" if info.get("aa_all_seeds") else "") + "."
-            + (f" {METRICS[aa]} intervals (mean, low to high): a {HIERARCHICAL}, which counts both which seeds "
-               "were trained and which test samples were drawn." if hier else "")
             + (f" Declared equivalence margin of BAT - PGD-AT under {METRICS[aa]}: ±{100 * info['margin']:g} points "
                "(docs/bat.md)." if info.get("margin") else ""), "",
             "## All test samples", "", wide("all test"), "",
@@ -560,14 +562,12 @@ def report(table: pd.DataFrame, gaps: pd.DataFrame, info: dict, dataset: str) ->
             "Robust accuracy minus the baselines' upper frontier (standard, PGD-AT at every eps, TRADES, MART, GAIRAT: "
             "their Pareto points joined by straight lines) at the variant's clean accuracy, in points, on the samples "
             f"{METRICS[aa]} attacked, per seed on which every baseline has the attack. {METRICS[aa]} where the variant "
-            "has it; CW-20 for every variant (its agreement is below). Intervals: t over seeds, and a bootstrap over "
-            "those seeds, then the test samples (the verdict's; with one seed, over the test samples alone: it says "
-            "nothing of the spread over seeds).", "",
-            "| variant | attack | seeds | gap (95 % t-interval) | bootstrap | verdict |", "|---|---|---:|---|---|---|"]
+            "has it; CW-20 for every variant (its agreement is below). Interval: over those seeds and the test samples "
+            "(with one seed, over the test samples alone: it says nothing of the spread over seeds).", "",
+            "| variant | attack | seeds | gap (95 % interval) | verdict |", "|---|---|---:|---|---|"]
     for g in gaps.itertuples():
         ci = "" if np.isnan(g.gap_low) else f" ({100 * g.gap_low:+.1f} to {100 * g.gap_high:+.1f})"
-        boot = "-" if np.isnan(g.boot_low) else f"{100 * g.boot_low:+.1f} to {100 * g.boot_high:+.1f}"
-        text.append(f"| {g.variant} | {METRICS[g.attack]} | {g.seeds} | {100 * g.gap:+.1f}{ci} | {boot} | {g.verdict} |")
+        text.append(f"| {g.variant} | {METRICS[g.attack]} | {g.seeds} | {100 * g.gap:+.1f}{ci} | {g.verdict} |")
     agree = info.get("agreement") or {}
     if agree.get("cw20"):
         text += ["", f"## CW-20 against {METRICS[aa]} (the cheaper attack that ranks the grid)", "",
@@ -650,10 +650,25 @@ def mark_clipped(ax, pts: dict, fontsize: float = 6) -> None:
                                     0 if horizontal else (5 if edge == e0 else -5)), textcoords="offset points")
 
 
+def _points(samples: pd.DataFrame, metric: str) -> dict:
+    """variant -> ((clean), (``metric``)) accuracy in %, each (mean, low, high) over the seeds and
+    the test samples of ``samples`` (per-sample records); one seed: a point (NaN bounds)."""
+    pts = {}
+    for v, g in samples.groupby("variant", sort=False):
+        pair = []
+        for col in ("clean", metric):
+            wide = g.pivot(index="seed", columns="sample_id", values=col).to_numpy(float)
+            m, lo, hi = crossed_interval(wide) if len(wide) > 1 else (wide.mean(), np.nan, np.nan)
+            pair.append(100 * np.array([m, lo, hi]))
+        pts[v] = tuple(pair)
+    return pts
+
+
 def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n: int, attack: str = "autoattack"):
-    """Clean against robust accuracy on the ``n`` attacked test samples: ``attack`` (left, the
-    variants that have it) and CW-20 (right, every variant); each variant's mean with its
-    intervals over seeds, the TRADES curve and the PGD-AT eps sweep joined by lines."""
+    """Clean against robust accuracy on the ``n`` attacked test samples (``aa``, ``cw``: their
+    per-sample records): ``attack`` (left, the variants that have it) and CW-20 (right, every
+    variant); each variant's mean with its intervals over seeds and test samples, the TRADES
+    curve and the PGD-AT eps sweep joined by lines."""
     import matplotlib.pyplot as plt
 
     panels = [(aa, attack, METRICS[attack]), (cw, "cw20", "CW-20")]
@@ -663,9 +678,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
               "PGD-AT (eps x0.5 to x1.25)": ("C2", list(PGD_CURVE))}  # BAT red, its ablations orange
     pending = []
     for ax, (frame, metric, name) in zip(axes[0], panels):
-        pts = {}
-        for v, g in frame.groupby(level="variant", sort=False):
-            pts[v] = (100 * np.array(t_interval(g["clean"])), 100 * np.array(t_interval(g[metric])))
+        pts = _points(frame, metric)
         for label, (color, names) in curves.items():
             names = [k for k in names if k in pts]
             if len(names) > 1:
@@ -695,7 +708,7 @@ def figure(aa: pd.DataFrame, cw: pd.DataFrame, path, dataset: str, eps: float, n
                 f"{v} ({pts[v][0][0]:.1f}, {pts[v][1][0]:.1f})" for v in off), transform=ax.transAxes,
                 ha="left", va="top", fontsize=6.5, color="0.35")
         ax.set(xlabel="clean accuracy (%)", ylabel=f"{name} accuracy (%, eps {eps:g})",
-               title=f"{dataset}: clean vs {name} ({n} test samples, 95 % CI over seeds)")
+               title=f"{dataset}: clean vs {name} ({n} test samples, 95 % CI over seeds and samples)")
         ax.title.set_fontsize(9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=7, loc="lower left")

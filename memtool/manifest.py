@@ -361,8 +361,8 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
     (a)'s :data:`FINDING_A_VERDICTS`; finding (b)'s harmful - random removal, robust, at the
     largest k (Holm-adjusted); and every BAT variant of the comparison that has the robust
     evaluation (AutoAttack or APGD-CE+T): its paired difference to PGD-AT (with the table's
-    declared ``margin``) and its gap to the baselines' frontier (the bootstrap interval over
-    seeds, then test samples, where there is one; one seed: none)."""
+    declared ``margin``) and its gap to the baselines' frontier (its interval over seeds and test
+    samples; one seed: none)."""
     study, out = Path(study), []
     if (study / "finding_a.parquet").exists():
         for c in read_table(study / "finding_a.parquet").attrs["memtool"].get("contrasts", []):
@@ -388,9 +388,8 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
                 out.append((f"{v} - PGD-AT: {name}", h, verdict(h, info.get("margin"))))
             for g in info.get("frontier_gaps", []):
                 if g["variant"] == v and g["attack"] == aa:
-                    boot = not pd.isna(g.get("boot_low")) and g["seeds"] > 1
-                    h = _points(g["gap"], *((g["boot_low"], g["boot_high"]) if boot else
-                                            (g["gap_low"], g["gap_high"])), g["seeds"])
+                    h = _points(g["gap"], *((g["gap_low"], g["gap_high"]) if g["seeds"] > 1 else (None, None)),
+                                g["seeds"])
                     out.append((f"{v} vs the baselines' curve: {name}", h, verdict(h, words=CURVE)))
     return out
 

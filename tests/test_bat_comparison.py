@@ -37,7 +37,7 @@ def test_off_panel_names_the_points_far_from_the_robust_models():
     assert bc.off_panel({"pgd-at": (80.0, 16.7), "trades b=1": (91.0, 5.3)}) == []  # 5.3 >= 16.7 / 4
 
 
-def test_bootstrap_gap_over_test_samples():
+def test_gap_interval_over_test_samples():
     """A copy of a frontier model is on the curve in every draw: (0, 0). A model robust on every
     sample, against a baseline robust on half of them at the same clean accuracy: gap 0.5, and
     the interval of 1 - (a bootstrap mean of half ones): 0.5 -+ 1.96 sqrt(0.25 / 400)."""
@@ -47,60 +47,69 @@ def test_bootstrap_gap_over_test_samples():
     half = np.arange(n) % 2 == 0
     samples = pd.concat([rows("standard", np.zeros(n, bool)), rows("pgd-at", half), rows("copy", half),
                          rows("bat", np.ones(n, bool)), rows("pgd-at", ~half, seed=1)])
-    assert bc.bootstrap_gap(samples, "copy", 0, ["standard", "pgd-at"], "autoattack") == (0.0, 0.0)
-    lo, hi = bc.bootstrap_gap(samples, "bat", 0, ["standard", "pgd-at"], "autoattack")
-    assert lo == pytest.approx(0.5 - 0.049, abs=0.01) and hi == pytest.approx(0.5 + 0.049, abs=0.01)
-    # through frontier_gaps: the one seed with every baseline gets the bootstrap, not a t-interval
+    assert bc.gap_interval(samples, "copy", 0, ["standard", "pgd-at"], "autoattack") == (0.0, 0.0, 0.0)
+    mean, lo, hi = bc.gap_interval(samples, "bat", 0, ["standard", "pgd-at"], "autoattack")
+    assert mean == pytest.approx(0.5) and lo == pytest.approx(0.5 - 0.049, abs=0.005) and hi == pytest.approx(0.5 + 0.049, abs=0.005)
+    # through frontier_gaps: one seed with every baseline: the samples' interval, and no verdict over seeds
     per_seed = samples.groupby(["variant", "seed"])[["clean", "autoattack"]].mean()
     g = bc.frontier_gaps(per_seed, ["bat"], samples=samples).iloc[0]
-    assert g.seeds == 1 and np.isnan(g.gap_low) and (g.boot_low, g.boot_high) == (lo, hi)
+    assert g.seeds == 1 and (g.gap_low, g.gap_high) == (lo, hi) and g.verdict == "one seed: no interval over seeds"
     with pytest.raises(ValueError, match="different test samples"):
-        bc.bootstrap_gap(samples.iloc[1:], "bat", 0, ["standard", "pgd-at"], "autoattack")
+        bc.gap_interval(samples.iloc[1:], "bat", 0, ["standard", "pgd-at"], "autoattack")
 
 
-def test_bootstrap_gap_over_seeds_then_test_samples():
-    """Every test sample alike within a seed, so the within-seed draws change nothing: the gap
-    is 1 at seed 0 (PGD-AT robust on none, BAT on all) and 0 at seed 1 (both on all); drawing
-    two seeds with replacement gives a mean of 0, 0.5 or 1, so the 95 % interval is (0, 1)."""
+def test_gap_interval_over_seeds_and_test_samples():
+    """Every test sample alike within a seed, so the samples add nothing: the gap is 1 at seed 0
+    (PGD-AT robust on none, BAT on all) and 0 at seed 1 (both on all), and the interval is the
+    t-interval over the two seeds, 0.5 -+ 12.706 * 0.5. Seeds that agree (gap 1 at both) but
+    samples that vary: the samples' interval, which the verdict reads: beyond the curve."""
     n = 50
     rows = lambda v, seed, rob: pd.DataFrame({"variant": v, "seed": seed, "sample_id": np.arange(n), "clean": True,
-                                              "autoattack": np.full(n, rob)})
+                                              "autoattack": rob if np.ndim(rob) else np.full(n, rob)})
     samples = pd.concat([rows("pgd-at", 0, False), rows("bat", 0, True), rows("pgd-at", 1, True), rows("bat", 1, True)])
-    assert bc.bootstrap_gap(samples, "bat", [0, 1], ["pgd-at"], "autoattack") == pytest.approx((0.0, 1.0))
-    assert bc.bootstrap_gap(samples, "bat", 0, ["pgd-at"], "autoattack") == pytest.approx((1.0, 1.0))
+    assert bc.gap_interval(samples, "bat", [0, 1], ["pgd-at"], "autoattack") == pytest.approx(
+        (0.5, 0.5 - 6.353, 0.5 + 6.353), abs=1e-3)
     per_seed = samples.groupby(["variant", "seed"])[["clean", "autoattack"]].mean()
     g = bc.frontier_gaps(per_seed, ["bat"], baselines=("pgd-at",), samples=samples).iloc[0]
-    assert g.seeds == 2 and g.gap == 0.5 and (g.boot_low, g.boot_high) == pytest.approx((0.0, 1.0))
-    assert g.verdict == "on the curve (not resolved)"
+    assert g.seeds == 2 and g.gap == pytest.approx(0.5) and g.verdict == "on the curve (not resolved)"
+    assert g.interval == bc.CROSSED
+    some = np.arange(n) % 5 == 0  # PGD-AT robust on a fifth of the samples, the same ones at both seeds
+    agree = pd.concat([rows("pgd-at", s, some) for s in (0, 1)] + [rows("bat", s, True) for s in (0, 1)])
+    per_seed = agree.groupby(["variant", "seed"])[["clean", "autoattack"]].mean()
+    g = bc.frontier_gaps(per_seed, ["bat"], baselines=("pgd-at",), samples=agree).iloc[0]
+    assert g.gap == pytest.approx(0.8) and g.gap_low == pytest.approx(0.8 - 1.96 * np.sqrt(0.16 / 50), abs=0.02)
+    assert g.verdict == "beyond the curve"
 
 
-def test_hierarchical_intervals_pair_by_seed_and_sample_and_land_on_their_rows():
+def test_crossed_intervals_pair_by_seed_and_sample_and_land_on_their_rows():
     """PGD-AT robust on the even test samples, BAT on those and on every other odd one, at two
     identical seeds (so only the test samples vary): BAT - PGD-AT is 1 on a quarter of the
     samples, and its interval, paired sample by sample, is 0.25 -+ 1.96 sqrt(0.1875 / 800); the
     unpaired one would be 1.96 sqrt(0.4375 / 800) wide. The typical group (ids < 200) gets its
-    own interval; CW-20 rows keep theirs (t over seeds)."""
+    own interval; so do the CW-20 rows, where the seeds differ: t over them."""
     from memtool.experiments import summarize
 
     n = 400
     ids = np.arange(n)
     pgd, bat = ids % 2 == 0, (ids % 2 == 0) | (ids % 4 == 1)
     rec = pd.concat([pd.DataFrame({"variant": v, "seed": s, "split": "test", "sample_id": ids, "apgd": ok,
-                                   "cw20": ok}) for s in (0, 1) for v, ok in (("pgd-at", pgd), ("bat", bat))])
+                                   "cw20": ok if s == 0 else ok & (ids < 300)})
+                     for s in (0, 1) for v, ok in (("pgd-at", pgd), ("bat", bat))])
     groups = {"all test": np.ones(n, bool), "typical test": ids < 200}
     table = summarize(rec, groups, baseline="pgd-at", metrics={"apgd": "apgd", "cw20": "cw20"})
-    out = bc.hierarchical_intervals(table, rec, groups, "apgd", "pgd-at", n_boot=4000).set_index(
-        ["variant", "group", "metric"])
-    half = 1.96 * np.sqrt(0.1875 / 800)
+    out = bc.crossed_intervals(table, rec, groups, ["apgd"], "pgd-at").set_index(["variant", "group", "metric"])
+    half = 1.96 * np.sqrt(0.1875 / 400)  # the samples' variance over 400: the two seeds are the same draw
     row = out.loc["bat", "all test", "apgd"]
-    assert row["diff"] == pytest.approx(0.25) and row["interval"] == bc.HIERARCHICAL
-    assert row["diff_low"] == pytest.approx(0.25 - half, abs=0.006) and row["diff_high"] == pytest.approx(0.25 + half, abs=0.006)
-    assert row["ci_low"] == pytest.approx(0.75 - 1.96 * np.sqrt(0.1875 / 800), abs=0.006)  # BAT's accuracy, 0.75
+    assert row["diff"] == pytest.approx(0.25) and row["interval"] == bc.CROSSED
+    assert row["diff_low"] == pytest.approx(0.25 - half, abs=1e-4) and row["diff_high"] == pytest.approx(0.25 + half, abs=1e-4)
+    assert row["ci_low"] == pytest.approx(0.75 - half, abs=1e-4)  # BAT's accuracy, 0.75
     typical = out.loc["bat", "typical test", "apgd"]
-    assert typical["diff_high"] - typical["diff_low"] == pytest.approx(2 * 1.96 * np.sqrt(0.1875 / 400), abs=0.012)
+    assert typical["diff_high"] - typical["diff_low"] == pytest.approx(2 * 1.96 * np.sqrt(0.1875 / 200), abs=1e-3)
     assert out.loc["pgd-at", "all test", "apgd"]["diff_low"] == 0  # PGD-AT against itself: exactly 0
-    cw = out.loc["bat", "all test", "cw20"]
-    assert cw["interval"] == "t over seeds" and cw["diff_low"] == cw["diff_high"] == pytest.approx(0.25)
+    assert out.loc["bat", "all test", "cw20"]["interval"] == "t over seeds"  # not asked for
+    both = bc.crossed_intervals(table, rec, groups, ["apgd", "cw20"], "pgd-at").set_index(["variant", "group", "metric"])
+    cw = both.loc["bat", "all test", "cw20"]
+    assert cw["interval"] == bc.CROSSED and cw["diff_high"] - cw["diff_low"] > 2 * half  # the seeds differ now
 
 
 def test_zoom_shows_the_means_and_cuts_a_wide_interval_at_five_points():
@@ -232,7 +241,7 @@ def test_apgd_on_the_atypical_and_first_typical_samples_checked_against_autoatta
     """aa_atypical: the robust evaluation covers the first aa_samples typical test samples and
     every atypical one; aa_attack apgd runs APGD-CE + APGD-T there, aa_check adds standard
     AutoAttack on the same samples at the first seed of its variants (their agreement is
-    reported), and the margin is recorded; its intervals are the hierarchical bootstrap's."""
+    reported), and the margin is recorded; every interval counts the seeds and the test samples."""
     from analyses.study import load_study
 
     out = tmp_path / "bc"
@@ -247,7 +256,7 @@ def test_apgd_on_the_atypical_and_first_typical_samples_checked_against_autoatta
         assert (out / "models" / j / "autoattack").exists() == (j == "bat-s0")
     rows = table[table.metric == "apgd"].set_index(["variant", "group"])
     assert rows.loc[("bat", "atypical test"), "n"] == atyp.sum() and rows.loc[("bat", "typical test"), "n"] == 15
-    assert (rows["interval"] == bc.HIERARCHICAL).all() and (table[table.metric == "clean"]["interval"] == "t over seeds").all()
+    assert (rows["interval"] == bc.CROSSED).all() and (table[table.metric == "clean"]["interval"] == bc.CROSSED).all()
     info = read_table(out / "bat_comparison.parquet").attrs["memtool"]
     assert info["margin"] == 0.01 and info["aa_attack"] == "apgd" and info["aa_n"] == len(want)
     a = info["agreement"]["apgd"]

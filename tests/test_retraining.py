@@ -193,23 +193,53 @@ def test_holm_and_paired_contrasts_against_hand_computed_values():
     assert adj.loc["a", "p_holm"] == pytest.approx(min(1, 2 * adj.loc["a", "p"]))
 
 
-def test_hierarchical_bootstrap_covers_both_sources_of_variation():
-    """Simulated: 5 seeds whose model effects vary (sd 1 point) and 1,000 test samples each
-    (binomial noise). The interval's width matches the analytic sd of the mean, which counts
-    both: sqrt(var_seed / S + p (1 - p) / (S n)); the t-interval over the seeds' means holds
-    samples fixed and, with 3 seeds, can come out narrower than one model's binomial error."""
-    from memtool.experiments import hierarchical_bootstrap
+def test_crossed_interval_hand_computed():
+    """Three seeds on eight samples, mean 0.5833: the seeds' means (0.625, 0.5, 0.625) vary by
+    0.005208 over 3 = 0.001736; the samples' means by 0.2460 over 8 = 0.030754; each seed's own
+    sample variance (0.03348, 0.03571, 0.03348; mean 0.034226) exceeds that by 2 x 0.001736, the
+    seeds' share, which leaves 0.029018 shared. 0.001736 + 0.029018 = 0.030754, with 0.030754^2 /
+    (0.001736^2 / 2) = 628 degrees of freedom: 0.5833 -+ 1.9637 x 0.17537 = -+ 0.3444 (the floor,
+    t over the seeds alone, t_2 x 0.04167 = 0.1793, is narrower). Two seeds on four samples,
+    [[0, 0, 1, 1], [0, 1, 1, 1]]: Satterthwaite's 0.625 -+ 0.515 would be narrower than t over
+    the 2 seeds, 12.706 x 0.125 = 1.588, which it takes. Equal samples: t over the seeds; one
+    seed, or equal seeds: the samples' normal interval."""
+    from memtool.experiments import crossed_interval
 
-    rng = np.random.default_rng(0)
-    S, n, p = 5, 1000, 0.7
-    seed_effect = rng.normal(0, 0.01, S)
-    correct = rng.random((S, n)) < (p + seed_effect)[:, None]
-    mean, lo, hi = hierarchical_bootstrap(correct.astype(float), n_boot=4000)
-    assert mean == pytest.approx(correct.mean())
-    sd = np.sqrt(correct.mean(1).var(ddof=1) / S + p * (1 - p) / (S * n))  # empirical seed spread + binomial
-    assert (hi - lo) / (2 * 1.96) == pytest.approx(sd, rel=0.35)
-    # one seed: the test-sample bootstrap alone, ~ the binomial standard error
-    m1, lo1, hi1 = hierarchical_bootstrap(correct[:1].astype(float), n_boot=4000)
-    assert (hi1 - lo1) / (2 * 1.96) == pytest.approx(np.sqrt(p * (1 - p) / n), rel=0.15)
+    d = np.array([[0.0, 1, 0, 1, 1, 0, 1, 1], [0, 1, 0, 1, 1, 0, 1, 0], [0, 1, 0, 1, 1, 0, 1, 1]])
+    assert crossed_interval(d) == pytest.approx((0.5833, 0.5833 - 0.3444, 0.5833 + 0.3444), abs=1e-4)
+    assert crossed_interval(np.array([[0.0, 0, 1, 1], [0, 1, 1, 1]])) == pytest.approx((0.625, 0.625 - 1.5883,
+                                                                                         0.625 + 1.5883), abs=1e-4)
+    assert crossed_interval(np.array([[0.2] * 5, [0.4] * 5, [0.6] * 5])) == pytest.approx(
+        (0.4, 0.4 - 4.3027 * np.sqrt(0.04 / 3), 0.4 + 4.3027 * np.sqrt(0.04 / 3)), abs=1e-4)
+    samples = (0.5 - 1.96 * np.sqrt(1 / 12), 0.5 + 1.96 * np.sqrt(1 / 12))  # 1, 0, 1, 0: variance 1/3 over 4
+    assert crossed_interval(np.array([[1.0, 0, 1, 0]]))[1:] == pytest.approx(samples, abs=1e-3)
+    assert crossed_interval(np.array([[1.0, 0, 1, 0]] * 3))[1:] == pytest.approx(samples, abs=1e-3)
     with pytest.raises(ValueError, match="seeds, samples"):
-        hierarchical_bootstrap(np.zeros(3))
+        crossed_interval(np.zeros(3))
+
+
+@pytest.mark.parametrize("seeds,tau", [(5, 0.0), (5, 0.3), (3, 0.1)])
+def test_crossed_interval_covers_seeds_and_shared_test_samples(seeds, tau):
+    """Simulated as in benchmarks/interval_coverage.py: every seed's model scored on the same 500
+    test samples, sample i right under seed s when z_i + u_s + e_si > c, the samples'
+    difficulty z ~ N(0, 9) (most right, or wrong, under every seed), the seeds' effect u ~ N(0,
+    tau^2), noise e ~ N(0, 1), c at population accuracy 0.6. Over 400 repetitions the 95 %
+    interval covers 0.6 92-99 % of the time; the t-interval over the seeds' accuracies, which
+    holds the test samples fixed, does not come near where the seeds barely differ."""
+    from scipy import stats
+
+    from memtool.experiments import crossed_interval, t_interval
+
+    rng = np.random.default_rng(seeds)
+    c = -stats.norm.ppf(0.6) * np.sqrt(9 + tau ** 2 + 1)
+    covered = seeds_only = 0
+    for _ in range(400):
+        z, u = rng.normal(0, 3, 500), rng.normal(0, tau, seeds)
+        correct = (z[None] + u[:, None] + rng.normal(0, 1, (seeds, 500)) > c).astype(float)
+        _, lo, hi = crossed_interval(correct)
+        covered += lo <= 0.6 <= hi
+        _, lo, hi = t_interval(correct.mean(1))
+        seeds_only += lo <= 0.6 <= hi
+    assert 0.92 <= covered / 400 <= 0.99
+    if tau == 0:
+        assert seeds_only / 400 < 0.7
