@@ -122,7 +122,6 @@ LAST_EPOCH = ("pgd-at", "bat")  # with val_samples, also reported at their last 
 LAST = " (last epoch)"
 METRICS = {"clean": "clean", "pgd20": "PGD-20", "cw20": "CW-20", "autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 AA_ATTACKS = ("autoattack", "apgd")  # the robust evaluation of the default points: standard AutoAttack, or its first two
-CROSSED = "seeds and test samples"  # memtool.experiments.crossed_interval: which seeds, which test samples
 STAND_IN = 0.005  # APGD-CE + APGD-T stands in for AutoAttack at most this far above it on every checked model (docs/bat.md)
 SELECTED = "selected.json"  # a model's kept epoch, beside its checkpoint: read where the checkpoint is gone
 
@@ -216,7 +215,7 @@ def frontier_gaps(per_seed: pd.DataFrame, variants, baselines=BASELINES, metric:
             verdict = ("one seed: no interval over seeds" if len(gaps) == 1 else "beyond the curve" if lo > 0 else
                        "inside the curve" if hi < 0 else "on the curve (not resolved)")
             rows.append({"variant": v, "attack": metric, "seeds": len(gaps), "gap": mean, "gap_low": lo, "gap_high": hi,
-                         "interval": "t over seeds" if samples is None else CROSSED, "verdict": verdict})
+                         "verdict": verdict})
     return pd.DataFrame(rows)
 
 
@@ -249,32 +248,6 @@ def gap_interval(samples: pd.DataFrame, variant: str, seeds, baselines, metric: 
     gaps, drawn = np.concatenate(gaps), np.asarray(drawn)
     return (float(gaps.mean()), *seeds_and_samples_interval(gaps, drawn.var(1, ddof=1), drawn.mean(0).var(ddof=1),
                                                             confidence))
-
-
-def crossed_intervals(table: pd.DataFrame, records: pd.DataFrame, groups: dict, metrics, baseline: str | None
-                      ) -> pd.DataFrame:
-    """``table`` with the intervals of its rows of ``metrics`` over seeds and test samples
-    (:func:`memtool.experiments.crossed_interval`): the accuracy's, and the difference's to
-    ``baseline``, paired by seed and test sample. Rows of one seed keep none; the column
-    ``interval`` says which rule made each."""
-    table = table.copy()
-    if "interval" not in table:
-        table["interval"] = "t over seeds"
-    for metric in metrics:
-        wide = records.set_index(["variant", "seed", "sample_id"])[metric].astype(float).unstack("sample_id")
-        for i, r in table[table["metric"] == metric].iterrows():
-            ids = np.intersect1d(np.flatnonzero(groups[r["group"]]), wide.columns)
-            acc = wide.loc[r["variant"], ids]
-            if len(acc) > 1 and len(ids):
-                table.loc[i, ["ci_low", "ci_high"]] = crossed_interval(acc.to_numpy())[1:]
-                table.loc[i, "interval"] = CROSSED
-            if baseline in wide.index.get_level_values("variant") and r["variant"] != baseline and "diff" in table:
-                base = wide.loc[baseline, ids]
-                both = acc.index.intersection(base.index)
-                if len(both) > 1 and len(ids):
-                    d = acc.loc[both].to_numpy() - base.loc[both].to_numpy()
-                    table.loc[i, ["diff_low", "diff_high"]] = crossed_interval(d)[1:]
-    return table
 
 
 def agreement(strong: pd.DataFrame, weak: pd.DataFrame, attack: str = "autoattack", cheaper: str = "cw20") -> dict:
@@ -467,10 +440,8 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
     in_aa = np.isin(all_ids, aa_ids)
     plain = ATTACKS.split(",")
     table = pd.concat([
-        crossed_intervals(summarize(with_last, groups, baseline=baseline, metrics=dict(zip(plain, plain))), with_last,
-                          groups, plain, baseline),
-        crossed_intervals(summarize(on_aa, {k: m & in_aa for k, m in groups.items()}, baseline=baseline,
-                                    metrics={aa_attack: aa_attack}), on_aa, groups, [aa_attack], baseline)
+        summarize(with_last, groups, baseline=baseline, metrics=dict(zip(plain, plain))),
+        summarize(on_aa, {k: m & in_aa for k, m in groups.items()}, baseline=baseline, metrics={aa_attack: aa_attack})
         if attacked else None,
     ], ignore_index=True)
     table.insert(1, "method", table["variant"].map(lambda v: todo[v.removesuffix(LAST)].method.name))

@@ -1,7 +1,7 @@
 """Retraining experiments: train variants of a training set (the full set, the set without
 some samples, ...) with several seeds on the engine, record every model's per-sample
 correctness, and summarize accuracy per group of samples with confidence intervals over
-seeds. `memtool validate` and the findings' analyses are such experiments.
+the seeds and the samples. `memtool validate` and the findings' analyses are such experiments.
 
     records = retrain(OUT, data, recipe, {"full": [], "without atypical": ids}, seeds=3)
     table = summarize(records, {"atypical test": mask, "typical test": ~mask})
@@ -205,21 +205,11 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def per_seed_accuracy(records: pd.DataFrame, groups: dict, split: str = "test",
-                      metrics: dict | None = None) -> pd.DataFrame:
-    """One row per (variant, seed, group, metric): the model's accuracy on the group."""
-    rec = records[records["split"] == split]
-    metrics = metrics or {"correct": "clean", "robust_correct": "robust"}
-    metrics = {c: name for c, name in metrics.items() if c in rec.columns}
-    rows = []
-    for (variant, seed), g in rec.groupby(["variant", "seed"], sort=False):
-        ok = g.set_index("sample_id")
-        for group, mask in groups.items():
-            ids = np.flatnonzero(np.asarray(mask))
-            for column, metric in metrics.items():
-                rows.append({"variant": variant, "seed": seed, "group": group, "n": len(ids), "metric": metric,
-                             "accuracy": float(ok.loc[ids, column].mean()) if len(ids) else float("nan")})
-    return pd.DataFrame(rows)
+def sample_matrix(records: pd.DataFrame, variant: str, column: str, ids, split: str = "test") -> pd.DataFrame:
+    """``variant``'s ``column`` (e.g. ``correct``) per seed (rows) and sample (columns, the
+    ``ids`` of ``split``): what :func:`contrasts` pairs by seed and sample."""
+    r = records[(records["split"] == split) & (records["variant"] == variant) & records["sample_id"].isin(ids)]
+    return r.pivot(index="seed", columns="sample_id", values=column).astype(float)
 
 
 def holm(p_values) -> np.ndarray:
@@ -234,25 +224,46 @@ def holm(p_values) -> np.ndarray:
 
 
 def contrasts(named: dict, confidence: float = 0.95, adjust: bool = False) -> pd.DataFrame:
-    """Paired contrasts over seeds: ``named`` maps a contrast's name to a per-seed Series (index:
-    seed) of its value (a difference of accuracies). Mean, t-interval and the t-test's p-value
-    of each; with ``adjust``, Holm-adjusted p-values over the contrasts and intervals at the
-    level of each one's Holm step (the i-th smallest p-value of m at 1 - alpha / (m - i + 1))."""
-    rows = []
-    for name, d in named.items():
-        d = pd.Series(d).dropna()
-        mean, lo, hi = t_interval(d, confidence)
-        p = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and d.std() > 0 else float("nan")
-        rows.append({"contrast": name, "seeds": len(d), "diff": mean, "diff_low": lo, "diff_high": hi, "p": p})
+    """Paired contrasts: ``named`` maps a contrast's name to its per-sample values, (seeds,
+    samples) (e.g. correct without minus with some training samples, paired by seed and test
+    sample), or to one value per seed (the samples held fixed). Mean, interval over the seeds and
+    the samples (:func:`crossed_interval`) and its p-value (:func:`crossed_p`) of each; with
+    ``adjust``, Holm-adjusted p-values over the contrasts and intervals at the level of each
+    one's Holm step (the i-th smallest p-value of m at 1 - alpha / (m - i + 1))."""
+    keys = ("diff", "diff_low", "diff_high")
+    values = {name: _per_sample(d) for name, d in named.items()}
+    rows = [{"contrast": name, "seeds": len(d), **_interval(d, confidence, keys),
+             "p": crossed_p(d) if d.size else float("nan")} for name, d in values.items()]
     table = pd.DataFrame(rows)
     if adjust and len(table):
         alpha, m = 1 - confidence, len(table)
         table["p_holm"] = holm(table["p"].fillna(1.0))
         rank = table["p"].fillna(1.0).rank(method="first").astype(int).to_numpy()
         for i, (name, step) in enumerate(zip(table["contrast"], rank)):
-            _, lo, hi = t_interval(pd.Series(named[name]).dropna(), 1 - alpha / (m - step + 1))
-            table.loc[i, ["diff_low", "diff_high"]] = lo, hi
+            table.loc[i, ["diff_low", "diff_high"]] = list(_interval(values[name], 1 - alpha / (m - step + 1),
+                                                                     keys).values())[1:]
     return table
+
+
+def _per_sample(d) -> np.ndarray:
+    """(seeds, samples) values: a 2-D array as it is, one value per seed as (seeds, 1); seeds
+    with no value dropped."""
+    d = np.asarray(d, dtype=float)
+    d = d[:, None] if d.ndim == 1 else d
+    return d[~np.isnan(d).all(1)] if d.size else d.reshape(0, 0)
+
+
+def _errors(per_seed, each_var, mean_var: float) -> list[tuple[float, float]]:
+    """(standard error, degrees of freedom) of the mean of ``per_seed``, by the rule of
+    :func:`seeds_and_samples_interval`: seeds and shared samples (Welch-Satterthwaite), and
+    with several seeds the seeds alone (its floor)."""
+    x = np.asarray(per_seed, dtype=float)
+    s = len(x)
+    seeds = x.var(ddof=1) / s if s > 1 else 0.0
+    shared = max(0.0, mean_var - (np.mean(each_var) - mean_var) / (s - 1)) if s > 1 else mean_var
+    total = seeds + shared
+    df = total ** 2 / (seeds ** 2 / (s - 1)) if seeds > 0 else np.inf
+    return [(np.sqrt(total), df)] + ([(np.sqrt(seeds), s - 1)] if s > 1 else [])
 
 
 def seeds_and_samples_interval(per_seed, each_var, mean_var: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -268,16 +279,26 @@ def seeds_and_samples_interval(per_seed, each_var, mean_var: float, confidence: 
     cover 92.7 % with 3 seeds that differ much, with the floor 94.3 %; a hierarchical bootstrap
     73-84 %: ``python benchmarks/interval_coverage.py``). With one seed: the normal interval
     over the samples."""
-    x = np.asarray(per_seed, dtype=float)
-    s, q = len(x), 0.5 + confidence / 2
-    seeds = x.var(ddof=1) / s if s > 1 else 0.0
-    shared = max(0.0, mean_var - (np.mean(each_var) - mean_var) / (s - 1)) if s > 1 else mean_var
-    total = seeds + shared
-    df = total ** 2 / (seeds ** 2 / (s - 1)) if seeds > 0 else np.inf
-    half = float(stats.t.ppf(q, df) * np.sqrt(total))
-    if s > 1:
-        half = max(half, float(stats.t.ppf(q, s - 1) * np.sqrt(seeds)))
-    return float(x.mean()) - half, float(x.mean()) + half
+    mean = float(np.mean(per_seed))
+    half = max(float(stats.t.ppf(0.5 + confidence / 2, df) * se) for se, df in _errors(per_seed, each_var, mean_var))
+    return mean - half, mean + half
+
+
+def _sample_vars(d: np.ndarray) -> tuple[list, float]:
+    n = d.shape[1]
+    var = (lambda v: v.var(ddof=1) / n) if n > 1 else (lambda v: 0.0)
+    return [var(r) for r in d], var(d.mean(0))
+
+
+def crossed_p(values: np.ndarray) -> float:
+    """Two-sided p-value of a mean of 0 for ``values`` (seeds, samples), by the rule of
+    :func:`crossed_interval` (its interval excludes 0 exactly when p < 1 - confidence); NaN
+    where there is no spread at all to test against."""
+    d = _per_sample(values)
+    errors = [(se, df) for se, df in _errors(d.mean(1), *_sample_vars(d)) if se > 0]
+    if not errors:
+        return float("nan")
+    return max(float(2 * stats.t.sf(abs(d.mean()) / se, df)) for se, df in errors)
 
 
 def crossed_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -290,9 +311,7 @@ def crossed_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[floa
     d = np.asarray(values, dtype=float)
     if d.ndim != 2 or d.size == 0:
         raise ValueError(f"values must be a non-empty (seeds, samples) array, got shape {d.shape}")
-    n = d.shape[1]
-    var = (lambda v: v.var(ddof=1) / n) if n > 1 else (lambda v: 0.0)
-    return (float(d.mean()), *seeds_and_samples_interval(d.mean(1), [var(r) for r in d], var(d.mean(0)), confidence))
+    return (float(d.mean()), *seeds_and_samples_interval(d.mean(1), *_sample_vars(d), confidence))
 
 
 def contrast_markdown(table: pd.DataFrame, note: str = "") -> str:
@@ -306,23 +325,40 @@ def contrast_markdown(table: pd.DataFrame, note: str = "") -> str:
 
 def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline: str | None = None,
               confidence: float = 0.95, metrics: dict | None = None) -> pd.DataFrame:
-    """Accuracy per (variant, group, metric) over seeds: mean and t-interval of the per-seed
-    accuracies; with ``baseline``, also the paired difference to that variant (on the seeds both have).
-    ``groups``: name -> bool array over the split's sample ids; ``metrics``: column of
-    ``records`` -> metric name (default: correct -> clean, robust_correct -> robust)."""
-    per_seed = per_seed_accuracy(records, groups, split, metrics)
+    """Accuracy per (variant, group, metric): the mean over seeds, and its interval over the
+    seeds and the group's samples (:func:`crossed_interval`; one seed: none); with ``baseline``,
+    also the difference to that variant, paired by seed and sample (on the seeds both have).
+    ``groups``: name -> bool array over the split's sample ids (those a model has no record of
+    are left out); ``metrics``: column of ``records`` -> metric name (default: correct -> clean,
+    robust_correct -> robust)."""
+    rec = records[records["split"] == split]
+    metrics = {c: name for c, name in (metrics or {"correct": "clean", "robust_correct": "robust"}).items()
+               if c in rec.columns}
+    wide = {c: rec.set_index(["variant", "seed", "sample_id"])[c].astype(float).unstack("sample_id") for c in metrics}
     out = []
-    keys = ["variant", "group", "metric"]
-    for key, g in per_seed.groupby(keys, sort=False):
-        mean, lo, hi = t_interval(g["accuracy"], confidence)
-        row = dict(zip(keys, key), n=int(g["n"].iloc[0]), seeds=len(g), accuracy=mean, ci_low=lo, ci_high=hi)
-        if baseline is not None:
-            base = per_seed[(per_seed["variant"] == baseline) & (per_seed["group"] == key[1])
-                            & (per_seed["metric"] == key[2])].set_index("seed")["accuracy"]
-            d = (g.set_index("seed")["accuracy"] - base.reindex(g["seed"]).to_numpy()).dropna()  # the seeds both have
-            row["diff"], row["diff_low"], row["diff_high"] = t_interval(d, confidence) if len(d) else (np.nan,) * 3
-        out.append(row)
+    for variant in dict.fromkeys(rec["variant"]):
+        for group, mask in groups.items():
+            ids = np.flatnonzero(np.asarray(mask))
+            for column, metric in metrics.items():
+                w = wide[column]
+                acc = w.loc[variant, np.intersect1d(ids, w.columns)].dropna(axis=1)
+                row = {"variant": variant, "group": group, "metric": metric, "n": len(ids), "seeds": len(acc),
+                       **_interval(acc.to_numpy(), confidence, ("accuracy", "ci_low", "ci_high"))}
+                if baseline is not None:
+                    base = w.loc[baseline, acc.columns] if baseline in w.index.get_level_values(0) else acc.iloc[:0]
+                    both = acc.index.intersection(base.index)
+                    row.update(_interval(acc.loc[both].to_numpy() - base.loc[both].to_numpy(), confidence,
+                                         ("diff", "diff_low", "diff_high")))
+                out.append(row)
     return pd.DataFrame(out)
+
+
+def _interval(d: np.ndarray, confidence: float, keys) -> dict:
+    """{mean, low, high} of :func:`crossed_interval` under ``keys``; one seed: no interval; none: NaN."""
+    if not d.size:
+        return dict.fromkeys(keys, np.nan)
+    mean, lo, hi = crossed_interval(d, confidence) if len(d) > 1 else (float(d.mean()), np.nan, np.nan)
+    return dict(zip(keys, (mean, lo, hi)))
 
 
 def markdown(table: pd.DataFrame, percent: bool = True) -> str:

@@ -9,8 +9,8 @@ CIFAR-100 Feldman & Zhang measured 72.1 % -> 45.4 % on the influenced test sampl
 2.5-point drop overall.
 
 Writes ``OUT/validate.parquet`` and ``OUT/validate.md`` (accuracy per variant and group with
-95 % t-intervals over seeds, and the paired difference to the full set; and each variant's
-accuracy on its own training samples, whether the learner fits them) and
+95 % intervals over the seeds and the test samples, and the paired difference to the full
+set; and each variant's accuracy on its own training samples, whether the learner fits them) and
 ``OUT/validate.png``; ``OUT/models/`` holds each model's per-sample records, so an
 interrupted validation resumes.
 """
@@ -84,7 +84,8 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=
         f"# Do the scores predict retraining? ({run})\n\n{learner}Removed: the {len(removed)} training samples of the "
         f"high-influence pairs ({ESTIMATOR_NAMES.get(rule, rule)} estimate), or as many random "
         f"ones; influenced test samples: {int(influenced.sum())}; "
-        f"{seeds} seeds per variant; 95 % t-intervals over seeds; differences are paired by seed.\n\n"
+        f"{seeds} seeds per variant; 95 % intervals over the seeds and the test samples; differences are "
+        f"paired by seed and sample.\n\n"
         + markdown(table))
     panels = {f"{m} accuracy": table[table["metric"] == m] for m in dict.fromkeys(table["metric"])}
     bar_panels(table, out / "validate.png", f"Retraining a {r['model']} without high-influence samples ({cfg.dataset})",

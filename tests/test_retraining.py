@@ -191,6 +191,12 @@ def test_holm_and_paired_contrasts_against_hand_computed_values():
     wide = stats.t.ppf(1 - 0.025 / 2, 2) * 0.1 / np.sqrt(3)
     assert adj.loc["a", "diff_high"] - 0.2 == pytest.approx(wide)
     assert adj.loc["a", "p_holm"] == pytest.approx(min(1, 2 * adj.loc["a", "p"]))
+    # per-sample values, (seeds, samples): two seeds alike, samples 1, 1, 0, 0 (var 1/3 over 4):
+    # the samples' normal interval 0.5 -+ 1.96 sqrt(1/12), and its z-test's p-value
+    per_sample = contrasts({"c": np.array([[1.0, 1, 0, 0], [1, 1, 0, 0]])}).iloc[0]
+    assert per_sample.seeds == 2 and (per_sample.diff_low, per_sample.diff_high) == pytest.approx(
+        (0.5 - 1.96 * np.sqrt(1 / 12), 0.5 + 1.96 * np.sqrt(1 / 12)), abs=1e-3)
+    assert per_sample.p == pytest.approx(2 * stats.norm.sf(0.5 / np.sqrt(1 / 12)), abs=1e-6)
 
 
 def test_crossed_interval_hand_computed():
