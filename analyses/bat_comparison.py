@@ -587,21 +587,26 @@ def zoom(intervals, margin: float, reach: float = 5.0) -> tuple[float, float]:
 
 
 def place_labels(ax, labels, fontsize: float = 6.5) -> None:
-    """Each (text, x, y) label next to its point, moved up or down a line at a time until its
-    drawn box overlaps none placed before (greedy, top label first)."""
+    """Each (text, x, y) label next to its point, right of it or else left, moved up or down a
+    line at a time until its drawn box overlaps no label placed before and no other labelled
+    point (greedy, top label first)."""
     from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
 
     renderer = ax.figure.canvas.get_renderer()
+    marks = [Bbox.from_bounds(*(ax.transData.transform((x, y)) - 4), 8, 8) for _, x, y in labels]  # ~ a marker
     steps = [0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6]
+    tries = [(side, k) for k in steps for side in (1, -1)]
     placed = []
-    for text, x, y in sorted(labels, key=lambda t: -t[2]):
-        for k in steps:
-            note = ax.annotate(text, (x, y), xytext=(4, 2 + 1.3 * fontsize * k), textcoords="offset points",
-                               fontsize=fontsize, arrowprops=None if k == 0 else dict(arrowstyle="-", lw=0.4,
-                                                                                    color="0.6"))
+    for i, (text, x, y) in sorted(enumerate(labels), key=lambda t: -t[1][2]):
+        others = [m for j, m in enumerate(marks) if j != i]
+        for n, (side, k) in enumerate(tries):
+            note = ax.annotate(text, (x, y), xytext=(4 * side, 2 + 1.3 * fontsize * k), textcoords="offset points",
+                               ha="left" if side > 0 else "right", fontsize=fontsize,
+                               arrowprops=None if k == 0 else dict(arrowstyle="-", lw=0.4, color="0.6"))
             note.update_positions(renderer)
             box = Text.get_window_extent(note, renderer)  # the text's own box, not its leader line
-            if k == steps[-1] or not any(box.overlaps(b) for b in placed):
+            if n == len(tries) - 1 or not any(box.overlaps(b) for b in placed + others):
                 break
             note.remove()
         placed.append(box)

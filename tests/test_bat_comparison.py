@@ -363,8 +363,17 @@ def test_labels_of_crowded_points_do_not_overlap_and_clipped_bounds_are_written(
     boxes = [Text.get_window_extent(t) for t in ax.texts]
     assert len(boxes) == 6
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    for t in list(ax.texts):
+        t.remove()
+    place_labels(ax, [("a long label", 5.0, 5.0), ("b", 5.3, 5.0)])  # b's point sits where a's label would go
+    fig.canvas.draw()
+    from matplotlib.transforms import Bbox
+
+    a = next(t for t in ax.texts if t.get_text() == "a long label")
+    marker_b = Bbox.from_bounds(*(ax.transData.transform((5.3, 5.0)) - 4), 8, 8)
+    assert not Text.get_window_extent(a).overlaps(marker_b)
     mark_clipped(ax, {"wide": (np.array([5.0, -20.0, 30.0]), np.array([5.0, 4.0, 6.0]))})
-    assert {t.get_text() for t in ax.texts[6:]} == {"-20", "30"}  # both x bounds run off: written at the edges
+    assert {t.get_text() for t in ax.texts[2:]} == {"-20", "30"}  # both x bounds run off: written at the edges
     plt.close(fig)
 
 
