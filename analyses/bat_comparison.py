@@ -463,7 +463,8 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
             "aa_variants": attacked, "aa_seeds": aa_seeds or seeds, "aa_all_seeds": list(aa_all_seeds),
             "val_samples": val_samples, "curve_seeds": curve_seeds or seeds,
             "best_epochs": {f"{v} s{s}": e for (v, s), e in best.items()},
-            "frontier_gaps": gaps.to_dict("records"), "agreement": agree}
+            "frontier_gaps": gaps.to_dict("records"), "agreement": agree,
+            "intervals": "seeds and test samples"}  # memtool.experiments.crossed_interval (older tables: seeds alone)
     write_table(table, out / "bat_comparison.parquet", info)
     (out / "bat_comparison.md").write_text(report(table, gaps, info, cfg.dataset))
     figure(on_aa, first, out / "bat_comparison.png", cfg.dataset, eps, len(aa_ids), aa_attack)

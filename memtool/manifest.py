@@ -361,8 +361,8 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
     (a)'s :data:`FINDING_A_VERDICTS`; finding (b)'s harmful - random removal, robust, at the
     largest k (Holm-adjusted); and every BAT variant of the comparison that has the robust
     evaluation (AutoAttack or APGD-CE+T): its paired difference to PGD-AT (with the table's
-    declared ``margin``) and its gap to the baselines' frontier (its interval over seeds and test
-    samples; one seed: none)."""
+    declared ``margin``; a table whose intervals count the seeds alone says so) and its gap to the
+    baselines' frontier (its interval over seeds and test samples; one seed: none)."""
     study, out = Path(study), []
     if (study / "finding_a.parquet").exists():
         for c in read_table(study / "finding_a.parquet").attrs["memtool"].get("contrasts", []):
@@ -385,7 +385,8 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
             if len(r) and r["diff"].notna().iloc[0]:
                 r = r.iloc[0]
                 h = _points(r["diff"], r["diff_low"], r["diff_high"], int(r["seeds"]))
-                out.append((f"{v} - PGD-AT: {name}", h, verdict(h, info.get("margin"))))
+                fixed = "" if info.get("intervals") else " (test samples fixed)"  # a table from before crossed_interval
+                out.append((f"{v} - PGD-AT: {name}{fixed}", h, verdict(h, info.get("margin"))))
             for g in info.get("frontier_gaps", []):
                 if g["variant"] == v and g["attack"] == aa:
                     h = _points(g["gap"], *((g["gap_low"], g["gap_high"]) if g["seeds"] > 1 else (None, None)),

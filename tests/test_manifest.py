@@ -311,8 +311,12 @@ def test_finding_b_and_comparison_verdicts_read_their_tables(tmp_path):
              "verdict": "one seed"},
             {"variant": "bat", "attack": "cw20", "seeds": 5, "gap": -0.03, "gap_low": -0.05, "gap_high": -0.01,
              "verdict": "inside the curve"}]
-    write_table(table, study / "bat_comparison.parquet", {"aa_attack": "apgd", "margin": 0.01, "frontier_gaps": gaps,
-                                                          "aa_variants": ["pgd-at", "bat", "bat benign x2"]})
+    info = {"aa_attack": "apgd", "margin": 0.01, "frontier_gaps": gaps, "aa_variants": ["pgd-at", "bat", "bat benign x2"]}
+    write_table(table, study / "bat_comparison.parquet", info)  # a table from before the intervals counted samples
+    assert manifest.render_verdict(tmp_path).splitlines()[1] == (
+        "- s, bat - PGD-AT: APGD-CE+T (test samples fixed): equivalent within ±1 points, -0.2 (-0.8 to +0.6) points, "
+        "5 seeds")
+    write_table(table, study / "bat_comparison.parquet", {**info, "intervals": "seeds and test samples"})
     assert manifest.render_verdict(tmp_path).splitlines() == [
         "- s, (b) harmful 195 - random 195: robust (Holm): resolved: higher, +2.0 (+1.0 to +3.0) points, 5 seeds",
         "- s, bat - PGD-AT: APGD-CE+T: equivalent within ±1 points, -0.2 (-0.8 to +0.6) points, 5 seeds",
