@@ -33,8 +33,9 @@ Written to OUT:
   all there needs its checkpoint no more: OUT without the checkpoints (and the evaluations'
   ``state/``) is what a study commits, and a fresh clone resumes from it model by model;
 - ``bat_comparison.parquet``: accuracy per (variant, group, metric) with 95 % intervals over
-  seeds and test samples and the difference to PGD-AT paired by seed and sample; groups: all, typical and atypical test
-  samples (atypical: in a same-class high-influence pair with an atypical training sample);
+  seeds and test samples and the difference to PGD-AT paired by seed and sample; groups: all,
+  typical and atypical test samples (atypical: in a same-class high-influence pair with an
+  atypical training sample);
 - ``bat_comparison.md``: the table as markdown, each BAT variant's distance to the baselines'
   trade-off curve (under AutoAttack, and under CW-20), and CW-20's agreement with AutoAttack;
 - ``bat_comparison.png``: clean accuracy against AutoAttack accuracy, every variant's point
@@ -237,15 +238,15 @@ def gap_interval(samples: pd.DataFrame, variant: str, seeds, baselines, metric: 
                              "pairs them")
         acc[v, seed] = g[["clean", metric]].to_numpy(float)
     draws = np.random.default_rng(rng).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), n_boot) / len(ids)
-    gaps, drawn = [], []  # per seed: the gap, and the gap in each draw
-    for seed in seeds:
-        for w in (np.full((1, len(ids)), 1 / len(ids)), draws):
-            means = {v: w @ acc[v, seed] for v in (*baselines, variant)}  # (draws, 2)
-            base = np.stack([means[b] for b in baselines], axis=1)
-            (gaps if len(w) == 1 else drawn).append(
-                [means[variant][i, 1] - frontier(base[i, :, 0], base[i, :, 1], means[variant][i, 0])
-                 for i in range(len(w))])
-    gaps, drawn = np.concatenate(gaps), np.asarray(drawn)
+
+    def gap(seed, w):  # the gap at ``seed`` under each row of sample weights ``w``
+        means = {v: w @ acc[v, seed] for v in (*baselines, variant)}  # (rows, 2): clean, robust
+        base = np.stack([means[b] for b in baselines], axis=1)
+        return np.array([means[variant][i, 1] - frontier(base[i, :, 0], base[i, :, 1], means[variant][i, 0])
+                         for i in range(len(w))])
+
+    gaps = np.array([gap(seed, np.full((1, len(ids)), 1 / len(ids)))[0] for seed in seeds])
+    drawn = np.array([gap(seed, draws) for seed in seeds])  # (seeds, draws)
     return (float(gaps.mean()), *seeds_and_samples_interval(gaps, drawn.var(1, ddof=1), drawn.mean(0).var(ddof=1),
                                                             confidence))
 

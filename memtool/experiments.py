@@ -306,8 +306,8 @@ def crossed_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[floa
     correct under A minus under B), ``values`` of shape (seeds, samples): every seed scored on
     the same test samples, a crossed design (:func:`seeds_and_samples_interval`, its variances
     analytic). A hierarchical bootstrap (seeds, then each seed's own draw of samples) takes the
-    shared samples for independent ones and, with 3-5 seeds, under-covers
-    (``test_crossed_interval_covers_seeds_and_shared_test_samples`` simulates both)."""
+    shared samples for independent ones and, with 3-5 seeds, under-covers (``python
+    benchmarks/interval_coverage.py`` simulates both)."""
     d = np.asarray(values, dtype=float)
     if d.ndim != 2 or d.size == 0:
         raise ValueError(f"values must be a non-empty (seeds, samples) array, got shape {d.shape}")
