@@ -158,9 +158,9 @@ def run(run_dir, out, *, seeds: int = 3, eps: float | None = None, pgd_steps: in
         "differences paired by seed and sample.\n\n"
         + markdown(table.drop(columns=["removed", "n_removed"]))
         + "\n## The decisive contrast: harmful minus random removal, typical test samples\n\n"
-        + contrast_markdown(con, "Per seed and test sample, correct without the k most harmful atypical samples minus "
-                                 "correct without k random ones; the paper's claim is > 0 for robust accuracy. Holm-adjusted over the "
-                                 "contrasts: each interval at its Holm step's level.")
+        + contrast_markdown(con, "Per seed and test sample, correct without the k most harmful atypical samples "
+                                 "minus correct without k random ones; the paper's claim is > 0 for robust accuracy. "
+                                 "Holm-adjusted over the contrasts: each interval at its Holm step's level.")
         + "\n## Per model\n\nClean accuracy on the training set (the samples a variant leaves out included) and robust "
           "accuracy on the test set; robust training accuracy, the premise, is measured on finding (a)'s full-set "
           "models, which are this table's wherever their settings agree (finding_a.md).\n\n" + model_accuracy(records))

@@ -25,7 +25,7 @@ import argparse
 import numpy as np
 from scipy import stats
 
-from memtool.experiments import crossed_interval, t_interval
+from memtool.experiments import _errors, crossed_interval, t_interval
 
 
 def hierarchical_bootstrap(d: np.ndarray, n_boot: int, rng) -> tuple[float, float]:
@@ -37,11 +37,9 @@ def hierarchical_bootstrap(d: np.ndarray, n_boot: int, rng) -> tuple[float, floa
 
 
 def satterthwaite(d: np.ndarray) -> tuple[float, float]:
-    s, n = d.shape
-    seeds = d.mean(1).var(ddof=1) / s
-    mean_var = d.mean(0).var(ddof=1) / n
-    total = seeds + max(0.0, mean_var - (d.var(1, ddof=1).mean() / n - mean_var) / (s - 1))
-    half = stats.t.ppf(0.975, total ** 2 / (seeds ** 2 / (s - 1)) if seeds > 0 else np.inf) * np.sqrt(total)
+    """memtool's rule without its floor: the first (standard error, degrees of freedom) of ``_errors``."""
+    (se, df), *_ = _errors(d.mean(1), d.var(1, ddof=1) / d.shape[1], d.mean(0).var(ddof=1) / d.shape[1])
+    half = stats.t.ppf(0.975, df) * se
     return d.mean() - half, d.mean() + half
 
 

@@ -240,8 +240,8 @@ def contrasts(named: dict, confidence: float = 0.95, adjust: bool = False) -> pd
         table["p_holm"] = holm(table["p"].fillna(1.0))
         rank = table["p"].fillna(1.0).rank(method="first").astype(int).to_numpy()
         for i, (name, step) in enumerate(zip(table["contrast"], rank)):
-            table.loc[i, ["diff_low", "diff_high"]] = list(_interval(values[name], 1 - alpha / (m - step + 1),
-                                                                     keys).values())[1:]
+            held = _interval(values[name], 1 - alpha / (m - step + 1), keys)
+            table.loc[i, ["diff_low", "diff_high"]] = held["diff_low"], held["diff_high"]
     return table
 
 
