@@ -347,6 +347,7 @@ def verdict(h: dict, margin: float | None = None, words: tuple[str, str, str] = 
     return words[2]
 
 
+NO_STAND_IN = "no verdict: APGD-CE+T does not stand in for AutoAttack by the declared rule (docs/bat.md)"
 VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
 FINDING_A_VERDICTS = ("AT robust loss - ST clean loss", "AT robust loss - AT clean loss")  # its table's contrasts
 
@@ -362,7 +363,8 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
     largest k (Holm-adjusted); and every BAT variant of the comparison that has the robust
     evaluation (AutoAttack or APGD-CE+T): its paired difference to PGD-AT (with the table's
     declared ``margin``; a table whose intervals count the seeds alone says so) and its gap to the
-    baselines' frontier (its interval over seeds and test samples; one seed: none)."""
+    baselines' frontier (its interval over seeds and test samples; one seed: none); none of them
+    where APGD-CE+T failed the declared check against standard AutoAttack."""
     study, out = Path(study), []
     if (study / "finding_a.parquet").exists():
         for c in read_table(study / "finding_a.parquet").attrs["memtool"].get("contrasts", []):
@@ -380,18 +382,21 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
         info = table.attrs["memtool"]
         aa = info.get("aa_attack", "autoattack")
         name = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}[aa]
+        barred = (info.get("agreement") or {}).get("apgd", {}).get("stands_in") is False  # the declared rule failed
         for v in [v for v in info["aa_variants"] if v.startswith("bat")]:
             r = table[(table["variant"] == v) & (table["group"] == "all test") & (table["metric"] == aa)]
             if len(r) and r["diff"].notna().iloc[0]:
                 r = r.iloc[0]
                 h = _points(r["diff"], r["diff_low"], r["diff_high"], int(r["seeds"]))
                 fixed = "" if info.get("intervals") else " (test samples fixed)"  # a table from before crossed_interval
-                out.append((f"{v} - PGD-AT: {name}{fixed}", h, verdict(h, info.get("margin"))))
+                said = NO_STAND_IN if barred else verdict(h, info.get("margin"))
+                out.append((f"{v} - PGD-AT: {name}{fixed}", h, said))
             for g in info.get("frontier_gaps", []):
                 if g["variant"] == v and g["attack"] == aa:
                     h = _points(g["gap"], *((g["gap_low"], g["gap_high"]) if g["seeds"] > 1 else (None, None)),
                                 g["seeds"])
-                    out.append((f"{v} vs the baselines' curve: {name}", h, verdict(h, words=CURVE)))
+                    out.append((f"{v} vs the baselines' curve: {name}", h, NO_STAND_IN if barred else
+                                verdict(h, words=CURVE)))
     return out
 
 

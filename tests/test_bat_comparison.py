@@ -260,7 +260,7 @@ def test_apgd_on_the_atypical_and_first_typical_samples_checked_against_autoatta
     assert a["models"] == 1 and a["samples_per_model"] == len(want) and a["excess_min"] >= -0.05
     md = (out / "bat_comparison.md").read_text()
     assert "## APGD-CE + APGD-T against standard AutoAttack" in md and "| bat | APGD-CE+T | 2 |" in md
-    assert ("it stands in." in md) == (a["excess_max"] <= bc.STAND_IN)
+    assert ("it stands in." in md) == (a["excess_max"] <= bc.STAND_IN) == a["stands_in"]
     assert "Declared equivalence margin of BAT - PGD-AT under APGD-CE+T: ±1 points" in md
     with pytest.raises(ValueError, match="aa_check runs standard AutoAttack beside apgd"):
         bc.run(clean_digits_run, tmp_path / "x", aa_check=["bat"], **kw)

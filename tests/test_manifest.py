@@ -323,3 +323,7 @@ def test_finding_b_and_comparison_verdicts_read_their_tables(tmp_path):
         "- s, bat vs the baselines' curve: APGD-CE+T: beyond the curve, +3.0 (+1.0 to +5.0) points, 5 seeds",
         "- s, bat benign x2 - PGD-AT: APGD-CE+T: no resolved difference, +0.4 (-0.3 to +1.1) points, 5 seeds",
         "- s, bat benign x2 vs the baselines' curve: APGD-CE+T: one seed: no interval, +2.0 points"]
+    failed = {**info, "intervals": "seeds and test samples", "agreement": {"apgd": {"stands_in": False}}}
+    write_table(table, study / "bat_comparison.parquet", failed)  # APGD-CE+T failed its check: no verdict reads it
+    lines = manifest.render_verdict(tmp_path).splitlines()[1:]
+    assert len(lines) == 4 and all(f": {manifest.NO_STAND_IN}, " in line for line in lines)
