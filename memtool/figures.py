@@ -174,3 +174,52 @@ def mem_distributions(scores: dict, path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+VERDICT_STYLES = {  # kind -> (colour, filled, legend)
+    "resolved": ("#1f4e99", True, "resolved (the interval excludes 0)"),
+    "equivalent": ("#2a7f3f", True, "equivalent within the declared margin"),
+    "unresolved": ("0.45", False, "no resolved difference"),
+    "none": ("0.65", False, "no interval, or no verdict"),
+}
+
+
+def verdict_kind(said: str) -> str:
+    """The :data:`VERDICT_STYLES` kind of a verdict sentence (:func:`memtool.manifest.verdict`)."""
+    if said.startswith("resolved") or said in ("beyond the curve", "inside the curve"):
+        return "resolved"
+    if said.startswith("equivalent"):
+        return "equivalent"
+    return "unresolved" if said.startswith("no resolved") else "none"
+
+
+def verdict_figure(verdicts, path=None):
+    """The README's verdict lines drawn (``verdicts``: (study, label, interval, verdict) rows of
+    :func:`memtool.manifest.all_verdicts`): each contrast's value and 95 % interval in points,
+    top to bottom, coloured by what its interval supports, its verdict beside it; saved to
+    ``path`` where given. Returns the figure."""
+    n = len(verdicts)
+    fig, ax = plt.subplots(figsize=(10, 0.9 + 0.3 * n))
+    y = np.arange(n)[::-1]
+    for yi, (study, label, h, said) in zip(y, verdicts):
+        colour, filled, _ = VERDICT_STYLES[verdict_kind(said)]
+        if h.get("low") is not None:
+            ax.plot([100 * h["low"], 100 * h["high"]], [yi, yi], color=colour, lw=2, solid_capstyle="butt")
+        ax.plot([100 * h["value"]], [yi], "o", color=colour, mfc=colour if filled else "white", ms=5)
+        ax.annotate(said, (1.01, yi), xycoords=("axes fraction", "data"), va="center", fontsize=6.5, color=colour)
+    studies = [v[0] for v in verdicts]
+    for yi in [y[i] + 0.5 for i in range(1, n) if studies[i] != studies[i - 1]]:
+        ax.axhline(yi, color="0.85", lw=0.8)
+    ax.axvline(0, color="0.3", lw=0.8, ls="--")
+    ax.set_yticks(y, [f"{study}: {label}" for study, label, _, _ in verdicts], fontsize=7)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel("points (95 % interval)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title("The decisive contrasts of every study, and what their intervals support", fontsize=9)
+    fig.tight_layout()
+    fig.legend(handles=[plt.Line2D([], [], color=c, marker="o", mfc=c if f else "white", label=t)
+                        for c, f, t in VERDICT_STYLES.values()], fontsize=6.5, frameon=False,
+               loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4)
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig

@@ -286,6 +286,10 @@ def render_index(out: Path) -> str:
              "`memtool figures`): per stage its files, data, date, wall time (during which at least one "
              "invocation worked on it; their summed time beside it where processes ran at once) and headline "
              "numbers, read from the stage's own table.", ""]
+    if all_verdicts(out):
+        lines += [f"[{VERDICT_FIGURE}]({VERDICT_FIGURE}): every study's decisive contrasts with their 95 % intervals, "
+                  "coloured by the verdict the README's verdict lines give them (`memtool.manifest.study_verdicts`).",
+                  ""]
     for path in sorted(Path(out).glob("*/manifest.json")):
         m = read_json(path)
         lines += [f"## {m['name']}", "", m.get("description", ""), "", f"Command: `{m['command']}`", "",
@@ -302,8 +306,17 @@ def render_index(out: Path) -> str:
 
 
 def write_index(out: Path) -> Path:
+    """OUT/README.md (:func:`render_index`), and OUT/verdicts.png, the verdicts drawn, where any
+    study has one."""
     path = Path(out) / "README.md"
     path.write_text(render_index(out))
+    verdicts = all_verdicts(out)
+    if verdicts:
+        import matplotlib.pyplot as plt
+
+        from .figures import verdict_figure
+
+        plt.close(verdict_figure(verdicts, Path(out) / VERDICT_FIGURE))
     return path
 
 
@@ -348,6 +361,7 @@ def verdict(h: dict, margin: float | None = None, words: tuple[str, str, str] = 
 
 
 NO_STAND_IN = "no verdict: APGD-CE+T does not stand in for AutoAttack by the declared rule (docs/bat.md)"
+VERDICT_FIGURE = "verdicts.png"  # OUT/verdicts.png: the verdict lines drawn (write_index)
 VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
 FINDING_A_VERDICTS = ("AT robust loss - ST clean loss", "AT robust loss - AT clean loss")  # its table's contrasts
 
@@ -400,11 +414,15 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
     return out
 
 
+def all_verdicts(out: Path) -> list[tuple[str, str, dict, str]]:
+    """(study, label, interval, verdict): :func:`study_verdicts` of every OUT/*/manifest.json."""
+    return [(read_json(path)["name"], label, h, said) for path in sorted(Path(out).glob("*/manifest.json"))
+            for label, h, said in study_verdicts(path.parent)]
+
+
 def render_verdict(out: Path) -> str:
-    """One line per study and decisive contrast (:func:`study_verdicts`): its verdict and numbers."""
-    return "".join(f"- {read_json(path)['name']}, {label}: {said}, {fmt(h)}\n"
-                   for path in sorted(Path(out).glob("*/manifest.json"))
-                   for label, h, said in study_verdicts(path.parent))
+    """One line per study and decisive contrast (:func:`all_verdicts`): its verdict and numbers."""
+    return "".join(f"- {study}, {label}: {said}, {fmt(h)}\n" for study, label, h, said in all_verdicts(out))
 
 
 def _between(text: str, begin: str, end: str, body: str, readme) -> str:

@@ -6,6 +6,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -327,3 +328,47 @@ def test_finding_b_and_comparison_verdicts_read_their_tables(tmp_path):
     write_table(table, study / "bat_comparison.parquet", failed)  # APGD-CE+T failed its check: no verdict reads it
     lines = manifest.render_verdict(tmp_path).splitlines()[1:]
     assert len(lines) == 4 and all(f": {manifest.NO_STAND_IN}, " in line for line in lines)
+
+
+def test_the_verdict_figure_draws_every_line_in_order_coloured_by_what_its_interval_supports(tmp_path):
+    """figures/verdicts.png: one row per verdict line, top to bottom, its interval where it has one,
+    filled where resolved or equivalent, hollow where not; written beside the index."""
+    import matplotlib.colors as mc
+    import matplotlib.pyplot as plt
+
+    from memtool.figures import VERDICT_STYLES, verdict_figure
+
+    rows = [("s", "a", {"value": 0.02, "low": 0.01, "high": 0.03}, "resolved: higher"),
+            ("s", "b", {"value": 0.0, "low": -0.005, "high": 0.004}, "equivalent within ±1 points"),
+            ("t", "c", {"value": 0.01, "low": -0.02, "high": 0.04}, "no resolved difference"),
+            ("t", "d", {"value": 0.03, "low": None, "high": None}, "one seed: no interval"),
+            ("t", "e", {"value": -0.05, "low": -0.07, "high": -0.03}, manifest.NO_STAND_IN)]
+    fig = verdict_figure(rows)
+    ax = fig.axes[0]
+    ticks = dict(zip(ax.get_yticks(), (t.get_text() for t in ax.get_yticklabels())))
+    assert [ticks[k] for k in sorted(ticks, reverse=True)] == ["s: a", "s: b", "t: c", "t: d", "t: e"]
+    lines = [ln for ln in ax.get_lines() if ln.get_transform() == ax.transData]  # not the 0 and the separators
+    spans = {float(ln.get_ydata()[0]): ln.get_xdata() for ln in lines if len(ln.get_xdata()) == 2}
+    want = {4.0: [1.0, 3.0], 3.0: [-0.5, 0.4], 2.0: [-2.0, 4.0], 0.0: [-7.0, -3.0]}  # none for "d"
+    assert spans.keys() == want.keys() and all(np.allclose(spans[y], want[y]) for y in want)
+    dots = {float(ln.get_ydata()[0]): ln for ln in lines if len(ln.get_xdata()) == 1}
+    for y, kind in ((4.0, "resolved"), (3.0, "equivalent"), (2.0, "unresolved"), (1.0, "none"), (0.0, "none")):
+        colour, filled, _ = VERDICT_STYLES[kind]
+        assert mc.same_color(dots[y].get_color(), colour)
+        assert mc.same_color(dots[y].get_markerfacecolor(), colour if filled else "white")
+    assert [t.get_text() for t in ax.texts] == [r[3] for r in rows]
+    plt.close(fig)
+
+    from memtool.rundir import write_json, write_table
+
+    study = tmp_path / "s"
+    study.mkdir()
+    write_json(study / "manifest.json", {"name": "s", "command": "memtool figures ...", "stages": {}})
+    manifest.write_index(tmp_path)
+    assert not (tmp_path / manifest.VERDICT_FIGURE).exists()  # no verdict, no figure
+    con = [{"contrast": c, "seeds": 5, "diff": 0.1, "diff_low": 0.05, "diff_high": 0.15} for c in
+           manifest.FINDING_A_VERDICTS]
+    write_table(pd.DataFrame({"x": [0]}), study / "finding_a.parquet", {"contrasts": con})
+    manifest.write_index(tmp_path)
+    assert (tmp_path / manifest.VERDICT_FIGURE).stat().st_size > 0
+    assert f"[{manifest.VERDICT_FIGURE}]" in (tmp_path / "README.md").read_text()
