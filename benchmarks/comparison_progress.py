@@ -4,11 +4,14 @@ table of what is there (one row per model; no intervals: the stage's own table r
 
     python benchmarks/comparison_progress.py runs/mnist/bat_comparison benchmarks/records/mnist-cnn-bat-comparison-progress
     python benchmarks/comparison_progress.py --table benchmarks/records/mnist-cnn-bat-comparison-progress
+    python benchmarks/comparison_progress.py --table references/mnist-regime/bat_comparison   # a stage's own records
 
 RECORD/VARIANT-sS.jsonl is the model's log; RECORD/VARIANT-sS.SUB.json the robustbench.json of
 its evaluation SUB (eval: clean, PGD-20, CW-20 at the kept epoch; eval-last: the same at the
-last epoch; autoattack: standard AutoAttack), RECORD/VARIANT-sS.SUB.summary.json its summary
-(per-attack time_s and cpu_s). Checkpoints are not copied. A RECORD/README.md with the lines
+last epoch; apgd: APGD-CE + APGD-T, autoattack: standard AutoAttack, on the stage's robust
+evaluation samples), RECORD/VARIANT-sS.SUB.summary.json its summary (per-attack time_s and
+cpu_s). Checkpoints are not copied. ``--table`` also reads a stage's folder as it is
+(STAGE/models/VARIANT-sS/SUB/robustbench.json). A RECORD/README.md with the lines
 <!-- table:begin --> and <!-- table:end --> gets the table between them (the prose around it is
 written by hand).
 """
@@ -21,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-SUBS = ("eval", "eval-last", "autoattack")
+SUBS = ("eval", "eval-last", "apgd", "autoattack")
 MARKERS = ("<!-- table:begin -->", "<!-- table:end -->")
 
 
@@ -45,25 +48,37 @@ def _accuracies(rec: dict) -> list:
     return [rec["clean_acc"], rec["other_attacks"]["pgd20"], rec["other_attacks"]["cw20"]]
 
 
+def models(path: Path) -> dict[str, tuple[Path, dict]]:
+    """VARIANT-sS -> (its log, {SUB: its robustbench.json}) of every model with a log: from a
+    RECORD (flat files) or a stage's folder (STAGE/models/VARIANT-sS/)."""
+    if (path / "models").is_dir():
+        return {m.name: (m / "log.jsonl", {s: json.loads((m / s / "robustbench.json").read_text()) for s in SUBS
+                                           if (m / s / "robustbench.json").exists()})
+                for m in sorted((path / "models").iterdir()) if (m / "log.jsonl").exists()}
+    return {log.stem: (log, {s: json.loads(p.read_text()) for s in SUBS if (p := path / f"{log.stem}.{s}.json").exists()})
+            for log in sorted(path.glob("*.jsonl"))}
+
+
 def table(record: Path) -> str:
     lines = ["| model | epochs trained | validation: best epoch, clean / PGD-20 | kept epoch | clean | PGD-20 | CW-20 | "
-             "last epoch: clean / PGD-20 / CW-20 | AutoAttack: clean / AA (first 1,000) |",
+             "last epoch: clean / PGD-20 / CW-20 | robust evaluation (samples): clean / APGD-CE+T / AutoAttack |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for log in sorted(record.glob("*.jsonl")):
-        name = log.stem
+    for name, (log, rec) in models(record).items():
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         epochs = max(r["epoch"] for r in rows)
         checked = [r for r in rows if r.get("val_robust_acc") is not None]
         best = max(checked, key=lambda r: (r["val_robust_acc"], -r["epoch"])) if checked else None  # first best, as train
         val = f"{best['epoch']}: {_pct(best['val_clean_acc'])} / {_pct(best['val_robust_acc'])}" if best else "-"
-        rec = {s: json.loads(p.read_text()) for s in SUBS if (p := record / f"{name}.{s}.json").exists()}
-        ev, last, aa = rec.get("eval"), rec.get("eval-last"), rec.get("autoattack")
+        ev, last = rec.get("eval"), rec.get("eval-last")
+        robust = rec.get("autoattack") or rec.get("apgd")
         rule = ev["checkpoint_rule"] if ev else ""
         kept = rule.split("(epoch ")[1].split(" of")[0] if "(epoch " in rule else ("last" if ev else "-")
         cells = [name, str(epochs), val, kept]
         cells += [_pct(v) for v in _accuracies(ev)] if ev else ["-"] * 3
         cells.append(" / ".join(_pct(v) for v in _accuracies(last)) if last else "-")
-        cells.append(f"{_pct(aa['clean_acc'])} / {_pct(aa['autoattack_acc'])}" if aa else "-")
+        cells.append(f"({robust['n_test_samples']}): {_pct(robust['clean_acc'])} / "
+                     f"{_pct(rec['apgd']['other_attacks']['apgd']) if 'apgd' in rec else '-'} / "
+                     f"{_pct(robust['autoattack_acc'])}" if robust else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -78,7 +93,8 @@ def into_readme(record: Path, text: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", type=Path, help="RUN RECORD (copy, then print), or with --table: RECORD")
+    p.add_argument("paths", nargs="+", type=Path, help="RUN RECORD (copy, then print), or with --table: RECORD "
+                                                        "or a stage's folder")
     p.add_argument("--table", action="store_true", help="only print the table of RECORD")
     a = p.parse_args(argv)
     if not a.table:

@@ -1,5 +1,8 @@
 """The BAT comparison end to end at tiny size, and its trade-off frontier by hand."""
 
+import runpy
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -262,6 +265,16 @@ def test_apgd_on_the_atypical_and_first_typical_samples_checked_against_autoatta
     assert "## APGD-CE + APGD-T against standard AutoAttack" in md and "| bat | APGD-CE+T | 2 |" in md
     assert ("it stands in." in md) == (a["excess_max"] <= bc.STAND_IN) == a["stands_in"]
     assert "Declared equivalence margin of BAT - PGD-AT under APGD-CE+T: ±1 points" in md
+    # the progress table of an unfinished comparison reads the stage's folder as it is
+    progress = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "comparison_progress.py"))["table"]
+    rows = {line.split(" | ")[0].strip("| "): line for line in progress(out).splitlines()[2:]}
+    assert set(rows) == {"pgd-at-s0", "pgd-at-s1", "bat-s0", "bat-s1"}
+    for j in rows:
+        got = {sub: read_table(out / "models" / j / sub / "per_sample.parquet") for sub in ("apgd", "autoattack")
+               if (out / "models" / j / sub).exists()}
+        aa = f"{100 * got['autoattack']['autoattack'].mean():.1f}" if "autoattack" in got else "-"
+        assert rows[j].endswith(f"| ({len(want)}): {100 * got['apgd']['clean'].mean():.1f} / "
+                                f"{100 * got['apgd']['apgd'].mean():.1f} / {aa} |"), rows[j]
     with pytest.raises(ValueError, match="aa_check runs standard AutoAttack beside apgd"):
         bc.run(clean_digits_run, tmp_path / "x", aa_check=["bat"], **kw)
     with pytest.raises(ValueError, match=r"aa_samples must be in 1\.\.\d+ \(the typical test samples\)"):
