@@ -21,9 +21,11 @@ def shared(jobs, step: str, fn, claims: Path, desc: str, name=str, progress: boo
     """``fn(job)`` for every job (``fn`` resumes: on a finished job it returns at once), as one
     of any number of processes running the same command: a job another live process is on (its
     claim CLAIMS/NAME.STEP.claim, NAME = ``name(job)``) is skipped, then waited for, and taken
-    over if that process dies; so when this returns, every job is done."""
-    bar = progress_bar(total=len(jobs), desc=desc, unit=unit, disable=not progress)
-    said = None
+    over if that process dies; so when this returns, every job is done. The bar's rate (and so
+    its time left) counts the jobs done since it started: those recorded before it, which return
+    at once before any job works, are in its count but not in its rate."""
+    bar = progress_bar(total=len(jobs), desc=desc, unit=unit, disable=not progress, smoothing=0)  # rate: n - initial
+    said, worked = None, False
     while jobs:
         busy = []
         for job in jobs:
@@ -31,8 +33,12 @@ def shared(jobs, step: str, fn, claims: Path, desc: str, name=str, progress: boo
                 if mine:
                     t0 = time.monotonic()
                     fn(job)
+                    slow = time.monotonic() - t0 > SLOW_S
+                    if not (slow or worked):  # recorded before this invocation
+                        bar.initial += 1
+                    worked |= slow
                     bar.update()
-                    if time.monotonic() - t0 > SLOW_S:  # real work: shown now, with the finished jobs skipped before it
+                    if slow:  # real work: shown now, with the finished jobs skipped before it
                         bar.refresh()
                 else:
                     busy.append(job)

@@ -1,6 +1,7 @@
 """Progress bars: a live bar on a terminal, a few plain lines in a log file or a pipe."""
 
 import io
+import re
 
 from memtool import progress
 from memtool.progress import progress_bar
@@ -58,7 +59,8 @@ def test_memtool_train_into_a_log_file_writes_lines_not_redraws(tmp_path):
 
 def test_shared_work_shows_each_real_job_at_once_in_a_log(tmp_path, monkeypatch, capsys):
     """Jobs finished earlier return at once and their count waits; a job that works is shown as
-    soon as it ends (not a minute later, after the next one), with the skipped ones counted."""
+    soon as it ends (not a minute later, after the next one), with the skipped ones counted, but
+    its rate (the time left) is that of the jobs this run did: one of 0.1 s, not four."""
     import time
 
     from memtool import sharing
@@ -66,5 +68,9 @@ def test_shared_work_shows_each_real_job_at_once_in_a_log(tmp_path, monkeypatch,
     monkeypatch.setattr(sharing, "SLOW_S", 0.05)
     sharing.shared(["a", "b", "c", "slow", "d"], "train", lambda j: time.sleep(0.1) if j == "slow" else None,
                    tmp_path / "claims", "models")
-    states = [line.split("|")[-1].split()[0] for line in capsys.readouterr().err.splitlines()]
+    lines = capsys.readouterr().err.splitlines()
+    states = [line.split("|")[-1].split()[0] for line in lines]
     assert states == ["0/5", "4/5", "5/5"]
+    value, unit = re.search(r"([\d.]+)(model/s|s/model)\]", lines[1]).groups()
+    per_s = float(value) if unit == "model/s" else 1 / float(value)
+    assert per_s <= 15, lines[1]  # one job in >= 0.1 s (at most 10/s), not four (about 40/s)
