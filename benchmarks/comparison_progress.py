@@ -48,22 +48,33 @@ def _accuracies(rec: dict) -> list:
     return [rec["clean_acc"], rec["other_attacks"]["pgd20"], rec["other_attacks"]["cw20"]]
 
 
-def models(path: Path) -> dict[str, tuple[Path, dict]]:
-    """VARIANT-sS -> (its log, {SUB: its robustbench.json}) of every model with a log: from a
-    RECORD (flat files) or a stage's folder (STAGE/models/VARIANT-sS/)."""
+def models(path: Path) -> dict[str, tuple[Path, dict, dict]]:
+    """VARIANT-sS -> (its log, {SUB: its robustbench.json}, {SUB: its summary.json}) of every
+    model with a log: from a RECORD (flat files) or a stage's folder (STAGE/models/VARIANT-sS/)."""
+    def read(files: dict) -> dict:
+        return {s: json.loads(f.read_text()) for s, f in files.items() if f.exists()}
+
     if (path / "models").is_dir():
-        return {m.name: (m / "log.jsonl", {s: json.loads((m / s / "robustbench.json").read_text()) for s in SUBS
-                                           if (m / s / "robustbench.json").exists()})
+        return {m.name: (m / "log.jsonl", read({s: m / s / "robustbench.json" for s in SUBS}),
+                         read({s: m / s / "summary.json" for s in SUBS}))
                 for m in sorted((path / "models").iterdir()) if (m / "log.jsonl").exists()}
-    return {log.stem: (log, {s: json.loads(p.read_text()) for s in SUBS if (p := path / f"{log.stem}.{s}.json").exists()})
+    return {log.stem: (log, read({s: path / f"{log.stem}.{s}.json" for s in SUBS}),
+                       read({s: path / f"{log.stem}.{s}.summary.json" for s in SUBS}))
             for log in sorted(path.glob("*.jsonl"))}
+
+
+def _cpu(summary: dict | None) -> str:
+    """The CPU seconds of an evaluation's attacks (its summary.json), or "-"."""
+    cpu = [a.get("cpu_s") for a in (summary or {}).get("attacks", {}).values()]
+    return "-" if not cpu or None in cpu else f"{sum(cpu):.0f}"
 
 
 def table(record: Path) -> str:
     lines = ["| model | epochs trained | validation: best epoch, clean / PGD-20 | kept epoch | clean | PGD-20 | CW-20 | "
-             "last epoch: clean / PGD-20 / CW-20 | robust evaluation (samples): clean / APGD-CE+T / AutoAttack |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, (log, rec) in models(record).items():
+             "last epoch: clean / PGD-20 / CW-20 | robust evaluation (samples): clean / APGD-CE+T / AutoAttack | "
+             "CPU s: training / PGD-20, CW-20 / APGD-CE+T / AutoAttack |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, (log, rec, summary) in models(record).items():
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         epochs = max(r["epoch"] for r in rows)
         checked = [r for r in rows if r.get("val_robust_acc") is not None]
@@ -79,6 +90,9 @@ def table(record: Path) -> str:
         cells.append(f"({robust['n_test_samples']}): {_pct(robust['clean_acc'])} / "
                      f"{_pct(rec['apgd']['other_attacks']['apgd']) if 'apgd' in rec else '-'} / "
                      f"{_pct(robust['autoattack_acc'])}" if robust else "-")
+        train = [r.get("cpu_s") for r in rows]
+        cells.append(" / ".join(["-" if None in train else f"{sum(train):.0f}"] +
+                                [_cpu(summary.get(s)) for s in ("eval", "apgd", "autoattack")]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

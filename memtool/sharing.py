@@ -34,7 +34,7 @@ def shared(jobs, step: str, fn, claims: Path, desc: str, name=str, progress: boo
                     t0 = time.monotonic()
                     fn(job)
                     slow = time.monotonic() - t0 > SLOW_S
-                    if not (slow or worked):  # recorded before this invocation
+                    if not (slow or worked or bar.disable):  # recorded before this invocation
                         bar.initial += 1
                     worked |= slow
                     bar.update()
