@@ -196,13 +196,17 @@ def verdict_kind(said: str) -> str:
 def verdict_figure(verdicts, path=None):
     """The README's verdict lines drawn (``verdicts``: (study, label, interval, verdict) rows of
     :func:`memtool.manifest.all_verdicts`): each contrast's value and 95 % interval in points,
-    top to bottom, coloured by what its interval supports, its verdict beside it; saved to
-    ``path`` where given. Returns the figure."""
+    top to bottom, coloured by what its interval supports, its verdict beside it, and its
+    declared equivalence margin shaded where it has one; saved to ``path`` where given. Returns
+    the figure."""
     n = len(verdicts)
     fig, ax = plt.subplots(figsize=(10, 0.9 + 0.3 * n))
     y = np.arange(n)[::-1]
     for yi, (study, label, h, said) in zip(y, verdicts):
         colour, filled, _ = VERDICT_STYLES[verdict_kind(said)]
+        if h.get("margin"):  # the declared equivalence margin, on its row
+            ax.fill_between([-100 * h["margin"], 100 * h["margin"]], yi - 0.35, yi + 0.35,
+                            color=VERDICT_STYLES["equivalent"][0], alpha=0.15, lw=0)
         if h.get("low") is not None:
             ax.plot([100 * h["low"], 100 * h["high"]], [yi, yi], color=colour, lw=2, solid_capstyle="butt")
         ax.plot([100 * h["value"]], [yi], "o", color=colour, mfc=colour if filled else "white", ms=5)

@@ -401,7 +401,7 @@ def study_verdicts(study: Path) -> list[tuple[str, dict, str]]:
             r = table[(table["variant"] == v) & (table["group"] == "all test") & (table["metric"] == aa)]
             if len(r) and r["diff"].notna().iloc[0]:
                 r = r.iloc[0]
-                h = _points(r["diff"], r["diff_low"], r["diff_high"], int(r["seeds"]))
+                h = {**_points(r["diff"], r["diff_low"], r["diff_high"], int(r["seeds"])), "margin": info.get("margin")}
                 fixed = "" if info.get("intervals") else " (test samples fixed)"  # a table from before crossed_interval
                 said = NO_STAND_IN if barred else verdict(h, info.get("margin"))
                 out.append((f"{v} - PGD-AT: {name}{fixed}", h, said))

@@ -339,7 +339,7 @@ def test_the_verdict_figure_draws_every_line_in_order_coloured_by_what_its_inter
     from memtool.figures import VERDICT_STYLES, verdict_figure
 
     rows = [("s", "a", {"value": 0.02, "low": 0.01, "high": 0.03}, "resolved: higher"),
-            ("s", "b", {"value": 0.0, "low": -0.005, "high": 0.004}, "equivalent within ±1 points"),
+            ("s", "b", {"value": 0.0, "low": -0.005, "high": 0.004, "margin": 0.01}, "equivalent within ±1 points"),
             ("t", "c", {"value": 0.01, "low": -0.02, "high": 0.04}, "no resolved difference"),
             ("t", "d", {"value": 0.03, "low": None, "high": None}, "one seed: no interval"),
             ("t", "e", {"value": -0.05, "low": -0.07, "high": -0.03}, manifest.NO_STAND_IN)]
@@ -357,6 +357,9 @@ def test_the_verdict_figure_draws_every_line_in_order_coloured_by_what_its_inter
         assert mc.same_color(dots[y].get_color(), colour)
         assert mc.same_color(dots[y].get_markerfacecolor(), colour if filled else "white")
     assert [t.get_text() for t in ax.texts] == [r[3] for r in rows]
+    (band,) = ax.collections  # the declared margin, on its row only
+    (x0, y0), (x1, y1) = band.get_paths()[0].get_extents().get_points()
+    assert np.allclose([x0, x1], [-1, 1]) and y0 < 3 < y1 and y1 - y0 < 1
     plt.close(fig)
 
     from memtool.rundir import write_json, write_table
