@@ -186,11 +186,13 @@ VERDICT_STYLES = {  # kind -> (colour, filled, legend)
 
 def verdict_kind(said: str) -> str:
     """The :data:`VERDICT_STYLES` kind of a verdict sentence (:func:`memtool.manifest.verdict`)."""
-    if said.startswith("resolved") or said in ("beyond the curve", "inside the curve"):
+    from .manifest import CURVE, DIFFERENCE
+
+    if said in (*DIFFERENCE[:2], *CURVE[:2]):
         return "resolved"
     if said.startswith("equivalent"):
         return "equivalent"
-    return "unresolved" if said.startswith("no resolved") else "none"
+    return "unresolved" if said in (DIFFERENCE[2], CURVE[2]) else "none"
 
 
 def verdict_figure(verdicts, path=None):
