@@ -264,7 +264,8 @@ def agreement(strong: pd.DataFrame, weak: pd.DataFrame, attack: str = "autoattac
     per_model = both.groupby(["variant", "seed"])[[attack, cheaper]].mean()
     excess = per_model[cheaper] - per_model[attack]
     robust = per_model[per_model[attack] > 0]
-    rho = float(spearmanr(robust[cheaper], robust[attack])[0]) if len(robust) > 2 else float("nan")
+    varied = len(robust) > 2 and robust[cheaper].nunique() > 1 and robust[attack].nunique() > 1
+    rho = float(spearmanr(robust[cheaper], robust[attack])[0]) if varied else float("nan")  # constant: undefined
     return {"attack": attack, "cheaper": cheaper, "models": len(per_model),
             "samples_per_model": int(len(both) / len(per_model)),
             "per_sample_agreement": float((both[attack] == both[cheaper]).mean()),
@@ -636,7 +637,7 @@ def _points(samples: pd.DataFrame, metric: str) -> dict:
         pair = []
         for col in ("clean", metric):
             wide = g.pivot(index="seed", columns="sample_id", values=col).to_numpy(float)
-            m, lo, hi = crossed_interval(wide) if len(wide) > 1 else (wide.mean(), np.nan, np.nan)
+            m, lo, hi = crossed_interval(wide, bounds=(0, 1)) if len(wide) > 1 else (wide.mean(), np.nan, np.nan)
             pair.append(100 * np.array([m, lo, hi]))
         pts[v] = tuple(pair)
     return pts

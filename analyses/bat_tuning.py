@@ -51,6 +51,7 @@ def choose(table: pd.DataFrame) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Tuning(StudySettings):
+    seeds: int = setting(1, "models per candidate: 1 (tuning trains each once, at the comparison's first seed)")
     val_samples: int = setting(1000, "held-out training samples from beyond --limit that the candidates are judged on")
     judges: str | None = setting(None, "harmfulness table of the 'bat judged' family (finding (b)'s "
                                        "harmfulness.parquet)")
@@ -58,17 +59,24 @@ class Tuning(StudySettings):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.seeds != 1:
+            raise ValueError(f"seeds must be 1 for tuning (each candidate trains once, at the comparison's first "
+                             f"seed), got {self.seeds}")
         check_int("val_samples", self.val_samples, 1)
 
 
 def run(run_dir, out, *, seeds: int = 1, eps: float | None = None, pgd_steps: int = 10, val_samples: int = 1000,
         judges=None, families=None, thresholds: Thresholds = Thresholds(), recipe: Recipe | None = None,
         device: str = "cpu", data_root=None, progress: bool = True) -> pd.DataFrame:
-    """Train and judge every candidate of ``families`` (default: all) into ``out``; ``seeds``
-    is ignored beyond the first (tuning uses the comparison's first seed)."""
+    """Train and judge every candidate of ``families`` (default: all) into ``out``, once each at
+    the comparison's first seed (``seeds``: 1)."""
+    Tuning(seeds=seeds, eps=eps, pgd_steps=pgd_steps, val_samples=val_samples)  # validated
     run_dir, out = Path(run_dir), Path(out)
     st = load_study(run_dir, eps, thresholds, device, data_root)
     cfg, eps = st.config, st.eps
+    if cfg.limit is None:
+        raise ValueError(f"{run_dir} estimated on every training sample, and tuning judges on held-out training "
+                         "samples beyond the run's --limit: use a run of the first N samples (--limit N)")
     unknown = set(families or ()) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown BAT families {sorted(unknown)}; choose from {list(FAMILIES)}")

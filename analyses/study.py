@@ -5,6 +5,8 @@ typical / atypical split of docs/science.md section 2, and the command line they
 from __future__ import annotations
 
 import argparse
+import inspect
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import numpy as np
 from memtool.analysis import atypical_test, atypical_train
 from memtool.config import Runtime, add_flags, check_int, check_number, flag_values, setting
 from memtool.datasets import Dataset, standard_eps
-from memtool.estimator import EstimateConfig, Thresholds, load_influence, load_scores, open_run
+from memtool.estimator import EstimateConfig, Thresholds, load_influence, load_scores, open_run, read_run_json
 from memtool.experiments import Data
+from memtool.recipe import Recipe, flat_recipe
 
 
 @dataclass
@@ -60,15 +63,41 @@ class StudySettings:
 
 def main(doc: str, run, settings_cls, argv=None, what: str = "a `memtool estimate` run directory"):
     """The command line of an analysis module: RUN, ``--out`` and one flag per field of
-    ``settings_cls``, :class:`Thresholds` and :class:`Runtime`; calls ``run(RUN, OUT,
-    thresholds=..., **settings, **runtime)`` and returns its table."""
+    ``settings_cls``, :class:`Thresholds` and :class:`Runtime` (and of :class:`Recipe` where
+    ``run`` retrains models: the flags given override the run's recipe); calls ``run(RUN, OUT,
+    thresholds=..., **settings, **runtime)`` and returns its table. A bad input is one error line."""
     p = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     p.add_argument("run", help=what)
     p.add_argument("--out", required=True, help="output directory (resumable)")
     seen: set = set()
     for cls in (settings_cls, Thresholds, Runtime):
         add_flags(p, cls, seen=seen)
+    retrains = "recipe" in inspect.signature(run).parameters
+    if retrains:
+        add_flags(p.add_argument_group("recipe of the retrained models (the flags given override the run's)"), Recipe,
+                  seen=seen)
     a = p.parse_args(argv)
-    settings = asdict(settings_cls(**flag_values(a, settings_cls)))  # validated
-    thresholds = Thresholds(**flag_values(a, Thresholds))
-    return run(a.run, a.out, thresholds=thresholds, **settings, **flag_values(a, Runtime))
+    try:
+        settings = asdict(settings_cls(**flag_values(a, settings_cls)))  # validated
+        if retrains:
+            settings["recipe"] = retraining_recipe(a.run, flag_values(a, Recipe))
+        thresholds = Thresholds(**flag_values(a, Thresholds))
+        return run(a.run, a.out, thresholds=thresholds, **settings, **flag_values(a, Runtime))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+
+
+def retraining_recipe(run, given: dict) -> Recipe | None:
+    """The run's recipe with the ``given`` settings over it (None for a run without one: the
+    analysis says why). A constant schedule (the estimate's default, for standard training)
+    is noted: the analyses train adversarially with it too."""
+    config = read_run_json(run)["config"]
+    if "recipe" not in config:
+        return None
+    recipe = EstimateConfig.from_dict(config).recipe
+    if given:
+        recipe = Recipe.from_flat(**{**flat_recipe(recipe), **given})
+    if recipe.schedule == "constant" and "schedule" not in given:
+        print(f"note: the retrained models use {run}'s recipe, lr {recipe.lr:g} at a constant schedule; adversarial "
+              "training is more reliable with --schedule onecycle (docs/adversarial.md)", file=sys.stderr)
+    return recipe

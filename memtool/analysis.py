@@ -8,7 +8,8 @@
 - Atypical test sample: in a high-influence pair with an atypical training sample of its
   class (infl >= ``infl_threshold``, 0.15). The influence table keeps only pairs above the
   thresholds the run's tables were computed with, so stricter thresholds filter it and looser
-  ones are refused (recompute the tables with ``memtool scores RUN --mem-threshold ...``).
+  ones are refused (recompute the tables with ``memtool scores RUN --mem-threshold ...``); the
+  ``ash`` pairs' call is a posterior at the table's infl threshold, so another one is refused.
 """
 
 from __future__ import annotations

@@ -23,7 +23,11 @@ def read_scores(scores) -> "pd.DataFrame":  # noqa: F821
         path = path / "scores.parquet"
     if not path.exists():
         raise FileNotFoundError(f"no score table at {path} (give a run directory or a scores .parquet file)")
-    return read_table(path)
+    table = read_table(path)
+    if not {"sample_id", "split", "label"} <= set(table.columns):
+        raise ValueError(f"{path} is not a score table (one row per sample: sample_id, split, label, mem, ...; it has "
+                         f"{', '.join(map(str, table.columns[:6]))}): give the run directory or its scores.parquet")
+    return table
 
 
 def require_mem(table, source) -> None:

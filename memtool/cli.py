@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 from .config import Runtime, add_flags, flag_values, load_config_file
@@ -23,6 +25,7 @@ from .estimator.scores import MEM_THRESHOLD
 from .estimator.tables import Thresholds
 from .evaluation import Evaluation
 from .methods import METHODS
+from .models import SPEC
 from .recipe import Recipe
 from .training import TrainConfig
 
@@ -88,6 +91,9 @@ def print_summary(s: dict, run: str | Path, file=None) -> None:
 def _settings(a: argparse.Namespace, *classes) -> dict:
     """Flags given on the command line, over the settings of ``--config FILE`` if any."""
     kw = load_config_file(a.config) if getattr(a, "config", None) else {}
+    flags = {f.metadata["flag"].lstrip("-").replace("-", "_"): f.name for cls in (*classes, *METHODS.values())
+             for f in fields(cls) if f.metadata.get("flag")}  # a key named as its flag: `lambda` is lam
+    kw = {flags.get(k, k): v for k, v in kw.items()}
     for cls in classes:
         kw.update(flag_values(a, cls))
     if "method" in vars(a):
@@ -291,7 +297,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"\nmemtool train: interrupted; finished epochs are in {Path(out) / 'checkpoint.pt'}, "
               "run the same command again to continue", file=sys.stderr)
         return 130
-    print(f"load it with memtool.load_model({str(out)!r}); log in {Path(out) / 'log.jsonl'}")
+    mine = kw.get("model") if isinstance(kw.get("model"), str) and SPEC.fullmatch(kw["model"]) else None
+    print(f"load it with memtool.load_model({str(out)!r}{f', model={mine!r}' if mine else ''}); "
+          f"log in {Path(out) / 'log.jsonl'}")
     return 0
 
 
@@ -306,7 +314,8 @@ def print_evaluation(s: dict, out: str | Path, file=None) -> None:
                      f"{r['time_s']:.0f} s")
     w = s["worst_case"]
     lines += [f"  {'worst case':<12} {w['n_correct']:>6}/{w['n']:<6} = {100 * w['accuracy']:6.2f} %",
-              f"wrote {Path(out) / 'per_sample.parquet'}", f"wrote {Path(out) / 'summary.json'}"]
+              *(f"wrote {Path(out) / name}" for name in ("per_sample.parquet", "summary.json", "robustbench.json")
+                if (Path(out) / name).exists())]
     print("\n".join(lines), file=file or sys.stdout)
 
 
@@ -314,8 +323,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     try:
-        summary = evaluate(a.checkpoint, a.out, model=a.model, progress=not a.quiet, **flag_values(a, Evaluation),
-                           **flag_values(a, Runtime))
+        summary = evaluate(a.checkpoint, a.out, model=a.model, model_kwargs=a.model_kwargs, progress=not a.quiet,
+                           **flag_values(a, Evaluation), **flag_values(a, Runtime))
     except KeyboardInterrupt:
         print(f"\nmemtool evaluate: interrupted; finished batches are saved in {Path(a.out) / 'state'}, "
               "run the same command again to continue", file=sys.stderr)
@@ -359,8 +368,10 @@ def _common(p: argparse.ArgumentParser, out_help: str, config: bool = True) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memtool", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="memtool", description="Estimate which training samples a network "
+                                     "memorizes, and train and evaluate robust models with those scores.")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.commands = sub.choices  # name -> its parser (main: a misspelled flag gets the subcommand's usage)
 
     p = sub.add_parser("estimate", help="train models on random subsets and score every sample")
     _common(p, "run directory (created, or resumed)")
@@ -382,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: RUN/validate; resumable)")
     p.add_argument("--seeds", type=int, default=3, help="models per variant (default: 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--dataset", default=None, help="MODULE:FUNCTION: the data of a run made from your own function "
-                                                   "(a run directory never imports it)")
+    p.add_argument("--dataset", default=None, help="the data of a run made from your own (npz:PATH, imagefolder:DIR "
+                                                   "or MODULE:FUNCTION; checked by fingerprint)")
     _recipe_flags(p)  # given: they override the run's recipe (e.g. --model cnn: a CNN on an MLP's scores)
     add_flags(p.add_argument_group("execution"), Runtime)
     p.set_defaults(func=cmd_validate)
@@ -414,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "for a model memtool did not train: --model and --weights FILE.pt)")
     p.add_argument("--model", default=None, help="MODULE:FUNCTION, build(in_shape, num_classes) -> nn.Module: the "
                                                  "network of --weights FILE.pt, or of a checkpoint trained with it")
+    p.add_argument("--model-kwargs", default=None, help="with --weights FILE.pt: JSON object of keyword arguments "
+                                                        "for the --model factory")
     p.add_argument("--out", required=True, help="output directory (created, or resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_flags(p, Evaluation)
@@ -423,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="plot a run, regenerate every figure of a study (--config), or re-render "
                                        "the figures index and README results from the manifests (--index)")
     p.add_argument("run", nargs="?", help="a run directory: its mem histogram, galleries, high-influence pairs")
-    p.add_argument("--dataset", default=None, help="with RUN: MODULE:FUNCTION, the data of a run made from your own "
-                                                   "function (a run directory never imports it)")
+    p.add_argument("--dataset", default=None, help="with RUN: the data of a run made from your own (npz:PATH, "
+                                                   "imagefolder:DIR or MODULE:FUNCTION; checked by fingerprint)")
     p.add_argument("--config", help="a study config (configs/reference-*.yaml): runs every stage, resumable")
     p.add_argument("--out", help="folder for the figures (with --config: OUT/NAME/ and OUT/README.md)")
     p.add_argument("--index", metavar="OUT", help="re-render OUT/README.md from OUT/*/manifest.json, the headline "
@@ -475,7 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets import MissingDatasetError
     from .rundir import RunMismatchError, storage_error
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's usage, and the flag meant (argparse alone prints the top level's)
+        command = parser.commands[args.cmd]
+        close = [m for x in extra if x.startswith("--")
+                 for m in difflib.get_close_matches(x.split("=")[0], list(command._option_string_actions), 1)]
+        command.error(f"unrecognized arguments: {' '.join(extra)}"
+                      + (f" (did you mean {', '.join(close)}?)" if close else ""))
     if "" not in sys.path and os.getcwd() not in sys.path:  # --model mymodule:build finds ./mymodule.py
         sys.path.insert(0, os.getcwd())
     try:

@@ -187,6 +187,21 @@ class Runtime:
     def __post_init__(self):
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
             fail("device", self.device, "cpu, cuda or cuda:N")
+        check_device(self.device)
+
+
+def check_device(device):
+    """``device`` as a torch.device, refused (before anything is written) where this machine has none."""
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu, or "
+                         "cuda:N with N below that count")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device}: MPS is not available here; use --device cpu")
+    return d
 
 
 def device_name(device) -> str:

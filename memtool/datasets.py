@@ -331,7 +331,8 @@ def _load_npz(path: Path):
             x = x[:, None]
         if x.ndim == 4 and x.dtype != np.uint8:  # images; other shapes are features, checked by ArrayData
             if not np.issubdtype(x.dtype, np.floating):
-                raise DatasetFileError(f"{where} must be uint8 (0..255) or floats in [0, 1], got dtype {x.dtype}")
+                raise DatasetFileError(f"{where} must be uint8 (0..255) or floats in [0, 1], got dtype {x.dtype}"
+                                       + (": pixels 0..255 as x.astype(np.uint8)" if x.dtype.kind in "iu" else ""))
             bad = ~np.isfinite(x)
             if bad.any():
                 first = int(np.argmax(bad.reshape(len(x), -1).any(1)))
@@ -370,7 +371,8 @@ def _info(name: str) -> DatasetInfo:
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)}, npz:PATH (x_train, y_train, "
                          "x_test, y_test), imagefolder:DIR or MODULE:FUNCTION; data given as arrays in Python are "
-                         "known only to the process they were given to: pass them again (dataset=...)")
+                         "known only to the process they were given to: pass them again (dataset=..., or "
+                         "--dataset npz:PATH holding the same arrays)")
     return REGISTRY[name]
 
 
@@ -396,7 +398,9 @@ def standard_eps(dataset: str) -> float:
     """The default L-inf radius for ``dataset``; a user dataset (.npz) has none."""
     if dataset not in STANDARD_EPS:
         raise ValueError(f"dataset {dataset!r} has no standard eps (known: "
-                         f"{', '.join(f'{k} {v:.4g}' for k, v in STANDARD_EPS.items())}): give one, e.g. --eps 0.1")
+                         f"{', '.join(f'{k} {v:.4g}' for k, v in STANDARD_EPS.items())}): give one, e.g. --eps 0.1 "
+                         "for images in [0, 1]; feature vectors cannot be attacked (standard training, --attacks "
+                         "clean)")
     return STANDARD_EPS[dataset]
 
 

@@ -35,9 +35,9 @@ import torch
 from .attacks import attacked_logits, build_attack
 from .engine import as_floats
 from .attacks.autoattack import BACKENDS
-from .config import check_int, check_number, setting
+from .config import check_device, check_int, check_number, setting
 from .datasets import load_dataset, standard_eps
-from .models import create_model, resolve_model, spec_of
+from .models import create_model, parse_model_kwargs, resolve_model, spec_of
 from .progress import progress_bar
 from .rundir import RunMismatchError, atomic_write, open_settings, write_json, write_table
 from .checkpoints import checkpoint_path, load_checkpoint, model_from_checkpoint, selected_epoch
@@ -120,8 +120,8 @@ class Evaluation:
                                        "FILE.pt, a plain state_dict of --model's network (no memtool checkpoint)")
 
 
-def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, device="cpu", data_root=None,
-             attack_options: dict | None = None, sample_ids=None, **settings) -> dict:
+def evaluate(checkpoint=None, out=None, *, model=None, model_kwargs=None, progress: bool = True, device="cpu",
+             data_root=None, attack_options: dict | None = None, sample_ids=None, **settings) -> dict:
     """Evaluate the model in ``checkpoint`` on the first ``n_samples`` test samples (or on the
     test samples ``sample_ids``, e.g. the first 1,000 typical and every atypical one) of
     ``dataset`` (default: the training dataset) under ``attacks`` at radius ``eps`` (default:
@@ -130,7 +130,8 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
 
     A model memtool did not train: ``model`` an ``nn.Module`` (``checkpoint=None``), or a
     factory / MODULE:FUNCTION with ``weights="FILE.pt"`` (a plain state_dict, loaded with
-    ``weights_only=True``); ``dataset`` is then required. ``model`` with a memtool
+    ``weights_only=True``; ``model_kwargs``: the factory's keyword arguments, a dict or JSON
+    text); ``dataset`` is then required. ``model`` with a memtool
     ``checkpoint``: the factory of the user's network it was trained with.
 
     ``settings``: the fields of :class:`Evaluation`. ``attack_options``: per-attack field
@@ -146,7 +147,7 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
     if out is None:
         raise ValueError("out must name the evaluation's output directory, got None")
     check_int("batch_size", batch_size, 1)
-    device = torch.device(device)
+    device = check_device(device)
     plain = ev.weights not in ("selected", "last") or isinstance(model, torch.nn.Module)
     if plain == (checkpoint is not None):
         raise ValueError("evaluate takes a memtool checkpoint (CHECKPOINT), or a model it did not train (model= an "
@@ -154,9 +155,11 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
     if plain:
         if dataset is None:
             raise ValueError("a model memtool did not train needs --dataset (the data to evaluate it on)")
-        ck, model, identity = None, *_plain_model(model, ev.weights, dataset, data_root, device)
+        ck, model, identity = None, *_plain_model(model, ev.weights, dataset, data_root, device, model_kwargs)
         trained = {"dataset": dataset, "seed": None, "recipe": {"model": identity["model"], "method": {"name": None}}}
     else:
+        if model_kwargs:
+            raise ValueError("model_kwargs go with --weights FILE.pt; a memtool checkpoint records its own")
         ck = load_checkpoint(checkpoint, device)
         model = model_from_checkpoint(ck, device, last=ev.weights == "last",
                                       model=None if model is None else resolve_model(model), where=checkpoint)
@@ -169,6 +172,11 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
     ds = load_dataset(dataset, data_root)
     if names != ["clean"]:
         ds.check_attackable(f"attacks {', '.join(names[1:])}")
+    l2 = [n for n in names if "-l2" in n]
+    if l2 and eps is None:  # the training eps, or the dataset's standard one, is an L-inf radius
+        raise ValueError(f"attacks {', '.join(l2)} are L2: give their radius with --eps (it serves every attack of "
+                         f"the run; evaluate each norm in its own output directory), e.g. --attacks clean,{l2[0]} "
+                         "--eps 1.5")
     eps = _radius(eps, names, trained["recipe"]["method"].get("eps"), dataset)
     n_test = len(ds.y_test)
     if n_samples is not None and not 1 <= n_samples <= n_test:
@@ -220,7 +228,7 @@ def evaluate(checkpoint=None, out=None, *, model=None, progress: bool = True, de
     return summary
 
 
-def _plain_model(model, weights: str, dataset: str, data_root, device) -> tuple[torch.nn.Module, dict]:
+def _plain_model(model, weights: str, dataset: str, data_root, device, kwargs=None) -> tuple[torch.nn.Module, dict]:
     """A model memtool did not train, and what identifies it in evaluation.json."""
     if isinstance(model, torch.nn.Module):
         h = hashlib.sha256()
@@ -234,22 +242,31 @@ def _plain_model(model, weights: str, dataset: str, data_root, device) -> tuple[
     path = Path(weights)
     if not path.exists():
         raise FileNotFoundError(f"--weights {weights}: no such file (selected | last | FILE.pt)")
-    factory = resolve_model(model)
+    factory, kwargs = resolve_model(model), parse_model_kwargs(kwargs)
     ds = load_dataset(dataset, data_root)
-    net = create_model(factory, ds.image_shape, ds.num_classes)
+    net = create_model(factory, ds.image_shape, ds.num_classes, **kwargs)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise ValueError(f"--weights {path} cannot be loaded as tensors ({type(e).__name__}); memtool loads with "
-                         "weights_only=True and never unpickles other objects") from None
+                         "weights_only=True and never unpickles other objects: save the network's "
+                         "model.state_dict(), not the module") from None
+    if isinstance(state, dict) and "settings" in state and "model" in state:
+        raise ValueError(f"--weights {path} is a memtool checkpoint: give it as the checkpoint, `memtool evaluate "
+                         f"{path.parent} --model {spec_of(factory)} ...` (it records its own model settings)")
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))  # common wrappers {"state_dict": ...}
+    if isinstance(state, dict) and state and all(str(k).startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel / DDP
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise ValueError(f"--weights {path} does not fit model {spec_of(factory)} built for {dataset} "
-                         f"(inputs {tuple(ds.image_shape)}, {ds.num_classes} classes): {str(e).splitlines()[0]}") from None
-    return net.to(device).eval(), {"model": spec_of(factory), "weights": str(path.resolve()), "weights_sha": _sha(path)}
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        raise ValueError(f"--weights {path} does not fit model {spec_of(factory)}"
+                         f"{' with ' + json.dumps(kwargs) if kwargs else ''} built for {dataset} (inputs "
+                         f"{tuple(ds.image_shape)}, {ds.num_classes} classes): {why[:800]}") from None
+    return net.to(device).eval(), {"model": spec_of(factory), **({"model_kwargs": kwargs} if kwargs else {}),
+                                   "weights": str(path.resolve()), "weights_sha": _sha(path)}
 
 
 def _radius(eps, names: list[str], trained_eps, dataset: str) -> float | None:

@@ -301,17 +301,21 @@ def crossed_p(values: np.ndarray) -> float:
     return max(float(2 * stats.t.sf(abs(d.mean()) / se, df)) for se, df in errors)
 
 
-def crossed_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+def crossed_interval(values: np.ndarray, confidence: float = 0.95, bounds=None) -> tuple[float, float, float]:
     """(mean, low, high) of per-sample values (correct or not, or a paired difference such as
     correct under A minus under B), ``values`` of shape (seeds, samples): every seed scored on
     the same test samples, a crossed design (:func:`seeds_and_samples_interval`, its variances
     analytic). A hierarchical bootstrap (seeds, then each seed's own draw of samples) takes the
     shared samples for independent ones and, with 3-5 seeds, under-covers (``python
-    benchmarks/interval_coverage.py`` simulates both)."""
+    benchmarks/interval_coverage.py`` simulates both). ``bounds``: (low, high) the values'
+    mean cannot leave (an accuracy: 0 and 1), where the interval is cut."""
     d = np.asarray(values, dtype=float)
     if d.ndim != 2 or d.size == 0:
         raise ValueError(f"values must be a non-empty (seeds, samples) array, got shape {d.shape}")
-    return (float(d.mean()), *seeds_and_samples_interval(d.mean(1), *_sample_vars(d), confidence))
+    lo, hi = seeds_and_samples_interval(d.mean(1), *_sample_vars(d), confidence)
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return float(d.mean()), lo, hi
 
 
 def contrast_markdown(table: pd.DataFrame, note: str = "") -> str:
@@ -343,21 +347,21 @@ def summarize(records: pd.DataFrame, groups: dict, split: str = "test", baseline
                 w = wide[column]
                 acc = w.loc[variant, np.intersect1d(ids, w.columns)].dropna(axis=1)
                 row = {"variant": variant, "group": group, "metric": metric, "n": len(ids), "seeds": len(acc),
-                       **_interval(acc.to_numpy(), confidence, ("accuracy", "ci_low", "ci_high"))}
+                       **_interval(acc.to_numpy(), confidence, ("accuracy", "ci_low", "ci_high"), (0, 1))}
                 if baseline is not None:
                     base = w.loc[baseline, acc.columns] if baseline in w.index.get_level_values(0) else acc.iloc[:0]
                     both = acc.index.intersection(base.index)
                     row.update(_interval(acc.loc[both].to_numpy() - base.loc[both].to_numpy(), confidence,
-                                         ("diff", "diff_low", "diff_high")))
+                                         ("diff", "diff_low", "diff_high"), (-1, 1)))
                 out.append(row)
     return pd.DataFrame(out)
 
 
-def _interval(d: np.ndarray, confidence: float, keys) -> dict:
+def _interval(d: np.ndarray, confidence: float, keys, bounds=None) -> dict:
     """{mean, low, high} of :func:`crossed_interval` under ``keys``; one seed: no interval; none: NaN."""
     if not d.size:
         return dict.fromkeys(keys, np.nan)
-    mean, lo, hi = crossed_interval(d, confidence) if len(d) > 1 else (float(d.mean()), np.nan, np.nan)
+    mean, lo, hi = crossed_interval(d, confidence, bounds) if len(d) > 1 else (float(d.mean()), np.nan, np.nan)
     return dict(zip(keys, (mean, lo, hi)))
 
 

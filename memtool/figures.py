@@ -137,9 +137,9 @@ def run_figures(run: str | Path, out: str | Path, top: int = 24, threshold: floa
     run, out = Path(run), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if dataset is not None:
-        from .userdata import resolve_dataset
+        from .userdata import given_for_run
 
-        resolve_dataset(dataset)
+        given_for_run(dataset, run)
     ds = run_dataset(run, data_root)
     scores, infl = load_scores(run), load_influence(run)
     figs = {"mem_hist.png": mem_histogram(scores, threshold).figure}

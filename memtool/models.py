@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import math
 import re
 from typing import Callable
@@ -76,6 +77,21 @@ def spec_of(factory: Factory) -> str:
     return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', type(target).__name__)}"
 
 
+def check_factory(factory) -> None:
+    """A factory a run can record by name: a registered one, or a function or class defined at
+    the top level of a module (MODULE:FUNCTION); not a built network, a lambda or a nested function."""
+    if isinstance(factory, nn.Module):
+        raise ModelSpecError(f"model= takes the factory that builds the network, build(in_shape, num_classes) -> "
+                             f"nn.Module, not a built {type(factory).__name__}: every model is trained from a fresh "
+                             "one; pass the function (or class) that builds it")
+    qualname = getattr(getattr(factory, "func", factory), "__qualname__", "")
+    registered = any(f is factory for f in _REGISTRY.values())  # recorded by its registered name
+    if not registered and ("<lambda>" in qualname or "<locals>" in qualname):
+        raise ModelSpecError(f"model= {qualname}: a lambda or nested function has no name a run can record "
+                             "(MODULE:FUNCTION, to reopen it); define it at the top level of a module: "
+                             "def build(in_shape, num_classes): ...")
+
+
 def check_model_spec(spec) -> None:
     """Syntax only (nothing is imported): a registered name, wrn-D-W or MODULE:FUNCTION."""
     if not isinstance(spec, str) or not (SPEC.fullmatch(spec) or re.fullmatch(r"[\w-]+", spec)):
@@ -113,9 +129,11 @@ def import_spec(model: str, flag: str):
     module, _, attr = model.partition(":")
     try:
         obj = importlib.import_module(module)
-    except Exception as e:  # ImportError, or an error raised by the module itself
-        raise ModelSpecError(f"{flag} {model}: cannot import module {module!r} ({type(e).__name__}: {e}); is it in "
-                             "the current directory, on PYTHONPATH or installed?") from e
+    except Exception as e:  # the module is not found, or importing it raised
+        missing = isinstance(e, ModuleNotFoundError) and e.name is not None and (module + ".").startswith(e.name + ".")
+        raise ModelSpecError(f"{flag} {model}: cannot import module {module!r} ({type(e).__name__}: {e}); " +
+                             ("is it in the current directory, on PYTHONPATH or installed?" if missing else
+                              "the error is inside that module")) from e
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -123,6 +141,18 @@ def import_spec(model: str, flag: str):
     if not callable(obj):
         raise ModelSpecError(f"{flag} {model}: {attr!r} is not callable")
     return obj
+
+
+def parse_model_kwargs(kwargs) -> dict:
+    """The factory's keyword arguments: a mapping, or its JSON text (``--model-kwargs '{"width": 64}'``)."""
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model_kwargs must be a JSON object, got {kwargs!r} ({e.msg})") from None
+    if not isinstance(kwargs or {}, dict):
+        raise ValueError(f"model_kwargs must be a mapping of keyword arguments, got {kwargs!r}")
+    return dict(kwargs or {})
 
 
 def create_model(model, in_shape, num_classes: int, **kwargs) -> nn.Module:

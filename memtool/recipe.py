@@ -9,7 +9,7 @@ model derives from its own seed alone.
 
 from __future__ import annotations
 
-import json
+import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -18,8 +18,8 @@ import torch
 
 from .config import check_choice, check_int, check_number, setting
 from .methods import METHODS, Method, build_method, method_fields, method_from_dict
-from .models import (HIDDEN_TAKERS, ModelSpecError, check_model_spec, check_output, create_model, model_record,
-                     registered_factory, resolve_model, spec_of, SPEC)
+from .models import (HIDDEN_TAKERS, ModelSpecError, check_factory, check_model_spec, check_output, create_model,
+                     model_record, parse_model_kwargs, registered_factory, resolve_model, spec_of, SPEC)
 
 SCHEDULES = ("constant", "linear", "onecycle", "multistep", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -61,18 +61,11 @@ class Recipe:
         if self.schedule is None:
             object.__setattr__(self, "schedule", default_schedule(self.method))
         if callable(self.model):  # Recipe(model=build): the factory itself
+            check_factory(self.model)
             object.__setattr__(self, "factory", self.model)
             object.__setattr__(self, "model", spec_of(self.model))
         check_model_spec(self.model)
-        kwargs = self.model_kwargs
-        if isinstance(kwargs, str):  # --model-kwargs '{"width": 64}'
-            try:
-                kwargs = json.loads(kwargs)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"model_kwargs must be a JSON object, got {self.model_kwargs!r} ({e.msg})") from None
-        if not isinstance(kwargs or {}, dict):
-            raise ValueError(f"model_kwargs must be a mapping of keyword arguments, got {kwargs!r}")
-        object.__setattr__(self, "model_kwargs", dict(kwargs or {}))
+        object.__setattr__(self, "model_kwargs", parse_model_kwargs(self.model_kwargs))
         check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         if self.label_smoothing and not self.method.smooths:
             raise ValueError(f"label_smoothing applies to standard, pgd-at, gairat, bat and registered methods, not to "
@@ -217,8 +210,12 @@ class WithRecipe:
         own = {f.name for f in fields(cls) if f.init and f.compare} - {"recipe"}
         unknown = set(kw) - own - flat_fields() - {"recipe"}
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} setting(s) {sorted(unknown)}; valid: "
-                             f"{sorted(own | flat_fields() | set(also))}")
+            valid = sorted(own | flat_fields() | set(also))
+            hints = ["quiet=True is progress=False" if u == "quiet" else f"{u}: did you mean {close[0]}?"
+                     for u in sorted(unknown) for close in [difflib.get_close_matches(u, valid, 1)]
+                     if u == "quiet" or close]
+            raise ValueError(f"unknown {cls.__name__} setting(s) {sorted(unknown)}"
+                             f"{' (' + '; '.join(hints) + ')' if hints else ''}; valid: {valid}")
         base = kw.pop("recipe", None)
         flat = {k: kw.pop(k) for k in list(kw) if k not in own}
         if base is not None:

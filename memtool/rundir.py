@@ -66,6 +66,8 @@ def storage_error(e: OSError, out_flag: bool = True) -> str | None:
         fix = "Choose a writable one (--out) or fix" if out_flag else "Copy the run directory somewhere writable, or fix"
         return (f"cannot write{where}: {e.strerror}; the output directory is not writable. {fix} its permissions; "
                 "nothing was half-written")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and out_flag:
+        return f"cannot write{where}: a file stands where the output directory should be; choose another --out"
     return None
 
 

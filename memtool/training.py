@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .attacks import PGD, attacked_logits
 from .checkpoints import CHECKPOINT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import check_choice, check_int, check_number, device_name, setting
+from .config import check_choice, check_device, check_int, check_number, device_name, setting
 from .datasets import load_dataset
 from .engine import as_floats, fit
 from .progress import progress_bar
@@ -255,7 +255,7 @@ def train(config: TrainConfig | dict | None = None, out: str | os.PathLike | Non
         config = TrainConfig.from_dict(config)
     if out is None:
         raise ValueError("out must name the training run's output directory, got None")
-    out, device = Path(out), torch.device(device)
+    out, device = Path(out), check_device(device)
     ds, subset, w, r, settings_now = _prepare(config, weights, exclude_ids, data_root)
     built = r.model_record(ds.image_shape, ds.num_classes)
     start, log = None, []
@@ -341,6 +341,11 @@ def _prepare(config: TrainConfig, weights, exclude_ids, data_root):
         raise ValueError(f"exclude_ids leaves none of the {n} training samples")
 
     r = replace(config.recipe, method=config.recipe.method.bind(ds))
+    atypical = getattr(r.method, "atypical", None)  # BAT's: what it weights
+    if atypical is not None and not atypical.numpy()[subset].any():
+        raise ValueError(f"method {r.method.name}: none of the {int(atypical.sum())} atypical training samples "
+                         f"(mem >= tau {r.method.tau}) is trained on, so it would be plain PGD-AT: use --method "
+                         "pgd-at, or keep atypical samples (exclude_ids, tau)")
     return ds, subset, w, r, _settings(config, ds, excluded, w, r.method)
 
 

@@ -59,8 +59,14 @@ def _check(name: str, x: np.ndarray, y: np.ndarray, split: str, num_classes: int
                                f"{int(np.argmax(bad))}): impute or drop them")
     if input_range is not None and len(x) and (x.min() < input_range[0] or x.max() > input_range[1]):
         raise DatasetFileError(f"{where} holds values {float(x.min()):g}..{float(x.max()):g} outside its declared "
-                               f"input range {list(input_range)}: rescale to [0, 1], or declare input_range=None "
-                               "(features; no attacks)")
+                               f"input range {list(input_range)}: rescale to [0, 1]"
+                               + (" (pixels 0..255: give them as uint8)" if x.min() >= 0 and x.max() <= 255 else "")
+                               + ", or declare input_range=None (features; no attacks)")
+
+
+def _listing(values, most: int = 8) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:most])
+    return shown + (f" (and {len(values) - most} more)" if len(values) > most else "")
 
 
 class ArrayData(Dataset):
@@ -83,10 +89,16 @@ class ArrayData(Dataset):
         if input_range is not None and tuple(input_range) != IMAGE_RANGE:
             raise ValueError(f"input_range must be [0, 1] (images) or None (features; no attacks), got {input_range}: "
                              "rescale the data to [0, 1]")
-        num_classes = int(num_classes) if num_classes is not None else \
+        given, num_classes = num_classes is not None, int(num_classes) if num_classes is not None else \
             int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
         for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
             _check(name, x, y, split, num_classes, input_range)
+        empty = np.setdiff1d(np.arange(num_classes), ytr)
+        if len(empty) and not given:  # 1-based labels, or test classes that training never sees
+            raise DatasetFileError(f"dataset {name}: labels are taken as classes 0..{num_classes - 1} (the largest "
+                                   f"label + 1), but no training sample has class {_listing(empty)}: give labels "
+                                   "0..K-1 (np.unique(y_train, return_inverse=True) renumbers them), or pass "
+                                   "num_classes=K to keep classes without training samples")
         if xtr.shape[1:] != xte.shape[1:]:
             raise DatasetFileError(f"dataset {name}: train samples have shape {xtr.shape[1:]}, test samples "
                                    f"{xte.shape[1:]}")
@@ -230,13 +242,29 @@ def resolve_dataset(dataset) -> str:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"--dataset {dataset}: cannot import it ({type(e).__name__}: {e})") from None
-        data = fn()
+        try:
+            data = fn()
+        except Exception as e:  # the user's code failed: say which flag named it, and what it raised
+            raise ValueError(f"--dataset {dataset}: calling {attr}() raised {type(e).__name__}: {e}") from e
         data = ArrayData(*data, name=dataset) if isinstance(data, tuple) else data
         if not isinstance(data, Dataset):
             raise ValueError(f"--dataset {dataset} returned {type(data).__name__}; it must return an ArrayData or "
                              "(x_train, y_train, x_test, y_test)")
         return register_data(data if data.name == dataset else _renamed(data, dataset))
     return dataset
+
+
+def given_for_run(dataset, run) -> None:
+    """The data ``run`` was made with, named again by the user in any form
+    :func:`resolve_dataset` takes, known from now on under the name the run recorded: a run
+    made from arrays in Python reopens from the command line with the same arrays in an npz
+    file. Whether they are the same data is checked where the run is opened (fingerprint)."""
+    from .datasets import load_dataset
+    from .estimator.store import read_run_json
+
+    recorded, name = read_run_json(run)["config"]["dataset"], resolve_dataset(dataset)
+    if name != recorded:
+        register_data(_renamed(load_dataset(name), recorded))
 
 
 def _renamed(data: Dataset, name: str) -> Dataset:

@@ -28,7 +28,7 @@ from .estimator.tables import ESTIMATOR_NAMES
 from .experiments import EXPERIMENT, Data, bar_panels, markdown, retrain, summarize
 from .models import check_model_record, resolve_model
 from .recipe import Recipe, flat_recipe, stream, user_settings
-from .userdata import resolve_dataset
+from .userdata import given_for_run
 from .rundir import write_table
 
 VARIANTS = ("full", "without high-influence", "without random")
@@ -44,7 +44,7 @@ def validate(run, out=None, seeds: int = 3, *, recipe=None, model=None, dataset=
     run = Path(run)
     out = Path(out) if out is not None else run / "validate"
     if dataset is not None:
-        resolve_dataset(dataset)
+        given_for_run(dataset, run)
     meta, cfg, ds = open_run(run, data_root, "validate")
     if model is not None:  # the user's model, checked against the one the run was made with
         cfg = replace(cfg, recipe=cfg.recipe.with_factory(resolve_model(model)))

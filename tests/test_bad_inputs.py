@@ -52,6 +52,7 @@ def test_argparse_refuses_wrong_types_and_unknown_methods(tmp_path, capsys):
     ("method: fgsm-at", "method must be one of standard, pgd-at, trades, mart, gairat, bat, got 'fgsm-at'"),
     ("trials: 1", "trials must be an integer >= 2, got 1"),
     ("learning_rate: 0.1", "unknown EstimateConfig setting(s) ['learning_rate']"),
+    ("method: bat\nlambda: -1", "lam must be >= 0"),  # a key named as its flag (--lambda) is taken
 ])
 def test_bad_config_file_settings_are_named(tmp_path, capsys, line, message):
     cfg = tmp_path / "c.yaml"
@@ -192,3 +193,43 @@ def test_scores_on_a_read_only_run_does_not_suggest_out():
 
     e = PermissionError(13, "Permission denied", "RUN/scores.parquet")
     assert "--out" not in storage_error(e, out_flag=False) and "--out" in storage_error(e)
+
+
+def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_flag_meant(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(EST + ["--trails", "4", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: memtool estimate" in err
+    assert "unrecognized arguments: --trails 4 (did you mean --trials?)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_settings_misspelled_or_from_the_command_line_are_named(tmp_path):
+    import memtool
+
+    with pytest.raises(ValueError, match=r"\['epoch'\] \(epoch: did you mean epochs\?\)"):
+        memtool.estimate(tmp_path / "out", dataset="digits", epoch=3)
+    with pytest.raises(ValueError, match=r"quiet=True is progress=False"):
+        memtool.estimate(tmp_path / "out", dataset="digits", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_and_a_missing_gpu_are_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    assert main(EST + ["--trials", "2", "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "a file stands where the output directory should be; choose another --out" in err
+    assert "Traceback" not in err and (tmp_path / "taken").read_text() == "mine"
+    if not __import__("torch").cuda.is_available():
+        for args in (EST + ["--device", "cuda"], TRAIN + ["--device", "cuda:0"]):
+            assert main(args + ["--out", str(tmp_path / "gpu")]) == 2
+            assert "CUDA GPU(s) here" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+
+
+def test_bat_scores_that_are_not_a_score_table_are_named(tmp_path, capsys):
+    infl = tmp_path / "influence.parquet"
+    pd.DataFrame({"train_id": [0], "test_id": [1], "infl": [0.5]}).to_parquet(infl)
+    assert main(TRAIN + ["--method", "bat", "--scores", str(infl), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{infl} is not a score table" in err and "give the run directory or its scores.parquet" in err
+    assert "Traceback" not in err

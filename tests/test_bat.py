@@ -219,6 +219,18 @@ def test_short_bat_run_trains_and_logs(digits_run, tmp_path, capsys):
     assert method["name"] == "bat" and method["gamma"] == 2.0 and method["lam"] == 0.5
 
 
+def test_bat_without_any_atypical_sample_to_weight_is_refused_as_pgd_at(digits_run, tmp_path):
+    run, _ = digits_run
+    scores = memtool.load_scores(run)
+    atypical = scores[(scores.split == "train") & (scores.mem >= 0.25)].sample_id.to_numpy()
+    common = dict(method="bat", scores=str(run), dataset="digits", label_noise=0.05, eps=0.1, pgd_steps=1, epochs=1,
+                  progress=False)
+    with pytest.raises(ValueError, match=f"none of the {len(atypical)} atypical training samples .* is trained on"):
+        memtool.train(out=tmp_path / "a", exclude_ids=atypical, **common)
+    assert not (tmp_path / "a").exists()
+    memtool.train(out=tmp_path / "b", exclude_ids=atypical[1:], **common)  # one left to weight: trains
+
+
 def test_bat_run_refuses_to_resume_on_changed_scores(digits_run, tmp_path):
     """The score table is named by path, so a re-estimate into the same place must not reuse a
     model trained on the old atypical set (its content is part of the settings check)."""

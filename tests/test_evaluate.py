@@ -93,6 +93,10 @@ def test_other_settings_are_refused(digits_at, tmp_path):
         memtool.evaluate(ckpt, out=tmp_path / "x", n_samples=1000, progress=False)
     with pytest.raises(ValueError, match="unknown attack 'pgdx'"):
         memtool.evaluate(ckpt, attacks="clean,pgdx", out=tmp_path / "y", progress=False)
+    # an L2 attack never takes the training eps (an L-inf radius) for its own
+    with pytest.raises(ValueError, match="attacks pgd5-l2 are L2: give their radius with --eps"):
+        memtool.evaluate(ckpt, attacks="clean,pgd5-l2", out=tmp_path / "z", progress=False)
+    assert not (tmp_path / "z").exists()
 
 
 def test_autoattack_is_no_weaker_than_pgd20_and_resumable(digits_at, tmp_path):

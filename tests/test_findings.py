@@ -110,3 +110,22 @@ def judge_alone(run, ids):
                 num_classes=data.num_classes)[0]
     probe = PGDAT(eps=0.1, pgd_steps=finding_b.EVAL_STEPS, eps_warmup=0.0)
     return finding_b.harmfulness(model, data.x_train[ids], data.y_train[ids], probe, st.config.seed)
+
+
+def test_the_analyses_command_line_takes_recipe_flags_and_answers_bad_input_in_one_line(digits_run, tmp_path, capsys):
+    from analyses.study import retraining_recipe
+
+    run, _ = digits_run
+    recipe = retraining_recipe(run, {"schedule": "onecycle", "epochs": 3})
+    assert (recipe.schedule, recipe.epochs, recipe.model) == ("onecycle", 3, "mlp")  # the rest is the run's
+    assert "note:" not in capsys.readouterr().err
+    assert retraining_recipe(run, {}).schedule == "constant"  # the estimate's: said, since AT retrains with it
+    assert "adversarial training is more reliable with --schedule onecycle" in capsys.readouterr().err
+    for argv, message in (([str(run), "--eps", "-1"], "eps must be >= 0"),
+                          ([str(tmp_path / "nothing")], "not a memtool run directory"),
+                          ([str(run), "--lr", "0"], "lr must be > 0")):
+        with pytest.raises(SystemExit) as e:
+            finding_a.main(argv + ["--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

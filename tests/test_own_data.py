@@ -132,6 +132,7 @@ def test_tabular_train_and_clean_evaluate_on_the_command_line(tmp_path, monkeypa
     assert main(["train", *common, "--epochs", "5", "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.01",
                  "--weight-decay", "0.01", "--schedule", "cosine", "--eval-samples", "0", "--out", str(tmp_path / "t"),
                  "--quiet"]) == 0
+    assert f"memtool.load_model({str(tmp_path / 't')!r}, model='examples.mynets:tabular_mlp')" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "t"), "--model", "examples.mynets:tabular_mlp", "--dataset",
                  "examples.mynets:breast_cancer", "--attacks", "clean", "--out", str(tmp_path / "e"), "--quiet"]) == 0
     acc = json.loads((tmp_path / "e" / "summary.json").read_text())["attacks"]["clean"]["accuracy"]
@@ -257,3 +258,61 @@ def test_adversarial_training_of_a_users_batchnorm_cnn_on_the_command_line(tmp_p
     edited.__module__, edited.__qualname__ = "examples.mynets", "bn_cnn"
     with pytest.raises(RunMismatchError, match="made with model examples.mynets:bn_cnn .*architectures differ"):
         memtool.load_model(out, model=edited)
+
+
+def test_labels_that_leave_a_class_without_training_samples_are_refused():
+    x, y = np.random.rand(12, 4).astype(np.float32), np.arange(12) % 3
+    with pytest.raises(DatasetFileError, match=r"no training sample has class 0, 1, 2, 3, 4: give labels 0..K-1"):
+        memtool.ArrayData(x, y + 5, x, y)  # train 5..7, test 0..2: no class in common
+    with pytest.raises(DatasetFileError, match=r"classes 0..3 .* no training sample has class 0:"):
+        memtool.ArrayData(x, y + 1, x, y + 1)  # 1-based labels
+    with pytest.raises(DatasetFileError, match="no training sample has class 3:"):
+        memtool.ArrayData(x, y, x, np.r_[y[:-1], 3])  # a class only the test set has
+    assert memtool.ArrayData(x, y + 1, x, y + 1, num_classes=4).num_classes == 4  # declared: kept
+
+
+
+def test_integer_pixels_are_told_to_be_uint8(tmp_path):
+    x, y = np.random.default_rng(0).integers(0, 256, (12, 1, 4, 4)), np.arange(12) % 3
+    np.savez(tmp_path / "int.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    with pytest.raises(DatasetFileError, match=r"got dtype int64: pixels 0..255 as x.astype\(np.uint8\)"):
+        load_dataset(f"npz:{tmp_path / 'int.npz'}")
+    with pytest.raises(DatasetFileError, match=r"rescale to \[0, 1\] \(pixels 0..255: give them as uint8\)"):
+        memtool.ArrayData(x, y, x, y)
+
+
+def two_outputs(data, subset_ids, seed):
+    return torch.nn.Linear(data.x_train.shape[1], 2)
+
+
+def two_arguments(data, subset_ids):
+    return torch.nn.Linear(data.x_train.shape[1], 3)
+
+
+def test_a_train_fn_with_the_wrong_signature_or_outputs_is_named(tmp_path):
+    x, y = np.random.rand(30, 4).astype(np.float32), np.arange(30) % 3
+    data = memtool.ArrayData(x, y, x, y, name="three-classes")
+    with pytest.raises(TypeError, match=r"train_fn test_own_data:two_arguments must take \(dataset, subset_ids, "
+                                        r"seed\)"):
+        memtool.estimate(tmp_path / "sig", dataset=data, train_fn=two_arguments, trials=2, progress=False)
+    assert not (tmp_path / "sig").exists()  # refused before the run directory is made
+    with pytest.raises(ValueError, match=r"returned by train_fn test_own_data:two_outputs: .* gave output \(2, 2\)"):
+        memtool.estimate(tmp_path / "out", dataset=data, train_fn=two_outputs, trials=2, progress=False)
+
+
+def test_a_run_made_from_arrays_in_python_reopens_from_an_npz_of_the_same_arrays(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 1, 8, 8), dtype=np.uint8), np.arange(40) % 3
+    data = memtool.ArrayData(x[:30], y[:30], x[30:], y[30:], name="reopen-from-npz")
+    memtool.estimate(tmp_path / "r", dataset=data, model="mlp", hidden=16, epochs=2, trials=2, progress=False)
+    np.savez(tmp_path / "same.npz", x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    np.savez(tmp_path / "other.npz", x_train=x[:30][::-1], y_train=y[:30][::-1], x_test=x[30:], y_test=y[30:])
+    from memtool.userdata import _IN_MEMORY
+    _IN_MEMORY.pop("reopen-from-npz")  # a new process: the arrays given in Python are gone
+    assert main(["figures", str(tmp_path / "r"), "--dataset", f"npz:{tmp_path / 'other.npz'}", "--out",
+                 str(tmp_path / "f")]) == 2
+    assert "differs from the one" in capsys.readouterr().err
+    _IN_MEMORY.pop("reopen-from-npz")
+    assert main(["figures", str(tmp_path / "r"), "--dataset", f"npz:{tmp_path / 'same.npz'}", "--out",
+                 str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f" / "most_memorized.png").exists()

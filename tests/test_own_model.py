@@ -161,3 +161,38 @@ def test_a_spec_naming_the_builtin_mlp_takes_the_builtin_path():
     r = Recipe.from_flat(**user_settings({"model": "memtool.models:mlp"}))
     assert r.model == "mlp" and r.to_dict() == Recipe(model="mlp").to_dict()
     assert default_ensemble_size(r, "cpu", 784) == default_ensemble_size(Recipe(model="mlp"), "cpu", 784) == 16
+
+
+def test_factories_a_run_cannot_name_and_errors_inside_the_users_module_are_told_apart(tmp_path, monkeypatch):
+    with pytest.raises(ModelSpecError, match="a lambda or nested function has no name a run can record"):
+        Recipe(model=lambda in_shape, num_classes: nn.Linear(4, num_classes))
+    with pytest.raises(ModelSpecError, match="not a built Linear: every model is trained from a fresh one"):
+        Recipe(model=nn.Linear(4, 3))
+    (tmp_path / "broken_user_module.py").write_text("import no_such_dependency_xyz\n\ndef build(s, c):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelSpecError, match="No module named 'no_such_dependency_xyz'.*the error is inside that module"):
+        resolve_model("broken_user_module:build")
+    with pytest.raises(ModelSpecError, match="is it in the current directory"):
+        resolve_model("no_such_module_xyz:build")
+
+
+def test_plain_weights_with_factory_kwargs_or_from_data_parallel_load_and_misfits_say_why(tmp_path, monkeypatch, capsys):
+    from memtool.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    common = ["evaluate", "--model", "examples.mynets:tabular_mlp", "--dataset", "examples.mynets:breast_cancer",
+              "--attacks", "clean", "--quiet"]
+    net = mynets.tabular_mlp((30,), 2, hidden=8)
+    torch.save(net.state_dict(), tmp_path / "w8.pt")
+    torch.save(nn.DataParallel(net).state_dict(), tmp_path / "dp.pt")  # keys module.0.weight, ...
+    torch.save(net, tmp_path / "whole.pt")
+    kw8 = ["--model-kwargs", '{"hidden": 8}']
+    assert main(common + kw8 + ["--weights", str(tmp_path / "w8.pt"), "--out", str(tmp_path / "e1")]) == 0
+    assert main(common + kw8 + ["--weights", str(tmp_path / "dp.pt"), "--out", str(tmp_path / "e2")]) == 0
+    a, b = (__import__("json").loads((tmp_path / e / "summary.json").read_text()) for e in ("e1", "e2"))
+    assert a["attacks"]["clean"]["n_correct"] == b["attacks"]["clean"]["n_correct"]
+    assert main(common + ["--weights", str(tmp_path / "w8.pt"), "--out", str(tmp_path / "e3")]) == 2
+    err = capsys.readouterr().err  # the default hidden=64: which tensors misfit, not only the first line
+    assert "size mismatch for 0.weight" in err and "torch.Size([8, 30])" in err
+    assert main(common + ["--weights", str(tmp_path / "whole.pt"), "--out", str(tmp_path / "e4")]) == 2
+    assert "save the network's model.state_dict(), not the module" in capsys.readouterr().err

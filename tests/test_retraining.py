@@ -215,6 +215,9 @@ def test_crossed_interval_hand_computed():
     assert crossed_interval(d) == pytest.approx((0.5833, 0.5833 - 0.3444, 0.5833 + 0.3444), abs=1e-4)
     assert crossed_interval(np.array([[0.0, 0, 1, 1], [0, 1, 1, 1]])) == pytest.approx((0.625, 0.625 - 1.5883,
                                                                                          0.625 + 1.5883), abs=1e-4)
+    # an accuracy cannot leave [0, 1]: its interval is cut there, the mean kept
+    assert crossed_interval(np.array([[0.0, 0, 1, 1], [0, 1, 1, 1]]), bounds=(0, 1)) == pytest.approx((0.625, 0, 1))
+    assert crossed_interval(d, bounds=(0, 1)) == pytest.approx(crossed_interval(d))  # inside: unchanged
     assert crossed_interval(np.array([[0.2] * 5, [0.4] * 5, [0.6] * 5])) == pytest.approx(
         (0.4, 0.4 - 4.3027 * np.sqrt(0.04 / 3), 0.4 + 4.3027 * np.sqrt(0.04 / 3)), abs=1e-4)
     samples = (0.5 - 1.96 * np.sqrt(1 / 12), 0.5 + 1.96 * np.sqrt(1 / 12))  # 1, 0, 1, 0: variance 1/3 over 4

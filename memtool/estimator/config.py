@@ -6,6 +6,7 @@ another machine with another ensemble size, and each trial's result stays the sa
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from ..config import check_int, check_number, setting
@@ -54,3 +55,11 @@ class EstimateConfig(DataJob):
         if self.train_fn is not None and self.trainer is None:
             raise ValueError(f"this run trains with your own loop {self.train_fn}, and memtool never imports code named "
                              f"in a run directory: name it yourself (--train-fn {self.train_fn}, or train_fn=...)")
+        if self.trainer is not None:
+            try:
+                inspect.signature(self.trainer).bind(None, None, 0)
+            except TypeError as e:
+                raise TypeError(f"train_fn {self.train_fn} must take (dataset, subset_ids, seed) and return the trained "
+                                f"nn.Module; calling it so fails: {e}") from None
+            except ValueError:  # no signature to read (a builtin): its first call says
+                pass

@@ -25,6 +25,7 @@ from ..config import Runtime, check_int, check_number, device_name, setting, spl
 from ..datasets import load_dataset
 from ..userdata import in_memory, register_data
 from ..engine import Models, as_floats, default_ensemble_size, fit
+from ..models import check_output
 from ..progress import progress_bar
 from ..recorder import Recorder
 from ..recipe import trial_seed, user_settings
@@ -98,7 +99,7 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
           for split in ("train", "test")}
     recorder = Recorder(*xy["train"], seeds, cfg.recipe) if record_proxies else None
     if cfg.trainer is not None:
-        models = user_trained(cfg, data, members, seeds, dev)
+        models = user_trained(cfg, data, members, seeds, dev, on_step)
     else:
         models = fit(cfg.recipe, *xy["train"], members, seeds, num_classes=data["num_classes"],
                      ensemble_size=len(trial_ids), on_step=on_step, recorder=recorder, device=dev)
@@ -111,16 +112,20 @@ def train_batch(cfg: EstimateConfig, data: dict, trial_ids: np.ndarray, device: 
     return rec
 
 
-def user_trained(cfg: EstimateConfig, data: dict, members, seeds, device) -> Models:
+def user_trained(cfg: EstimateConfig, data: dict, members, seeds, device, on_step=None) -> Models:
     """The user's own loop, ``cfg.trainer(dataset, subset_ids, seed) -> nn.Module``, once per
-    trial: memtool keeps the plan and the seeds, and measures what comes back."""
-    out = []
+    trial (``on_step(1)`` after each): memtool keeps the plan and the seeds, and measures what
+    comes back."""
+    out, ds = [], data["dataset"]
     for ids, seed in zip(members, seeds):
-        model = cfg.trainer(data["dataset"], np.asarray(ids), int(seed))
+        model = cfg.trainer(ds, np.asarray(ids), int(seed))
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"train_fn {cfg.train_fn} returned {type(model).__name__}; it must return the trained "
                             "nn.Module")
-        out.append(([len(out)], model.to(device).eval()))
+        check_output(model.to(device), f"returned by train_fn {cfg.train_fn}", ds.image_shape, ds.num_classes)
+        out.append(([len(out)], model.eval()))
+        if on_step is not None:
+            on_step(1)
     return Models(cfg.recipe, seeds, out)
 
 
@@ -257,7 +262,8 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     if config is not None and rest:
         raise TypeError(f"give either a config or its settings, not both (got {sorted(rest)})")
     cfg = config or EstimateConfig.from_kwargs(**user_settings(rest), also=[*Execution.__dataclass_fields__,
-                                                                           *Thresholds.__dataclass_fields__])
+                                                                           *Thresholds.__dataclass_fields__,
+                                                                           "progress", "tables"])
     if ex.until_se is not None or ex.until_pairs is not None:
         return _until(out, cfg, ex, thr, progress, tables)
     trials, ensemble_size, device, n_jobs, scheduler = ex.trials, ex.ensemble_size, ex.device, ex.n_jobs, ex.scheduler
@@ -275,23 +281,24 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     data = _tensors(ds, device, ex.data_on_host) if local else DataSpec(
         cfg.dataset, None if data_root is None else str(data_root), cfg.limit, cfg.label_noise, cfg.seed,
         ds.fingerprint, in_memory(cfg.dataset))
-    m = plan.subset_size(len(ds.y_train), cfg.ratio)
-    total_steps = sum(len(b) for b in batches) * cfg.recipe.steps(m)
+    steps = 1 if cfg.trainer is not None else cfg.recipe.steps(plan.subset_size(len(ds.y_train), cfg.ratio))
     if batches:
         say = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None)
         say(f"memtool estimate: {sum(map(len, batches))} trials to train ({trials - sum(map(len, batches))} "
-            f"already in {out}), {k} models at a time on {device}")
+            f"already in {out}), " + (f"{k} models at a time on {device}" if cfg.trainer is None else
+                                      f"one at a time by your loop {cfg.train_fn}"))
         if local:
-            with progress_bar(total=total_steps, unit="step", disable=not progress, desc="models x steps",
+            with progress_bar(total=sum(map(len, batches)) * steps, unit="step" if steps > 1 else "trial",
+                              disable=not progress, desc="models x steps" if steps > 1 else "trials",
                               unit_scale=True, dynamic_ncols=True) as bar:
                 for ids in batches:
                     logs = _run_batch(out, cfg, data, ids, device, eval_batch, on_step=bar.update,
                                       record_proxies=ex.record_proxies)
                     trained = sum(log["trials"][1] - log["trials"][0] + 1 for log in logs)
-                    bar.update((len(ids) - trained) * cfg.recipe.steps(m))  # held or finished by another process
+                    bar.update((len(ids) - trained) * steps)  # held or finished by another process
                     early = logs and ids is batches[0] and fit_warning(cfg, logs[0]["train_acc_in_subset"])
                     if early:  # after the first batch, so that a run that will not fit can be stopped
-                        say(f"memtool estimate: warning: {early}")
+                        say(f"memtool estimate: warning (the first {len(ids)} trials): {early}")
                     if logs:
                         bar.set_postfix(trials=f"{logs[-1]['trials'][1] + 1}", test_acc=f"{logs[-1]['test_acc']:.3f}")
         else:
