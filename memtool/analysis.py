@@ -27,7 +27,7 @@ def atypical_train(scores: pd.DataFrame, mem_threshold: float = 0.25) -> pd.Seri
     """Whether each training sample is atypical (mem >= ``mem_threshold``), by sample_id."""
     from .bat import require_mem
 
-    require_mem(scores, "given")
+    require_mem(scores, "passed to atypical_train")
     mem = _split(scores, "train")["mem"]
     return pd.Series(at_least(mem, mem_threshold), index=mem.index, name="atypical")  # NaN: typical
 

@@ -76,8 +76,9 @@ def print_summary(s: dict, run: str | Path, file=None) -> None:
     if "noise_auroc_mem" in s:
         lines.append(f"planted label noise ({s['n_label_corrupted']} flipped): AUROC of mem "
                      f"{_fmt(s['noise_auroc_mem'])}, of margin_mem {_fmt(s['noise_auroc_margin_mem'])}")
-    if "fit_warning" in s:
-        lines.append(f"WARNING: {s['fit_warning']}")
+    for key in ("fit_warning", "unfinished"):
+        if key in s:
+            lines.append(f"WARNING: {s[key]}")
     if "split_half" in s:
         lines.append("split-half agreement (even vs odd trials): "
                      + ", ".join(f"{k} {_fmt(v)}" for k, v in s["split_half"].items()))
@@ -121,7 +122,8 @@ def cmd_estimate(a: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", UserWarning)
         result = estimate(out, progress=not a.quiet, **kw)
     if result["status"] == "partial":
-        print(f"{result['missing_trials']} trials of this run are not finished yet (other shards?); "
+        print(f"{result['missing_trials']} trials of this run are not finished yet (other shards, or processes "
+              "training them); "
               f"when all are, run `memtool scores {out}`. Trial files are in {Path(out) / 'trials'}")
     else:
         print_summary(result, out)

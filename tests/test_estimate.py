@@ -116,12 +116,15 @@ def test_reopen_with_other_config_names_the_field(tmp_path):
         memtool.estimate(tmp_path / "r", trials=2, progress=False, limit=1000, **{**DIGITS_FAST, "epochs": 1})
 
 
-def test_shards_fill_one_run(tmp_path):
+def test_shards_fill_one_run(tmp_path, capsys):
     kw = dict(trials=8, ensemble_size=2, progress=False, **{**DIGITS_FAST, "epochs": 1})
     first = memtool.estimate(tmp_path / "s", shard="0/2", **kw)
     assert first["status"] == "partial" and first["missing_trials"] == 4
+    # tables made before the other shard finished say so (the run was asked for 8)
+    assert main(["scores", str(tmp_path / "s")]) == 0
+    assert "WARNING: 4 of the 8 trials the run was asked for are finished" in capsys.readouterr().out
     done = memtool.estimate(tmp_path / "s", shard="1/2", **kw)
-    assert done["status"] == "complete" and done["n_trials"] == 8
+    assert done["status"] == "complete" and done["n_trials"] == 8 and "unfinished" not in done
 
 
 def test_joblib_workers_give_the_same_trials(tmp_path):
@@ -231,6 +234,15 @@ def test_a_damaged_trial_file_is_set_aside_and_its_trials_trained_again(tmp_path
     resumed = memtool.estimate(tmp_path / "r", **kw)  # trains trials 4-7 again
     assert resumed["n_trials"] == 8
     pd.testing.assert_frame_equal(memtool.load_scores(tmp_path / "r"), memtool.load_scores(tmp_path / "full"))
+
+
+def test_the_command_that_retrains_missing_trials_covers_every_shard_and_the_tables_trials(tmp_path):
+    from memtool.estimator.tables import rerun_command
+
+    argv = ["/x/.venv/bin/memtool", "estimate", "--dataset", "digits", "--trials", "8", "--shard", "1/2",
+            "--model-kwargs", '{"w": 8}', "--out", "runs/b", "--quiet", "--trials=16"]
+    assert rerun_command(argv, tmp_path / "b", 40) == ("memtool estimate --dataset digits --model-kwargs '{\"w\": 8}' "
+                                                       f"--quiet --trials 40 --out {(tmp_path / 'b').resolve()}")
 
 
 def test_until_se_stops_on_precision_or_on_trials(tmp_path, capsys):

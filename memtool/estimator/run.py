@@ -31,7 +31,8 @@ from ..recorder import Recorder
 from ..recipe import trial_seed, user_settings
 from . import plan
 from .config import EstimateConfig
-from .store import claim_path, append_log, claim, finished_trials, init_run, stored_trials, write_trials
+from .store import (append_log, claim, claim_path, finished_trials, init_run, note_asked, stored_trials,
+                    write_trials)
 from .tables import Thresholds, compute_tables
 
 
@@ -275,18 +276,22 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
     cfg = replace(cfg, recipe=replace(cfg.recipe, method=cfg.recipe.method.bind(ds)))
     init_run(out, cfg.to_dict(), ds, command=sys.argv if Path(sys.argv[0]).name == "memtool" else None,
              model=None if cfg.trainer is not None else cfg.recipe.model_record(ds.image_shape, ds.num_classes))
+    note_asked(out, trials)
     k = ensemble_size or default_ensemble_size(cfg.recipe, device, int(np.prod(ds.image_shape)))
-    batches = pending_batches(finished_trials(out), trials, k, parse_shard(shard))
+    done = finished_trials(out)
+    batches = pending_batches(done, trials, k, parse_shard(shard))
     local = n_jobs == 1 and scheduler is None
     data = _tensors(ds, device, ex.data_on_host) if local else DataSpec(
         cfg.dataset, None if data_root is None else str(data_root), cfg.limit, cfg.label_noise, cfg.seed,
         ds.fingerprint, in_memory(cfg.dataset))
     steps = 1 if cfg.trainer is not None else cfg.recipe.steps(plan.subset_size(len(ds.y_train), cfg.ratio))
+    say = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None)
+    n, finished = sum(map(len, batches)), len(done & set(range(trials)))
+    part = f" for shard {shard} (whole batches of {k})" if shard else ""
     if batches:
-        say = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None)
-        say(f"memtool estimate: {sum(map(len, batches))} trials to train ({trials - sum(map(len, batches))} "
-            f"already in {out}), " + (f"{k} models at a time on {device}" if cfg.trainer is None else
-                                      f"one at a time by your loop {cfg.train_fn}"))
+        say(f"memtool estimate: {n} of {trials} trials to train{part} ({finished} already in {out}), "
+            + (f"{min(k, n)} models at a time on {device}" if cfg.trainer is None else
+               f"one at a time by your loop {cfg.train_fn}"))
         if local:
             with progress_bar(total=sum(map(len, batches)) * steps, unit="step" if steps > 1 else "trial",
                               disable=not progress, desc="models x steps" if steps > 1 else "trials",
@@ -298,11 +303,14 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
                     bar.update((len(ids) - trained) * steps)  # held or finished by another process
                     early = logs and ids is batches[0] and fit_warning(cfg, logs[0]["train_acc_in_subset"])
                     if early:  # after the first batch, so that a run that will not fit can be stopped
-                        say(f"memtool estimate: warning (the first {len(ids)} trials): {early}")
+                        say(f"memtool estimate: warning (trials {ids[0]}-{ids[-1]}): {early}")
                     if logs:
                         bar.set_postfix(trials=f"{logs[-1]['trials'][1] + 1}", test_acc=f"{logs[-1]['test_acc']:.3f}")
         else:
             _run_parallel(out, cfg, data, batches, device, eval_batch, n_jobs, scheduler, progress, ex.record_proxies)
+    elif shard:
+        say(f"memtool estimate: shard {shard} has no trials to train: its whole batches of {k} are finished, or "
+            f"the {trials} trials make fewer batches than shards (--ensemble-size sets the batch)")
     missing = set(range(trials)) - finished_trials(out)
     if missing or not tables:
         held = sum(claim_path(out, t).exists() for t in missing)

@@ -120,6 +120,17 @@ STALE_S = 900  # a claim from another host without a heartbeat for this long is 
 HEARTBEAT_S = 60
 
 
+def note_asked(run: str | Path, trials: int) -> None:
+    """How many trials the last ``estimate`` of ``run`` asked for (every shard asks the same):
+    what :func:`memtool.estimator.tables.compute_tables` warns the tables fall short of."""
+    write_json(Path(run) / "asked.json", {"trials": int(trials)})
+
+
+def trials_asked(run: str | Path) -> int | None:
+    path = Path(run) / "asked.json"
+    return read_json(path)["trials"] if path.exists() else None
+
+
 def claim_path(run, trial: int) -> Path:
     return Path(run) / "claims" / f"trial_{trial:06d}.claim"
 

@@ -6,6 +6,7 @@ Both tables carry their settings and summary as JSON in the parquet key-value me
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..recorder import mean_over_members
 from . import scores as S
 from .pairs import ASH_CUT, ash_candidates, candidate_pairs, plain_posterior, posterior, prior_grid, probit_influence
 from .scores import INFL_THRESHOLD, MEM_THRESHOLD
-from .store import Trials, check_run_digest, load_labels, load_trials, read_run_json, update_run_json
+from .store import Trials, check_run_digest, load_labels, load_trials, read_run_json, trials_asked, update_run_json
 
 def score_table(trials: Trials, labels: dict) -> pd.DataFrame:
     """One row per sample (train rows, then test rows); see docs/ARCHITECTURE.md for columns."""
@@ -210,6 +211,20 @@ class Thresholds:
         check_choice("pairs", self.pairs, PAIR_ESTIMATORS)
 
 
+def rerun_command(argv: list[str], run: Path, trials: int) -> str:
+    """The command that made ``run`` (its argv, as run.json records it), to train whatever of
+    its first ``trials`` trials is missing: every shard, the run by its absolute path."""
+    keep, args = ["memtool"], list(argv[1:])
+    while args:
+        a = args.pop(0)
+        if a.split("=")[0] in ("--shard", "--trials", "--out"):
+            if "=" not in a and args:
+                args.pop(0)
+            continue
+        keep.append(a)
+    return shlex.join(keep + ["--trials", str(trials), "--out", str(Path(run).resolve())])
+
+
 def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_threshold,
                    infl_threshold: float = Thresholds.infl_threshold, top_k: int = Thresholds.top_k,
                    pairs: str = Thresholds.pairs, allow_fewer: bool = False) -> dict:
@@ -225,7 +240,8 @@ def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_thresh
     before = (meta.get("summary") or {}).get("n_trials") if (run / "scores.parquet").exists() else None
     if before and len(trials) < before and not allow_fewer:
         damaged = sorted(p.name for p in (run / "trials" / "damaged").glob("*")) if (run / "trials" / "damaged").exists() else []
-        command = " ".join(meta["command"]) if meta.get("command") else f"memtool estimate --out {run} (with run.json's settings)"
+        command = rerun_command(meta["command"], run, before) if meta.get("command") else \
+            f"memtool estimate --trials {before} --out {run.resolve()} (with run.json's settings)"
         raise ValueError(f"{run} holds {len(trials)} whole trials, but its tables were made from {before}: not replacing "
                          f"them with worse ones. Set aside as damaged: {', '.join(damaged) or 'none'} (in "
                          f"{run / 'trials' / 'damaged'}). Retrain the missing trials with `{command}`, or write "
@@ -235,6 +251,10 @@ def compute_tables(run: str | Path, mem_threshold: float = Thresholds.mem_thresh
     rob_mem = tr["rob_mem"].to_numpy() if "rob_mem" in tr else None
     infl = influence_table(trials, labels, tr["mem"].to_numpy(), rob_mem, mem_threshold, infl_threshold, top_k, pairs)
     summary = summarize(scores, infl, trials, labels, mem_threshold, infl_threshold, pairs)
+    asked = trials_asked(run)
+    if asked is not None and len(trials) < asked:  # `memtool scores` while shards are still training
+        summary["unfinished"] = (f"{len(trials)} of the {asked} trials the run was asked for are finished, and these "
+                                 f"tables are from them: run `memtool scores {run}` again once the rest are")
     table_meta = {"config": meta["config"], "dataset": meta["dataset"], "summary": summary,
                   "thresholds": {"mem": mem_threshold, "infl": infl_threshold, "top_k": top_k, "pairs": pairs}}
     write_table(scores, run / "scores.parquet", table_meta)
