@@ -233,3 +233,15 @@ def test_bat_scores_that_are_not_a_score_table_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{infl} is not a score table" in err and "give the run directory or its scores.parquet" in err
     assert "Traceback" not in err
+
+
+def test_scores_of_a_run_kept_without_its_trials_says_the_tables_are_final(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    ref = Path(__file__).resolve().parents[1] / "references" / "mnist"
+    for name in ("run.json", "scores.parquet", "influence.parquet", "labels.npz"):
+        shutil.copy(ref / name, tmp_path / name)
+    assert main(["scores", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no finished trials: its score tables were kept without them" in err and "Traceback" not in err

@@ -398,7 +398,10 @@ def load_trials(run: str | Path) -> Trials:
             set_aside(run, path, first, last)
     ids = sorted({t for first, last, _ in files for t in range(first, last + 1)})
     if not ids:
-        raise FileNotFoundError(f"{run} has no finished trials yet")
+        kept = (Path(run) / "scores.parquet").exists()  # a committed reference, a --calibrate or imported run
+        raise FileNotFoundError(f"{run} has no finished trials" + (
+            ": its score tables were kept without them (a committed reference, a `proxies --calibrate` or an "
+            "imported run), so they are final and cannot be recomputed" if kept else " yet"))
     row = {t: r for r, t in enumerate(ids)}
     arrays: dict[str, np.ndarray] = {"trial_ids": np.array(ids, dtype=np.int64)}
     filled = np.zeros(len(ids), bool)
