@@ -17,7 +17,7 @@ from memtool.config import Runtime, add_flags, check_int, check_number, flag_val
 from memtool.datasets import Dataset, standard_eps
 from memtool.estimator import EstimateConfig, Thresholds, load_influence, load_scores, open_run, read_run_json
 from memtool.experiments import Data
-from memtool.recipe import Recipe, flat_recipe
+from memtool.recipe import Recipe, flat_recipe, user_settings
 
 
 @dataclass
@@ -83,7 +83,7 @@ def main(doc: str, run, settings_cls, argv=None, what: str = "a `memtool estimat
             settings["recipe"] = retraining_recipe(a.run, flag_values(a, Recipe))
         thresholds = Thresholds(**flag_values(a, Thresholds))
         return run(a.run, a.out, thresholds=thresholds, **settings, **flag_values(a, Runtime))
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
 
 
@@ -96,7 +96,7 @@ def retraining_recipe(run, given: dict) -> Recipe | None:
         return None
     recipe = EstimateConfig.from_dict(config).recipe
     if given:
-        recipe = Recipe.from_flat(**{**flat_recipe(recipe), **given})
+        recipe = Recipe.from_flat(**{**flat_recipe(recipe), **user_settings(given)})  # --model M:F: the user's
     if recipe.schedule == "constant" and "schedule" not in given:
         print(f"note: the retrained models use {run}'s recipe, lr {recipe.lr:g} at a constant schedule; adversarial "
               "training is more reliable with --schedule onecycle (docs/adversarial.md)", file=sys.stderr)

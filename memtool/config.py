@@ -187,14 +187,18 @@ class Runtime:
     def __post_init__(self):
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
             fail("device", self.device, "cpu, cuda or cuda:N")
-        check_device(self.device)
+        if getattr(self, "scheduler", None) is None:  # a Dask client needs no GPU of its own: its workers do
+            check_device(self.device)
 
 
 def check_device(device):
     """``device`` as a torch.device, refused (before anything is written) where this machine has none."""
     import torch
 
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:  # cudax, cuda:-1
+        raise ValueError(f"device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N") from None
     if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here "
                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu, or "

@@ -231,6 +231,8 @@ def evaluate(checkpoint=None, out=None, *, model=None, model_kwargs=None, progre
 def _plain_model(model, weights: str, dataset: str, data_root, device, kwargs=None) -> tuple[torch.nn.Module, dict]:
     """A model memtool did not train, and what identifies it in evaluation.json."""
     if isinstance(model, torch.nn.Module):
+        if kwargs:
+            raise ValueError("model_kwargs go with a factory (--model MODULE:FUNCTION); model= is a built nn.Module")
         h = hashlib.sha256()
         for name, t in model.state_dict().items():
             h.update(name.encode())

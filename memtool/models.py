@@ -175,11 +175,11 @@ def create_model(model, in_shape, num_classes: int, **kwargs) -> nn.Module:
 
 def check_output(net: nn.Module, name: str, in_shape, num_classes: int) -> None:
     """One forward pass of two zero inputs must give (2, num_classes) logits."""
-    p = next(net.parameters())
+    p = next(net.parameters(), None)
     was = net.training
     try:
         with torch.no_grad():
-            out = net.eval()(torch.zeros(2, *in_shape, device=p.device))
+            out = net.eval()(torch.zeros(2, *in_shape, device=p.device if p is not None else "cpu"))
     except Exception as e:
         raise ModelSpecError(f"model {name}: a forward pass on inputs of shape (2, {', '.join(map(str, in_shape))}) "
                              f"raised {type(e).__name__}: {e}") from e

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -34,7 +35,7 @@ class RunMismatchError(ValueError):
 def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
     """Call ``write(f)`` on a temporary binary file beside ``path``, fsync it, rename it to ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)

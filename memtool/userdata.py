@@ -256,15 +256,24 @@ def resolve_dataset(dataset) -> str:
 
 def given_for_run(dataset, run) -> None:
     """The data ``run`` was made with, named again by the user in any form
-    :func:`resolve_dataset` takes, known from now on under the name the run recorded: a run
-    made from arrays in Python reopens from the command line with the same arrays in an npz
-    file. Whether they are the same data is checked where the run is opened (fingerprint)."""
-    from .datasets import load_dataset
+    :func:`resolve_dataset` takes, known from now on under the name the run recorded, once
+    their fingerprint (after the run's limit and label noise) is the run's: a run made from
+    arrays in Python reopens from the command line with the same arrays in an npz file."""
+    from .datasets import REGISTRY, load_dataset
     from .estimator.store import read_run_json
 
-    recorded, name = read_run_json(run)["config"]["dataset"], resolve_dataset(dataset)
-    if name != recorded:
-        register_data(_renamed(load_dataset(name), recorded))
+    meta = read_run_json(run)
+    cfg, name = meta["config"], resolve_dataset(dataset)
+    recorded = cfg["dataset"]
+    if name == recorded:
+        return
+    if recorded in REGISTRY:
+        raise ValueError(f"{run} was made with the built-in dataset {recorded}: give no --dataset")
+    used = load_dataset(name, limit=cfg.get("limit"), label_noise=cfg.get("label_noise", 0.0), seed=cfg.get("seed", 0))
+    if used.fingerprint != meta["dataset"]["fingerprint"]:
+        raise ValueError(f"the data given ({name}) are not those {run} was made with: fingerprint {used.fingerprint} "
+                         f"after its limit and label noise, the run's {meta['dataset']['fingerprint']}")
+    register_data(_renamed(load_dataset(name), recorded))
 
 
 def _renamed(data: Dataset, name: str) -> Dataset:

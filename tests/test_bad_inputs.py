@@ -220,10 +220,15 @@ def test_an_output_path_that_is_a_file_and_a_missing_gpu_are_one_line(tmp_path, 
     err = capsys.readouterr().err
     assert "a file stands where the output directory should be; choose another --out" in err
     assert "Traceback" not in err and (tmp_path / "taken").read_text() == "mine"
+    assert main(EST + ["--device", "cudax", "--out", str(tmp_path / "gpu")]) == 2
+    assert "device 'cudax' is not a device torch knows" in capsys.readouterr().err
     if not __import__("torch").cuda.is_available():
         for args in (EST + ["--device", "cuda"], TRAIN + ["--device", "cuda:0"]):
             assert main(args + ["--out", str(tmp_path / "gpu")]) == 2
             assert "CUDA GPU(s) here" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+        from memtool.estimator.run import Execution
+        Execution(device="cuda", scheduler="tcp://scheduler:8786", ensemble_size=1)  # a Dask client: its workers' GPUs
+    assert not (tmp_path / "gpu").exists()
 
 
 def test_bat_scores_that_are_not_a_score_table_are_named(tmp_path, capsys):

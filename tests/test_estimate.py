@@ -240,7 +240,7 @@ def test_the_command_that_retrains_missing_trials_covers_every_shard_and_the_tab
     from memtool.estimator.tables import rerun_command
 
     argv = ["/x/.venv/bin/memtool", "estimate", "--dataset", "digits", "--trials", "8", "--shard", "1/2",
-            "--model-kwargs", '{"w": 8}', "--out", "runs/b", "--quiet", "--trials=16"]
+            "--model-kwargs", '{"w": 8}', "--out", "runs/b", "--quiet", "--trials=16", "--until-se", "0.05"]
     assert rerun_command(argv, tmp_path / "b", 40) == ("memtool estimate --dataset digits --model-kwargs '{\"w\": 8}' "
                                                        f"--quiet --trials 40 --out {(tmp_path / 'b').resolve()}")
 

@@ -1,5 +1,7 @@
 """The findings' analyses end to end at tiny size: schema, figures, resume."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -112,13 +114,18 @@ def judge_alone(run, ids):
     return finding_b.harmfulness(model, data.x_train[ids], data.y_train[ids], probe, st.config.seed)
 
 
-def test_the_analyses_command_line_takes_recipe_flags_and_answers_bad_input_in_one_line(digits_run, tmp_path, capsys):
+def test_the_analyses_command_line_takes_recipe_flags_and_answers_bad_input_in_one_line(digits_run, tmp_path, capsys,
+                                                                                         monkeypatch):
     from analyses.study import retraining_recipe
 
     run, _ = digits_run
     recipe = retraining_recipe(run, {"schedule": "onecycle", "epochs": 3})
     assert (recipe.schedule, recipe.epochs, recipe.model) == ("onecycle", 3, "mlp")  # the rest is the run's
     assert "note:" not in capsys.readouterr().err
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from examples import mynets
+    assert retraining_recipe(run, {"model": "examples.mynets:tabular_mlp"}).factory is mynets.tabular_mlp  # imported
+    capsys.readouterr()
     assert retraining_recipe(run, {}).schedule == "constant"  # the estimate's: said, since AT retrains with it
     assert "adversarial training is more reliable with --schedule onecycle" in capsys.readouterr().err
     for argv, message in (([str(run), "--eps", "-1"], "eps must be >= 0"),

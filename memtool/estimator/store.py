@@ -123,7 +123,8 @@ HEARTBEAT_S = 60
 def note_asked(run: str | Path, trials: int) -> None:
     """How many trials the last ``estimate`` of ``run`` asked for (every shard asks the same):
     what :func:`memtool.estimator.tables.compute_tables` warns the tables fall short of."""
-    write_json(Path(run) / "asked.json", {"trials": int(trials)})
+    if trials_asked(run) != int(trials):  # shards asking the same write nothing
+        write_json(Path(run) / "asked.json", {"trials": int(trials)})
 
 
 def trials_asked(run: str | Path) -> int | None:

@@ -217,7 +217,7 @@ def rerun_command(argv: list[str], run: Path, trials: int) -> str:
     keep, args = ["memtool"], list(argv[1:])
     while args:
         a = args.pop(0)
-        if a.split("=")[0] in ("--shard", "--trials", "--out"):
+        if a.split("=")[0] in ("--shard", "--trials", "--out", "--until-se", "--until-pairs"):
             if "=" not in a and args:
                 args.pop(0)
             continue
