@@ -89,12 +89,12 @@ class ArrayData(Dataset):
         if input_range is not None and tuple(input_range) != IMAGE_RANGE:
             raise ValueError(f"input_range must be [0, 1] (images) or None (features; no attacks), got {input_range}: "
                              "rescale the data to [0, 1]")
-        given, num_classes = num_classes is not None, int(num_classes) if num_classes is not None else \
-            int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
+        inferred = num_classes is None
+        num_classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1 if inferred else int(num_classes)
         for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
             _check(name, x, y, split, num_classes, input_range)
         empty = np.setdiff1d(np.arange(num_classes), ytr)
-        if len(empty) and not given:  # 1-based labels, or test classes that training never sees
+        if len(empty) and inferred:  # 1-based labels, or test classes that training never sees
             raise DatasetFileError(f"dataset {name}: labels are taken as classes 0..{num_classes - 1} (the largest "
                                    f"label + 1), but no training sample has class {_listing(empty)}: give labels "
                                    "0..K-1 (np.unique(y_train, return_inverse=True) renumbers them), or pass "

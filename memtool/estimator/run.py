@@ -293,7 +293,7 @@ def estimate(out: str | Path, trials: int | None = None, *, config: EstimateConf
             + (f"{min(k, n)} models at a time on {device}" if cfg.trainer is None else
                f"one at a time by your loop {cfg.train_fn}"))
         if local:
-            with progress_bar(total=sum(map(len, batches)) * steps, unit="step" if steps > 1 else "trial",
+            with progress_bar(total=n * steps, unit="step" if steps > 1 else "trial",
                               disable=not progress, desc="models x steps" if steps > 1 else "trials",
                               unit_scale=True, dynamic_ncols=True) as bar:
                 for ids in batches:
